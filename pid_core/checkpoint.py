@@ -1,0 +1,254 @@
+"""Checkpoint files -> state dict -> detected config -> PidNet, strictly and safely (spec 4, 10.1).
+
+Accepted layouts: the official `.pth` (flat dict, keys prefixed `net.`), the repackaged `.safetensors`
+(no prefix) and ComfyUI-style `model.diffusion_model.` prefixes. `.pth` files are read with
+`weights_only=True`: a file that needs arbitrary code to unpickle is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import CheckpointError
+from .network import PidConfig, PidNet
+
+PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.", "model.")
+# Keys that say what a non-PiD file is, so the error can name it.
+FOREIGN_MODELS = (
+    ("double_blocks.", "a FLUX diffusion model (load it with Load Diffusion Model, not as PiD)"),
+    ("joint_blocks.", "an SD3 diffusion model"),
+    ("input_blocks.", "an SD/SDXL UNet"),
+    ("decoder.conv_in.", "a VAE"),
+    ("encoder.conv_in.", "a VAE"),
+    ("encoder.block.", "a T5 text encoder"),
+    ("text_model.", "a CLIP text encoder"),
+    ("layers.0.self_attn.", "a language-model text encoder (such as Gemma: load it with CLIPLoader type 'pixeldit')"),
+    ("transformer_blocks.", "a diffusers transformer (FLUX/SD3/Qwen-Image), not a PiD decoder"),
+    ("net_ema.", "a PiD training checkpoint with separate EMA weights (convert it with the official script)"),
+)
+
+
+@dataclass
+class CheckpointInfo:
+    """What the loader found in a file, for the user and for automatic matching."""
+
+    path: str
+    key_layout: str  # "official (net. prefix)", "repackaged (no prefix)", ...
+    config: PidConfig
+    dtype: torch.dtype
+    variant: object = None  # pid_core.variants.Variant when the file name tells it
+    notes: list = field(default_factory=list)
+
+    @property
+    def layout(self) -> str:
+        return self.config.layout
+
+    def summary(self) -> str:
+        cfg = self.config
+        parts = [
+            f"PiD {cfg.layout}",
+            f"{cfg.latent_channels}-channel latent" + (" (un-packed to 32)" if cfg.latent_unpatchify > 1 else ""),
+            f"adapter width {cfg.adapter_hidden}",
+            f"x{cfg.scale} output per latent cell",
+            str(self.dtype).replace("torch.", ""),
+        ]
+        if self.variant is not None:
+            parts.insert(0, f"{self.variant.name}")
+        return ", ".join(parts) + f" [{os.path.basename(self.path)}]"
+
+
+def read_state_dict(path: str, device="cpu") -> dict:
+    """Read a flat {name: tensor} dict from .safetensors or .pth/.pt/.ckpt without running pickled code."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"Checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(
+            f"{path} is a folder. Point at the checkpoint file itself (for the official release: "
+            f"checkpoints/<experiment>/model_ema_bf16.pth)."
+        )
+    name = os.path.basename(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device=str(device))
+        except Exception as exc:  # safetensors raises its own error types for bad headers and short files
+            raise CheckpointError(
+                f"{name} could not be read as safetensors ({exc}). The file is truncated or corrupt: download it again."
+            ) from None
+    try:
+        try:  # mmap avoids a second copy in memory; only zip-format files support it
+            obj = torch.load(path, map_location=device, weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        if "Weights only load failed" in text or "Unsupported global" in text or "UnpicklingError" in type(exc).__name__:
+            raise CheckpointError(
+                f"{name} holds pickled Python objects, not only tensors, so it was not loaded: unpickling it "
+                f"could run arbitrary code. Use the official model_ema_bf16.pth or a .safetensors file."
+            ) from None
+        raise CheckpointError(
+            f"{name} could not be read as a PyTorch file ({text.splitlines()[0] if text else type(exc).__name__}). "
+            f"The file is truncated or corrupt: download it again."
+        ) from None
+    return _flat_tensor_dict(obj, name)
+
+
+def _flat_tensor_dict(obj, name: str) -> dict:
+    if isinstance(obj, dict):
+        # Tolerate one level of wrapping ({"state_dict": {...}}, {"model": {...}}).
+        if not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            inner = [v for v in obj.values() if isinstance(v, dict)]
+            if len(inner) == 1:
+                obj = inner[0]
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    raise CheckpointError(f"{name} holds no tensors ({type(obj).__name__}); it is not a model checkpoint.")
+
+
+def strip_prefix(sd: dict) -> tuple[dict, str]:
+    """Remove the one prefix every key shares; name the layout it came from."""
+    for prefix in PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            layout = "official (net. prefix)" if prefix == "net." else f"'{prefix}' prefix"
+            return {k[len(prefix) :]: v for k, v in sd.items()}, layout
+    return sd, "repackaged (no prefix)"
+
+
+def _count_indexed(sd: dict, prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = {int(m.group(1)) for k in sd if (m := pattern.match(k))}
+    return max(indices) + 1 if indices else 0
+
+
+def detect_config(sd: dict, name: str = "checkpoint") -> PidConfig:
+    """Read every size from the tensors (spec 2.2). Raises CheckpointError for a file that is not PiD."""
+    if "s_embedder.proj.weight" not in sd or "lq_proj.latent_proj.0.weight" not in sd:
+        raise CheckpointError(describe_foreign(sd, name))
+    try:
+        hidden, patch_in = sd["s_embedder.proj.weight"].shape
+        head_dim = sd["patch_blocks.0.attn.q_norm_x.weight"].shape[0]
+        pixel_head_dim = sd["pixel_blocks.0.attn.q_norm.weight"].shape[0]
+        pixel_attn = sd["pixel_blocks.0.compress_to_attn.weight"].shape[0]
+        adapter_hidden, adapter_in = sd["lq_proj.latent_proj.0.weight"].shape[:2]
+        depth = _count_indexed(sd, "patch_blocks.")
+        n_outputs = _count_indexed(sd, "lq_proj.output_heads.")
+        layout = "v1.5" if "pit_lq_gate.log_alpha" in sd else "v1"
+        has_aux = "lq_proj.lq_aux_rgb_head.0.weight" in sd
+        patch = int(math.isqrt(patch_in // 3))
+        if has_aux:
+            aux_out = sd[f"lq_proj.lq_aux_rgb_head.{_count_indexed(sd, 'lq_proj.lq_aux_rgb_head.') - 1}.weight"].shape[0]
+            sr_scale = patch // math.isqrt(aux_out // 3)
+        else:
+            sr_scale = 8 if adapter_in == 1152 else 4  # only the SigLIP checkpoint is x8 (spec 3)
+        unpatchify = 2 if (layout == "v1.5" and adapter_in == 32) else 1  # FLUX.2 v1.5 un-packs 128 -> 32
+        down = 16 if adapter_in * unpatchify**2 in (128, 768, 1152) else 8
+        return PidConfig(
+            hidden_size=hidden,
+            num_heads=hidden // head_dim,
+            patch_depth=depth,
+            mlp_hidden=sd["patch_blocks.0.mlp_x.w1.weight"].shape[0],
+            pixel_depth=_count_indexed(sd, "pixel_blocks."),
+            pixel_hidden_size=sd["pixel_embedder.proj.weight"].shape[0],
+            pixel_attn_hidden_size=pixel_attn,
+            pixel_num_heads=pixel_attn // pixel_head_dim,
+            pixel_mlp_hidden=sd["pixel_blocks.0.mlp.fc1.weight"].shape[0],
+            patch_size=patch,
+            text_dim=sd["y_embedder.proj.weight"].shape[1],
+            text_max_tokens=sd["y_pos_embedding"].shape[1],
+            layout=layout,
+            adapter_hidden=adapter_hidden,
+            adapter_res_blocks=_count_indexed(sd, "lq_proj.latent_proj.") - 3,
+            adapter_in_channels=adapter_in,
+            lq_interval=next(i for i in range(1, depth + 1) if math.ceil(depth / i) == n_outputs),
+            latent_unpatchify=unpatchify,
+            latent_down_factor=down,
+            sr_scale=sr_scale,
+            has_aux_rgb_head=has_aux,
+        )
+    except (KeyError, StopIteration, ValueError, ZeroDivisionError) as exc:
+        raise CheckpointError(
+            f"{name} looks like a PiD checkpoint but its structure is incomplete ({type(exc).__name__}: {exc}). "
+            f"The file is damaged or from an unsupported release."
+        ) from None
+
+
+def describe_foreign(sd: dict, name: str) -> str:
+    for marker, what in FOREIGN_MODELS:
+        if any(marker in k for k in sd):
+            return f"{name} is not a PiD checkpoint: it looks like {what}. Choose a PiD decoder file."
+    sample = ", ".join(list(sd)[:3])
+    return f"{name} is not a PiD checkpoint (its first keys are: {sample}). Choose a PiD decoder file."
+
+
+def check_keys(model: PidNet, sd: dict, name: str) -> None:
+    """Strict: the key set and every shape must equal the network's (the reference silently loads partial files)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k} {tuple(sd[k].shape)} != {expected[k]}" for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s), first: {', '.join(missing[:5])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s), first: {', '.join(unexpected[:5])}")
+    if wrong:
+        problems.append(f"{len(wrong)} wrong shape(s), first: {'; '.join(wrong[:3])}")
+    if problems:
+        cfg = model.config
+        raise CheckpointError(
+            f"{name} does not match the PiD {cfg.layout} network it looks like "
+            f"({cfg.patch_depth} patch blocks, width {cfg.hidden_size}, {cfg.adapter_in_channels}-channel adapter): "
+            + "; ".join(problems)
+            + ". The file is incomplete or modified: download it again."
+        )
+
+
+def build_model(sd: dict, config: PidConfig, *, dtype: torch.dtype | None = None, name: str = "checkpoint") -> PidNet:
+    """Instantiate on the meta device and adopt the tensors as parameters (no second copy, no init)."""
+    with torch.device("meta"):
+        model = PidNet(config)
+    check_keys(model, sd, name)
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_pid(path: str, *, device="cpu", dtype: torch.dtype | None = None, **overrides) -> PidNet:
+    """Load a PiD checkpoint. dtype None keeps the file's (bf16 stays bf16). `overrides` set config fields
+    the tensors cannot tell (latent_down_factor, sr_scale, latent_unpatchify) when the file name does not."""
+    name = os.path.basename(path)
+    sd, key_layout = strip_prefix(read_state_dict(path, device=device))
+    config = detect_config(sd, name)
+    variant = _variant_for(path, config)
+    if variant is not None:
+        config = config.with_(
+            latent_down_factor=variant.latent_down_factor, sr_scale=variant.sr_scale, latent_unpatchify=variant.unpatchify
+        )
+    if overrides:
+        config = config.with_(**overrides)
+    model = build_model(sd, config, dtype=dtype, name=name)
+    file_dtype = next(iter(sd.values())).dtype
+    model.info = CheckpointInfo(path=path, key_layout=key_layout, config=config, dtype=dtype or file_dtype, variant=variant)
+    return model
+
+
+def _variant_for(path: str, config: PidConfig):
+    """The released variant the file is: its structure decides, its name picks among look-alikes.
+
+    None for structures no release has (test and custom models) and for names that leave a choice."""
+    from .variants import resolve_variant, variants_matching
+
+    if not variants_matching(config.layout, config.adapter_in_channels, include_deprecated=True):
+        return None
+    return resolve_variant(path, layout=config.layout, adapter_in_channels=config.adapter_in_channels)

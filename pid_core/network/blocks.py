@@ -1,0 +1,184 @@
+"""The two kinds of transformer block: joint text/image patch blocks and per-pixel PiT blocks (spec 2.3f, 2.3h)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import GeluMLP, RMSNorm, SwiGLU, attention, modulate
+from .rope import apply_rope
+
+
+class JointAttention(nn.Module):
+    """MMDiT attention: separate q/k/v and norms for text and image, one SDPA over [text; image]."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        head_dim = dim // heads
+        self.qkv_x = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv_y = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_norm_x = RMSNorm(head_dim)
+        self.k_norm_x = RMSNorm(head_dim)
+        self.q_norm_y = RMSNorm(head_dim)
+        self.k_norm_y = RMSNorm(head_dim)
+        self.proj_x = nn.Linear(dim, dim)
+        self.proj_y = nn.Linear(dim, dim)
+
+    def _qkv(self, linear, q_norm, k_norm, tokens, rope):
+        B, N, C = tokens.shape
+        q, k, v = linear(tokens).reshape(B, N, 3, self.heads, C // self.heads).unbind(2)
+        q, k = apply_rope(q_norm(q), rope), apply_rope(k_norm(k), rope)
+        return q, k, v
+
+    def forward(self, x, y, rope_img, rope_txt, need_text_out: bool = True):
+        B, Nx, C = x.shape
+        Ny = y.shape[1]
+        qx, kx, vx = self._qkv(self.qkv_x, self.q_norm_x, self.k_norm_x, x, rope_img)
+        qy, ky, vy = self._qkv(self.qkv_y, self.q_norm_y, self.k_norm_y, y, rope_txt)
+        # Text first, then image: [B, heads, Ny + Nx, d].
+        q = torch.cat([qy, qx], dim=1).transpose(1, 2)
+        k = torch.cat([ky, kx], dim=1).transpose(1, 2)
+        v = torch.cat([vy, vx], dim=1).transpose(1, 2)
+        out = attention(q, k, v).transpose(1, 2)
+        out_x = self.proj_x(out[:, Ny:].reshape(B, Nx, C))
+        out_y = self.proj_y(out[:, :Ny].reshape(B, Ny, C)) if need_text_out else None
+        return out_x, out_y
+
+
+class PatchBlock(nn.Module):
+    """MMDiTBlockT2I: adaLN-modulated joint attention and SwiGLU MLPs on both streams."""
+
+    def __init__(self, dim: int, heads: int, mlp_hidden: int):
+        super().__init__()
+        self.norm_x1 = RMSNorm(dim)
+        self.norm_y1 = RMSNorm(dim)
+        self.attn = JointAttention(dim, heads)
+        self.norm_x2 = RMSNorm(dim)
+        self.norm_y2 = RMSNorm(dim)
+        self.mlp_x = SwiGLU(dim, mlp_hidden)
+        self.mlp_y = SwiGLU(dim, mlp_hidden)
+        self.adaLN_modulation_img = nn.Sequential(nn.Linear(dim, 6 * dim))
+        self.adaLN_modulation_txt = nn.Sequential(nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, y, c, rope_img, rope_txt, last: bool = False):
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation_img(c).chunk(6, dim=-1)
+        sh1y, sc1y, g1y, sh2y, sc2y, g2y = self.adaLN_modulation_txt(c).chunk(6, dim=-1)
+        attn_x, attn_y = self.attn(
+            modulate(self.norm_x1(x), sh1, sc1),
+            modulate(self.norm_y1(y), sh1y, sc1y),
+            rope_img,
+            rope_txt,
+            need_text_out=not last,
+        )
+        x = x + g1 * attn_x
+        x = x + g2 * self.mlp_x(modulate(self.norm_x2(x), sh2, sc2))
+        if last:
+            # The text stream of the last block feeds nothing downstream (spec 2.3f).
+            return x, y
+        y = y + g1y * attn_y
+        y = y + g2y * self.mlp_y(modulate(self.norm_y2(y), sh2y, sc2y))
+        return x, y
+
+
+class PixelAttention(nn.Module):
+    """Self-attention over the compressed patch tokens of a PiT block."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        head_dim = dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_norm = RMSNorm(head_dim)
+        self.k_norm = RMSNorm(head_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, a: torch.Tensor, rope) -> torch.Tensor:
+        B, N, C = a.shape
+        q, k, v = self.qkv(a).reshape(B, N, 3, self.heads, C // self.heads).unbind(2)
+        q, k = apply_rope(self.q_norm(q), rope), apply_rope(self.k_norm(k), rope)
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class PixelBlock(nn.Module):
+    """PiTBlock: per-pixel adaLN modulation from the patch token, attention over compressed patches.
+
+    The pixel stream p is [B*L, P*P, d]. The modulation of one token is 6*d*P*P values laid out
+    (pixel, group, channel), 24576 per token for the released models: the largest tensor of the
+    network. `chunk_tokens` computes it for that many tokens at a time so that it never exists for the
+    whole canvas; the result is the same, only the peak memory changes.
+    """
+
+    def __init__(self, pixel_dim: int, cond_dim: int, patch_size: int, attn_dim: int, heads: int, mlp_hidden: int):
+        super().__init__()
+        self.pixel_dim = pixel_dim
+        self.p2 = patch_size * patch_size
+        self.attn_dim = attn_dim
+        self.compress_to_attn = nn.Linear(self.p2 * pixel_dim, attn_dim)
+        self.expand_from_attn = nn.Linear(attn_dim, self.p2 * pixel_dim)
+        self.norm1 = RMSNorm(pixel_dim)
+        self.attn = PixelAttention(attn_dim, heads)
+        self.norm2 = RMSNorm(pixel_dim)
+        self.mlp = GeluMLP(pixel_dim, mlp_hidden)
+        self.adaLN_modulation = nn.Sequential(nn.Linear(cond_dim, 6 * pixel_dim * self.p2))
+
+    def _modulation_weights(self, groups: slice):
+        """Weight and bias rows of the wanted modulation groups (shift_msa, scale_msa, gate_msa,
+        shift_mlp, scale_mlp, gate_mlp); rows are laid out (pixel, group, channel)."""
+        linear = self.adaLN_modulation[0]
+        if groups == slice(0, 6):
+            return linear.weight, linear.bias
+        d, cond_dim = self.pixel_dim, linear.weight.shape[-1]
+        weight = linear.weight.view(self.p2, 6, d, cond_dim)[:, groups].reshape(-1, cond_dim)
+        bias = linear.bias.view(self.p2, 6, d)[:, groups].reshape(-1)
+        return weight, bias
+
+    def _modulation(self, s_cond: torch.Tensor, weights, n_groups: int):
+        weight, bias = weights
+        return F.linear(s_cond, weight, bias).view(s_cond.shape[0], self.p2, -1).chunk(n_groups, dim=-1)
+
+    def forward(self, p, s_cond, B: int, rope, chunk_tokens: int | None = None):
+        BL = p.shape[0]
+        step = BL if not chunk_tokens else max(1, min(BL, chunk_tokens))
+        if step >= BL:
+            return self._forward_whole(p, s_cond, B, rope)
+        L = BL // B
+        msa_weights, mlp_weights = self._modulation_weights(slice(0, 2)), self._modulation_weights(slice(2, 6))
+        # Phase 1: per chunk, modulate + compress; the compressed tokens are small (attn_dim each).
+        compressed = []
+        for i in range(0, BL, step):
+            shift, scale = self._modulation(s_cond[i : i + step], msa_weights, 2)
+            p_norm = modulate(self.norm1(p[i : i + step]), shift, scale)
+            compressed.append(self.compress_to_attn(p_norm.flatten(1)))
+        attn_out = self.attn(torch.cat(compressed).view(B, L, self.attn_dim), rope).reshape(BL, self.attn_dim)
+        del compressed
+        # Phase 2: per chunk, expand + residuals, written in place into a fresh output stream.
+        out = None
+        for i in range(0, BL, step):
+            gate_msa, shift2, scale2, gate_mlp = self._modulation(s_cond[i : i + step], mlp_weights, 4)
+            p_i = p[i : i + step] + gate_msa * self.expand_from_attn(attn_out[i : i + step]).view(-1, self.p2, self.pixel_dim)
+            p_i = p_i + gate_mlp * self.mlp(modulate(self.norm2(p_i), shift2, scale2))
+            if out is None:
+                out = p_i.new_empty((BL, *p_i.shape[1:]))
+            out[i : i + step] = p_i
+        return out
+
+    def _forward_whole(self, p, s_cond, B: int, rope):
+        BL = p.shape[0]
+        shift1, scale1, gate_msa, shift2, scale2, gate_mlp = self._modulation(s_cond, self._modulation_weights(slice(0, 6)), 6)
+        a = self.compress_to_attn(modulate(self.norm1(p), shift1, scale1).flatten(1))
+        a = self.attn(a.view(B, BL // B, self.attn_dim), rope).reshape(BL, self.attn_dim)
+        p = p + gate_msa * self.expand_from_attn(a).view(BL, self.p2, self.pixel_dim)
+        return p + gate_mlp * self.mlp(modulate(self.norm2(p), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, pixel_dim: int, out_channels: int = 3):
+        super().__init__()
+        self.norm = RMSNorm(pixel_dim)
+        self.linear = nn.Linear(pixel_dim, out_channels)
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(p))
