@@ -1,0 +1,470 @@
+"""Each backbone's latent space <-> PiD's input space, noising, and the SDXL frame change.
+
+PiD takes the *normalized diffusion-space* latent: what the LDM denoises (spec 7). A ComfyUI LATENT
+holds raw VAE space; ComfyUI's `latent_format.process_in` maps it to the diffusion space, and for
+every backbone that is exactly PiD's input space (comfyui-integration 2). So `to_pid` here is
+`process_in` and `from_pid` is `process_out`, with the same constants and the same operation order.
+
+A latent taken from a sampler stopped early also carries noise at level sigma; `prepare_latent`
+brings it into the frame PiD was trained on (comfyui-integration 3, spec 7):
+* flow models (FLUX.1, SD3, FLUX.2, Qwen-Image, Z-Image): x_t = (1-s) x0 + s eps, s in [0, 1];
+  ComfyUI's stopped sampler returns x_t / (1-s), which is undone here;
+* SDXL (EPS, Euler frame): x_eu = x0 + s_eu eps; PiD wants the VP frame
+  x_vp = x_eu / sqrt(s_eu^2 + 1), s_vp = s_eu / sqrt(s_eu^2 + 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from .errors import CheckpointError, LatentError, SizeError
+from .variants import VARIANTS, Variant
+
+# Wan 2.1 VAE per-channel statistics, which Qwen-Image's VAE shares: ComfyUI
+# comfy/latent_formats.py, class Wan21 (`latents_mean`, `latents_std`; comfyanonymous/ComfyUI).
+# The same 16 values are the `latents_mean` / `latents_std` of the diffusers Wan / Qwen-Image VAE config.
+WAN21_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)
+WAN21_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)
+
+# FLUX.2 VAE BatchNorm epsilon used by PiD's normalization (spec 7, upstream flux2_vae.py:303-322).
+FLUX2_BN_EPS = 1e-4
+
+
+class Flux2BNStats(NamedTuple):
+    """The FLUX.2 VAE's BatchNorm statistics over the 128 packed channels."""
+
+    running_mean: torch.Tensor  # [128]
+    running_var: torch.Tensor  # [128]
+
+
+def flux2_bn_stats_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Flux2BNStats:
+    """Read `bn.running_mean` / `bn.running_var` [128] from a FLUX.2 VAE state dict (any key prefix)."""
+    keys = [k for k in state_dict if k == "bn.running_mean" or k.endswith(".bn.running_mean")]
+    keys.sort(key=len)  # the top-level BatchNorm first
+    for mean_key in keys:
+        var_key = mean_key[: -len("running_mean")] + "running_var"
+        mean, var = state_dict[mean_key], state_dict.get(var_key)
+        if var is None or tuple(mean.shape) != (128,) or tuple(var.shape) != (128,):
+            continue
+        mean, var = mean.detach().float().cpu(), var.detach().float().cpu()
+        if not (torch.isfinite(mean).all() and torch.isfinite(var).all() and (var >= 0).all()):
+            raise CheckpointError(
+                f"The FLUX.2 VAE statistics {mean_key} / {var_key} hold NaN, infinite or negative "
+                "values; the VAE file is damaged. Download the FLUX.2 VAE again."
+            )
+        return Flux2BNStats(mean, var)
+    raise CheckpointError(
+        "This file has no FLUX.2 BatchNorm statistics (bn.running_mean and bn.running_var of 128 "
+        "values), so it is not the FLUX.2 VAE. Load the FLUX.2 VAE file (flux2_ae.safetensors or "
+        "ComfyUI's flux2-vae.safetensors) to normalize a raw 32-channel FLUX.2 latent."
+    )
+
+
+def flux2_patchify(z: torch.Tensor) -> torch.Tensor:
+    """[B, 32, H, W] -> [B, 128, H/2, W/2]: channel c*4 + pi*2 + pj takes pixel (2h+pi, 2w+pj) of c.
+
+    The FLUX.2 "(c pi pj)" packing (spec 7); the v1.5 adapter's un-packing (spec 2.3a.1) is its inverse.
+    """
+    b, c, h, w = z.shape
+    z = z.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return z.reshape(b, c * 4, h // 2, w // 2)
+
+
+def flux2_unpatchify(z: torch.Tensor) -> torch.Tensor:
+    """[B, 128, h, w] -> [B, 32, 2h, 2w], the inverse of `flux2_patchify`."""
+    b, c, h, w = z.shape
+    z = z.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return z.reshape(b, c // 4, h * 2, w * 2)
+
+
+def _bn_view(stats: Flux2BNStats, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = stats.running_mean.to(device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+    var = stats.running_var.to(device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+    return mean, torch.sqrt(var + FLUX2_BN_EPS)
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """A latent space that PiD can take, and how to map it to PiD's input space and back."""
+
+    name: str
+    label: str  # who makes such latents, for menus and messages
+    channels: int | None  # channels of the latent as the user has it (None: any)
+    down_factor: int | None  # image pixels per cell of that latent
+    pid_channels: int | None  # channels after to_pid
+    frame: str  # noise frame: "flow", "euler" (SDXL, EPS sampler) or "pid" (already converted)
+    shift: float = 0.0  # process_in: (z - shift) * scale
+    scale: float = 1.0
+    mean: tuple[float, ...] | None = None  # per-channel process_in: (z - mean) * scale / std
+    std: tuple[float, ...] | None = None
+    patchify: int = 1  # 2: raw FLUX.2 latent, 2x2 packing + BatchNorm (needs the VAE's stats)
+    video: bool = False  # also takes 5-D [B, C, 1, H, W] (Wan / Qwen-Image VAE)
+
+    def to_pid(self, samples: torch.Tensor, bn_stats: Flux2BNStats | None = None) -> torch.Tensor:
+        """Raw VAE space -> PiD input space (ComfyUI's process_in). Returns [B, C, h, w]."""
+        x = self._image_latent(samples)
+        if self.patchify > 1:
+            mean, std = _bn_view(self._stats(bn_stats), x)
+            return (flux2_patchify(x) - mean) / std
+        if self.mean is not None:
+            mean, std = self._per_channel(x)
+            return (x - mean) * self.scale / std
+        return (x - self.shift) * self.scale
+
+    def from_pid(self, z: torch.Tensor, bn_stats: Flux2BNStats | None = None) -> torch.Tensor:
+        """PiD input space -> raw VAE space (ComfyUI's process_out); 4-D, unsqueeze(2) for 5-D."""
+        if z.ndim != 4 or (self.pid_channels is not None and z.shape[1] != self.pid_channels):
+            raise LatentError(
+                f"from_pid of format '{self.name}' takes a [B, {self.pid_channels}, h, w] latent, "
+                f"got {list(z.shape)}."
+            )
+        if self.patchify > 1:
+            mean, std = _bn_view(self._stats(bn_stats), z)
+            return flux2_unpatchify(z * std + mean)
+        if self.mean is not None:
+            mean, std = self._per_channel(z)
+            return z * std / self.scale + mean
+        return z / self.scale + self.shift
+
+    def _per_channel(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return mean, std
+
+    def _stats(self, bn_stats: Flux2BNStats | None) -> Flux2BNStats:
+        if bn_stats is None:
+            raise LatentError(
+                "A raw 32-channel FLUX.2 latent must be packed and normalized with the FLUX.2 VAE's "
+                "BatchNorm statistics, and none were given. Connect the FLUX.2 VAE, or pass the "
+                "128-channel latent that ComfyUI's FLUX.2 VAE gives (latent format 'flux2')."
+            )
+        return bn_stats
+
+    def _image_latent(self, samples: torch.Tensor) -> torch.Tensor:
+        """Check the shape against this format; a 5-D single-frame latent becomes 4-D."""
+        if not isinstance(samples, torch.Tensor):
+            raise LatentError(f"The latent must be a torch tensor, got {type(samples).__name__}.")
+        if samples.ndim == 5:
+            if not self.video:
+                raise LatentError(
+                    f"This latent is 5-D {list(samples.shape)} ([B, C, T, H, W], a video or Qwen-Image "
+                    f"latent), but the latent format '{self.name}' ({self.label}) takes 4-D "
+                    "[B, C, H, W] latents. Use the format 'qwenimage' for Qwen-Image latents."
+                )
+            if samples.shape[2] != 1:
+                raise LatentError(
+                    f"This latent has {samples.shape[2]} frames ({list(samples.shape)}); PiD decodes "
+                    "single images. Pass a single-frame latent [B, C, 1, H, W]."
+                )
+            samples = samples[:, :, 0]
+        if samples.ndim != 4:
+            raise LatentError(
+                f"The latent has shape {list(samples.shape)}; PiD takes [B, C, H, W] "
+                "(or [B, 16, 1, H, W] for Qwen-Image)."
+            )
+        if self.channels is not None and samples.shape[1] != self.channels:
+            raise LatentError(_format_mismatch(samples.shape[1], self))
+        if self.patchify > 1 and (samples.shape[2] % 2 or samples.shape[3] % 2):
+            raise LatentError(
+                f"A raw FLUX.2 latent is packed 2x2, so its height and width must be even; got "
+                f"{samples.shape[2]}x{samples.shape[3]}. Crop the image to a multiple of 16 pixels."
+            )
+        return samples
+
+
+# The formats of spec 7, with ComfyUI's constants (comfy/latent_formats.py: SDXL, SD3, Flux, Flux2,
+# Wan21).
+LATENT_FORMATS: dict[str, LatentFormat] = {
+    f.name: f
+    for f in (
+        # FLUX.1, Z-Image (and Lumina2-family VAEs): ComfyUI Flux.
+        LatentFormat("flux", "FLUX.1 / Z-Image", 16, 8, 16, "flow", shift=0.1159, scale=0.3611),
+        LatentFormat("sd3", "SD3", 16, 8, 16, "flow", shift=0.0609, scale=1.5305),
+        LatentFormat("sdxl", "SDXL", 4, 8, 4, "euler", scale=0.13025),
+        # ComfyUI's FLUX.2 VAE already packs 2x2 and applies the BatchNorm: identity.
+        LatentFormat("flux2", "FLUX.2 / Klein", 128, 16, 128, "flow"),
+        # The raw VAE latent (diffusers Flux2KleinPipeline): pack and normalize as PiD does (spec 7).
+        LatentFormat("flux2_raw", "raw FLUX.2 VAE latent", 32, 8, 128, "flow", patchify=2),
+        LatentFormat("qwenimage", "Qwen-Image", 16, 8, 16, "flow",
+                     mean=WAN21_MEAN, std=WAN21_STD, video=True),
+        # The RAE encoders already normalize their tokens (spec 7).
+        LatentFormat("dinov2", "DINOv2-RAE", 768, 16, 768, "flow"),
+        LatentFormat("siglip", "SigLIP-2 Scale-RAE", 1152, 16, 1152, "flow"),
+        # A latent already in PiD's input space and frame (e.g. from noise_latent).
+        LatentFormat("pid", "already in PiD's input space", None, None, None, "pid"),
+    )
+}
+LATENT_FORMAT_CHOICES: tuple[str, ...] = ("auto", *LATENT_FORMATS)
+
+
+def get_latent_format(latent_format: str | LatentFormat) -> LatentFormat:
+    if isinstance(latent_format, LatentFormat):
+        return latent_format
+    found = LATENT_FORMATS.get(str(latent_format).strip().lower())
+    if found is None:
+        raise LatentError(
+            f"Unknown latent format {latent_format!r}. Choose one of: {', '.join(LATENT_FORMATS)}."
+        )
+    return found
+
+
+# What a latent with this many channels most likely is (spec 7 table); for messages only.
+_LOOKS_LIKE = {
+    4: "SDXL",
+    16: "FLUX.1 / Z-Image / SD3 / Qwen-Image",
+    32: "raw FLUX.2 VAE",
+    128: "FLUX.2",
+    768: "DINOv2-RAE",
+    1152: "SigLIP-2 Scale-RAE",
+}
+# The format a latent can only be in, given its channel count (16 channels: three formats).
+_FORMAT_BY_CHANNELS = {4: "sdxl", 32: "flux2_raw", 128: "flux2", 768: "dinov2", 1152: "siglip"}
+
+
+def _pid_channels(channels: int) -> int:
+    """Channels of a latent with this many channels once in PiD space (raw FLUX.2 gets packed)."""
+    return 128 if channels == 32 else channels
+
+
+def _checkpoint_mismatch(channels: int, expected: int) -> str:
+    wants = f"{expected}-channel {_LOOKS_LIKE.get(expected, '')}".rstrip()
+    fits = [v.name for v in VARIANTS.values() if v.latent_channels == _pid_channels(channels)]
+    if channels not in _LOOKS_LIKE or not fits:
+        return (
+            f"This {channels}-channel latent is not one that any released PiD checkpoint takes; the "
+            f"checkpoint expects {wants} latents. Give it a latent from a model it was made for, or "
+            "decode this latent with its own VAE."
+        )
+    return (
+        f"This is a {channels}-channel {_LOOKS_LIKE[channels]} latent, but the checkpoint expects "
+        f"{wants} latents; load the {_LOOKS_LIKE[channels]} PiD checkpoint ({', '.join(fits)}), or "
+        "give this checkpoint a latent from a model it was made for."
+    )
+
+
+def _format_mismatch(channels: int, fmt: LatentFormat, expected: int | None = None) -> str:
+    what = f" ({_LOOKS_LIKE[channels]})" if channels in _LOOKS_LIKE else ""
+    head = (
+        f"The latent has {channels} channels{what}, but the latent format '{fmt.name}' "
+        f"({fmt.label}) takes {fmt.channels}-channel latents. "
+    )
+    if expected is not None and _pid_channels(channels) != expected:
+        return head + _checkpoint_mismatch(channels, expected)
+    return head + "Set the latent format to 'auto' or to the format of the model that made the latent."
+
+
+def _check_samples(samples: torch.Tensor) -> None:
+    if not isinstance(samples, torch.Tensor) or not samples.is_floating_point():
+        raise LatentError(
+            f"The latent must be a floating-point torch tensor, got "
+            f"{getattr(samples, 'dtype', type(samples).__name__)}."
+        )
+    if samples.ndim not in (4, 5):
+        raise LatentError(
+            f"The latent has shape {list(samples.shape)}; PiD takes [B, C, H, W] "
+            "(or [B, 16, 1, H, W] for Qwen-Image)."
+        )
+    if samples.shape[0] == 0 or samples.numel() == 0:
+        raise LatentError(f"The latent {list(samples.shape)} is empty; give at least one sample.")
+    if not torch.isfinite(samples).all():
+        raise LatentError(
+            "The latent holds NaN or infinite values: the sampler or VAE that made it failed "
+            "(try full precision, another sampler, or a stop step below the last)."
+        )
+
+
+def _sigma_vector(sigma, batch: int, device: torch.device) -> torch.Tensor:
+    """sigma as float32 [B]: one value for the batch, or one per sample."""
+    if isinstance(sigma, torch.Tensor):
+        if sigma.ndim > 1:
+            raise LatentError(
+                f"sigma must be a number or a 1-D tensor [B], got shape {list(sigma.shape)}."
+            )
+        s = sigma.detach().to(device=device, dtype=torch.float32).reshape(-1)
+        if s.numel() == 1:
+            s = s.expand(batch).clone()
+        elif s.numel() != batch:
+            raise LatentError(
+                f"sigma has {s.numel()} values but the latent batch has {batch} samples; give one "
+                "sigma for the whole batch or one per sample."
+            )
+    else:
+        try:
+            value = float(sigma)
+        except (TypeError, ValueError):
+            raise LatentError(f"sigma must be a number or a tensor, got {sigma!r}.") from None
+        s = torch.full((batch,), value, dtype=torch.float32, device=device)
+    if not torch.isfinite(s).all():
+        raise LatentError(
+            "sigma is NaN or infinite; give the noise level the latent carries (0 for clean)."
+        )
+    return s
+
+
+def _check_sigma_range(s: torch.Tensor, fmt: LatentFormat) -> None:
+    if fmt.frame == "euler":
+        if (s < 0).any():
+            raise LatentError(
+                f"sigma {s.min().item():g} is negative. For SDXL give the sampler's Euler sigma at "
+                "the step it stopped at (0 for a finished latent)."
+            )
+        return
+    if (s < 0).any() or (s > 1).any():
+        bad = s[(s < 0) | (s > 1)][0].item()
+        raise LatentError(
+            f"sigma {bad:g} is outside [0, 1]. A flow-matching latent (FLUX.1, SD3, FLUX.2, "
+            "Qwen-Image, Z-Image) carries a noise level from 0 (clean) to 1 (pure noise): give the "
+            "sigma of the step the sampler stopped at, or 0 for a finished latent."
+        )
+
+
+def prepare_latent(
+    samples: torch.Tensor,
+    latent_format: str | LatentFormat,
+    sigma: float | torch.Tensor,
+    *,
+    expected_channels: int,
+    bn_stats: Flux2BNStats | None = None,
+    undo_noise_scaling: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A user's latent -> (z [B, C, h, w] float32 in PiD space, degrade_sigma [B] float32).
+
+    samples: a ComfyUI LATENT's `samples` (raw VAE space) or a VAE encoder output; "pid" format for
+    a latent already in PiD's space and frame. sigma: the noise level the latent carries, 0 if clean.
+    expected_channels: the checkpoint's latent channels (Variant.latent_channels).
+    undo_noise_scaling: the samples come from a ComfyUI sampler stopped at sigma, which returns
+    x_t / (1 - sigma) for flow models (comfyui-integration 3); multiply it back. Set False when the
+    samples already hold x_t itself. No effect at sigma 0, for SDXL (EPS: nothing to undo) or "pid".
+    The bf16 rounding of the reference (spec 2.5) is left to the sampler.
+    """
+    fmt = get_latent_format(latent_format)
+    _check_samples(samples)
+    channels = samples.shape[1]
+    if fmt.channels is not None and channels != fmt.channels:
+        raise LatentError(_format_mismatch(channels, fmt, expected_channels))
+    if (fmt.pid_channels or channels) != expected_channels:
+        raise LatentError(_checkpoint_mismatch(channels, expected_channels))
+    batch = samples.shape[0]
+    s = _sigma_vector(sigma, batch, samples.device)
+    _check_sigma_range(s, fmt)
+
+    z = fmt.to_pid(samples.float(), bn_stats)
+    s4 = s.view(-1, 1, 1, 1)
+    if fmt.frame == "flow" and undo_noise_scaling:
+        z = z * (1 - s4)
+    elif fmt.frame == "euler":
+        # The EPS sampler's state is x_eu = x0 + s_eu * eps in model space, i.e. after process_in
+        # (ComfyUI applies process_out to it unchanged). PiD's SDXL frame is VP (spec 7):
+        # x_vp = x_eu / sqrt(s_eu^2 + 1) = sqrt(1 - s_vp^2) x0 + s_vp eps.
+        z = z / torch.sqrt(s4 * s4 + 1)
+        s = sigma_to_pid(s, fmt)
+    return z.contiguous(), s
+
+
+def sigma_to_pid(sigma, latent_format: str | LatentFormat):
+    """The backbone's sigma -> PiD's degrade_sigma: s/sqrt(s^2+1) for SDXL's Euler sigma, else as is."""
+    if get_latent_format(latent_format).frame != "euler":
+        return sigma
+    return sigma / (sigma * sigma + 1) ** 0.5
+
+
+def detect_latent_format(
+    samples: torch.Tensor, *, adapter_in_channels: int, unpatchify: int, variant: Variant | None = None
+) -> str:
+    """Pick the latent format for `samples` and a checkpoint ("auto").
+
+    The channel count settles it except for 16 channels: FLUX.1 / Z-Image, SD3 and Qwen-Image
+    latents look alike, so the checkpoint's variant (from its file name) decides, or the user must.
+    """
+    _check_samples(samples)
+    channels = samples.shape[1]
+    expected = adapter_in_channels * unpatchify**2
+    if _pid_channels(channels) != expected:
+        raise LatentError(_checkpoint_mismatch(channels, expected))
+    if samples.ndim == 5:
+        # Only the Wan / Qwen-Image VAE gives 5-D image latents.
+        if variant is not None and variant.latent_format != "qwenimage":
+            raise LatentError(
+                f"This 5-D latent {list(samples.shape)} is a Qwen-Image (Wan VAE) latent, but the "
+                f"checkpoint is {variant.name} ({variant.label}). Load the Qwen-Image PiD checkpoint, "
+                "or set the latent format by hand if the latent really is what the checkpoint takes."
+            )
+        return "qwenimage"
+    if channels in _FORMAT_BY_CHANNELS:
+        return _FORMAT_BY_CHANNELS[channels]
+    if variant is not None:
+        return variant.latent_format
+    candidates = sorted({v.latent_format for v in VARIANTS.values() if v.latent_channels == expected})
+    raise LatentError(
+        "A 16-channel latent can be FLUX.1 / Z-Image ('flux'), SD3 ('sd3') or Qwen-Image "
+        "('qwenimage'), which are normalized differently, and the checkpoint's file name does not say "
+        f"which backbone it was made for. Set the latent format to one of: {', '.join(candidates)}."
+    )
+
+
+def noise_latent(
+    z: torch.Tensor,
+    sigma: float | torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    latent_format: str | LatentFormat,
+) -> torch.Tensor:
+    """Forward-noise a clean PiD-space latent to level sigma (spec 7, "from_clean noising").
+
+    Flow formats: (1 - s) z + s eps. SDXL (VP frame): sqrt(max(0, 1 - s^2)) z + s eps.
+    s = 0 gives z unchanged. `noise` is eps, drawn by the caller from a seeded generator.
+    """
+    fmt = get_latent_format(latent_format)
+    if fmt.frame == "pid":
+        raise LatentError(
+            "noise_latent needs the backbone's latent format (flow models and SDXL are noised "
+            "differently); give e.g. 'flux' or 'sdxl' instead of 'pid'."
+        )
+    if not isinstance(z, torch.Tensor) or z.ndim != 4:
+        shape = list(getattr(z, "shape", []))
+        raise LatentError(f"noise_latent takes a [B, C, h, w] latent, got {shape}.")
+    if not isinstance(noise, torch.Tensor) or noise.shape != z.shape:
+        raise LatentError(
+            f"The noise has shape {list(getattr(noise, 'shape', []))} but the latent has "
+            f"{list(z.shape)}; draw the noise with the latent's shape."
+        )
+    s = _sigma_vector(sigma, z.shape[0], z.device)
+    if (s < 0).any() or (s > 1).any():
+        raise LatentError(
+            f"The noise level must lie in [0, 1] (0: clean, 1: pure noise); got {s.tolist()}."
+        )
+    if (s == 0).all():
+        return z
+    s4 = s.view(-1, 1, 1, 1).to(z.dtype)
+    keep = torch.sqrt(torch.clamp(1 - s4 * s4, min=0)) if fmt.frame == "euler" else 1 - s4
+    noised = keep * z + s4 * noise.to(z.dtype)
+    return torch.where(s4 == 0, z, noised)
+
+
+def output_size(latent_hw: tuple[int, int], spec: Variant | tuple[int, int]) -> tuple[int, int]:
+    """(H, W) of PiD's output: PiD-space latent size x VAE factor x sr_scale (spec 8).
+
+    spec: a Variant, or (down_factor, sr_scale). latent_hw is the size after prepare_latent (a raw
+    32-channel FLUX.2 latent halves its size when packed).
+    """
+    if isinstance(spec, Variant):
+        factor = spec.pixels_per_latent
+    else:
+        down_factor, sr_scale = spec
+        factor = int(down_factor) * int(sr_scale)
+    h, w = (int(n) for n in latent_hw)
+    if h <= 0 or w <= 0 or factor <= 0:
+        raise SizeError(
+            f"Latent size {h}x{w} with {factor} pixels per cell gives no image; give a non-empty latent."
+        )
+    return h * factor, w * factor

@@ -1,0 +1,390 @@
+"""The released PiD checkpoints, as data.
+
+One `Variant` per released 4-step student (spec section 3): what latent it takes, how its network is
+shaped, what sizes it was trained for and where its file lives. Everything else in the pack asks this
+table instead of hard-coding a backbone; nothing here loads a file or imports ComfyUI.
+
+Names: a short id ("flux-2k"), the official experiment name (the folder on the Hub and in
+`spec/keys/`), and the Comfy-Org repackaged file stem ("pid_flux1_512_to_2048_4step_bf16").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import PurePath
+
+from .errors import CheckpointError, LatentError, SizeError
+
+LICENSE_NOTE = (
+    "PiD weights: NVIDIA Source Code License (NSCLv1), non-commercial research and evaluation use "
+    "only. They are not shipped with this pack; download them yourself, on your own decision."
+)
+
+OFFICIAL_REPO = "nvidia/PiD"
+REPACKAGED_REPO = "Comfy-Org/PixelDiT"
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """A file in a Hugging Face Hub model repository."""
+
+    repo: str
+    path: str
+
+    @property
+    def url(self) -> str:
+        return f"https://huggingface.co/{self.repo}/resolve/main/{self.path}"
+
+    @property
+    def filename(self) -> str:
+        return PurePath(self.path).name
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # short id used by the nodes and the command line
+    label: str  # human name for menus and messages
+    experiment: str  # official experiment name (spec section 3, keys/<experiment>.txt)
+    backbones: tuple[str, ...]  # the LDMs whose latents it decodes (spec 3, registry keys and aliases)
+    layout: str  # "v1" (hidden 512, per-dim gate) or "v1.5" (hidden 1024, per-token gate, PiT gate)
+    latent_format: str  # name of the format in latents.py that this checkpoint takes
+    latent_channels: int  # channels of the PiD-space latent it takes (lq_latent_channels)
+    adapter_in_channels: int  # input channels of the adapter's first conv (after un-packing)
+    adapter_hidden: int  # lq_hidden_dim
+    latent_down_factor: int  # pixels per latent cell of the VAE (latent_spatial_down_factor)
+    unpatchify: int  # lq_latent_unpatchify_factor (2 only for FLUX.2 v1.5)
+    sr_scale: int  # output pixels per VAE-decoded pixel
+    rope_ref_px: int  # rope_ref_h = rope_ref_w
+    num_tensors: int  # tensors in the state dict (spec 2.2)
+    num_params: int  # parameters (spec 2.2)
+    trained_px: tuple[int, int]  # min and max of sqrt(W*H) of the training outputs (spec 3, 8)
+    trained_sizes: tuple[tuple[int, int], ...]  # (W, H) training buckets known from upstream
+    official_file: HubFile
+    repackaged_file: HubFile | None  # Comfy-Org bf16 safetensors, where one exists
+    repackaged_stems: tuple[str, ...] = ()  # Comfy-Org stems (no precision suffix) that may hold it
+    deprecated: bool = False  # moved to checkpoints_deprecated/ upstream (spec 12)
+    license: str = field(default=LICENSE_NOTE, repr=False)
+
+    @property
+    def pixels_per_latent(self) -> int:
+        """Output pixels per latent cell: VAE factor x super-resolution scale (spec 8)."""
+        return self.latent_down_factor * self.sr_scale
+
+    @property
+    def is_4k(self) -> bool:
+        return self.trained_px[1] > 2048
+
+
+# Training buckets (spec 3 and 8). The 2k models: about 2048^2 area at 1:1, 4:3, 3:4, 16:9, 9:16
+# (the README's list). The 2kto4k models: multi-resolution levels 2048..3840 in steps of 256; the
+# aspect buckets of each level are not listed upstream, so only the square levels are given here.
+TRAINED_2K = ((2048, 2048), (2304, 1728), (1728, 2304), (2688, 1536), (1536, 2688))
+TRAINED_2KTO4K = tuple((s, s) for s in range(2048, 3840 + 1, 256))
+# Widest trained aspect ratio: 2688 x 1536 (1.75, about 16:9).
+MAX_TRAINED_ASPECT = 2688 / 1536
+
+
+def _official(experiment: str, deprecated: bool = False) -> HubFile:
+    folder = "checkpoints_deprecated" if deprecated else "checkpoints"
+    return HubFile(OFFICIAL_REPO, f"{folder}/{experiment}/model_ema_bf16.pth")
+
+
+def _repackaged(stem: str) -> HubFile:
+    return HubFile(REPACKAGED_REPO, f"diffusion_models/{stem}_bf16.safetensors")
+
+
+_FLUX_BACKBONES = ("flux", "zimage", "zimage-turbo")
+_FLUX2_BACKBONES = ("flux2", "flux2-klein-4b", "flux2-klein-9b")
+_QWEN_BACKBONES = ("qwenimage", "qwenimage-2512")
+
+
+def _v1(name, label, experiment, backbones, latent_format, channels, down, *, sr=4, params,
+        size="2k", repackaged=None, deprecated=False) -> Variant:
+    """A v1-layout student (preset pid_sr4x: hidden 512, zeros padding, RoPE ref 1024; spec 3)."""
+    stems = (repackaged,) if isinstance(repackaged, str) else tuple(repackaged or ())
+    return Variant(
+        name=name, label=label, experiment=experiment, backbones=backbones, layout="v1",
+        latent_format=latent_format, latent_channels=channels, adapter_in_channels=channels,
+        adapter_hidden=512, latent_down_factor=down, unpatchify=1, sr_scale=sr, rope_ref_px=1024,
+        num_tensors=456, num_params=params,
+        trained_px=(2048, 2048) if size == "2k" else (2048, 3840),
+        trained_sizes=TRAINED_2K if size == "2k" else TRAINED_2KTO4K,
+        official_file=_official(experiment, deprecated),
+        repackaged_file=_repackaged(stems[0]) if stems and not deprecated else None,
+        repackaged_stems=stems, deprecated=deprecated,
+    )
+
+
+def _v15(name, label, experiment, backbones, latent_format, channels, down, *, unpatchify=1,
+         params, repackaged) -> Variant:
+    """A v1.5-layout student (preset pid_sr4x_v1pt5: hidden 1024, replicate padding, RoPE ref 2048)."""
+    stems = (repackaged,) if isinstance(repackaged, str) else tuple(repackaged)
+    return Variant(
+        name=name, label=label, experiment=experiment, backbones=backbones, layout="v1.5",
+        latent_format=latent_format, latent_channels=channels,
+        adapter_in_channels=channels // unpatchify**2, adapter_hidden=1024, latent_down_factor=down,
+        unpatchify=unpatchify, sr_scale=4, rope_ref_px=2048, num_tensors=467, num_params=params,
+        trained_px=(2048, 3840), trained_sizes=TRAINED_2KTO4K,
+        official_file=_official(experiment), repackaged_file=_repackaged(stems[0]),
+        repackaged_stems=stems,
+    )
+
+
+# The registry of spec section 3 (upstream checkpoint_registry.py:66-140). Parameter counts: spec 2.2.
+_CURRENT = (
+    _v1("flux-2k", "FLUX.1 / Z-Image 2K", "PiD_res2k_sr4x_official_flux_distill_4step",
+        _FLUX_BACKBONES, "flux", 16, 8, params=1_362_348_170,
+        repackaged="pid_flux1_512_to_2048_4step"),
+    _v15("flux-2kto4k-v1.5", "FLUX.1 / Z-Image 2K-to-4K (v1.5)",
+         "PiD_v1pt5_res2kto4k_sr4x_official_flux_distill_4step",
+         _FLUX_BACKBONES, "flux", 16, 8, params=1_401_300_163,
+         repackaged="pid_flux1_1024_to_4096_4step"),
+    _v1("flux2-2k", "FLUX.2 / Klein 2K", "PiD_res2k_sr4x_official_flux2_distill_4step",
+        _FLUX2_BACKBONES, "flux2", 128, 16, params=1_362_864_266,
+        repackaged="pid_flux2_512_to_2048_4step"),
+    # The only variant that un-packs its input: 128 packed channels -> 32 at twice the size.
+    _v15("flux2-2kto4k-v1.5", "FLUX.2 / Klein 2K-to-4K (v1.5)",
+         "PiD_v1pt5_res2kto4k_sr4x_official_flux2_distill_4step",
+         _FLUX2_BACKBONES, "flux2", 128, 16, unpatchify=2, params=1_401_447_619,
+         # Comfy-Org's bf16 FLUX.2 4K file carries a _2606 tag; v1 or v1.5, the weights tell.
+         repackaged=("pid_flux2_1024_to_4096_4step", "pid_flux2_1024_to_4096_4step_2606")),
+    _v1("sd3-2k", "SD3 2K", "PiD_res2k_sr4x_official_sd3_distill_4step",
+        ("sd3",), "sd3", 16, 8, params=1_362_348_170, repackaged="pid_sd3_512_to_2048_4step"),
+    _v1("sd3-2kto4k", "SD3 2K-to-4K", "PiD_res2kto4k_sr4x_official_sd3_distill_4step",
+        ("sd3",), "sd3", 16, 8, params=1_362_348_170, size="2kto4k",
+        repackaged="pid_sd3_1024_to_4096_4step"),
+    _v1("sdxl-2kto4k", "SDXL 2K-to-4K", "PiD_res2kto4k_sr4x_official_sdxl_distill_4step",
+        ("sdxl",), "sdxl", 4, 8, params=1_362_292_874, size="2kto4k",
+        repackaged="pid_sdxl_1024_to_4096_4step"),
+    _v15("qwenimage-2kto4k-v1.5", "Qwen-Image 2K-to-4K (v1.5)",
+         "PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_distill_4step",
+         _QWEN_BACKBONES, "qwenimage", 16, 8, params=1_401_300_163,
+         repackaged="pid_qwenimage_1024_to_4096_4step"),
+    _v1("dinov2-2k", "DINOv2-RAE 2K", "PiD_res2k_sr4x_official_dinov2_distill_4step",
+        ("dinov2",), "dinov2", 768, 16, params=1_365_813_386),
+    # SigLIP is the one 8x model: a 256 px image (16x16 tokens) becomes 2048 px.
+    _v1("siglip-2k", "SigLIP-2 Scale-RAE 2K (8x)", "PiD_res2k_sr8x_official_siglip_distill_4step",
+        ("siglip",), "siglip", 1152, 16, sr=8, params=1_367_582_858),
+)
+
+# The first 2K-to-4K students of FLUX.1, FLUX.2 and Qwen-Image, replaced by v1.5 and moved to
+# checkpoints_deprecated/ (spec 12). Upstream no longer configures them; the v1 layout with the
+# 2kto4k settings is presumed. Kept so that such a file (and the Comfy-Org 1024_to_4096 files made
+# before v1.5, which the structure tells apart) is recognised instead of misread.
+_DEPRECATED = (
+    _v1("flux-2kto4k-v1", "FLUX.1 / Z-Image 2K-to-4K (v1, deprecated)",
+        "PiD_res2kto4k_sr4x_official_flux_distill_4step", _FLUX_BACKBONES, "flux", 16, 8,
+        params=1_362_348_170, size="2kto4k", repackaged="pid_flux1_1024_to_4096_4step",
+        deprecated=True),
+    _v1("flux2-2kto4k-v1", "FLUX.2 / Klein 2K-to-4K (v1, deprecated)",
+        "PiD_res2kto4k_sr4x_official_flux2_distill_4step", _FLUX2_BACKBONES, "flux2", 128, 16,
+        params=1_362_864_266, size="2kto4k", repackaged="pid_flux2_1024_to_4096_4step",
+        deprecated=True),
+    _v1("flux2-2kto4k-v1-2606", "FLUX.2 / Klein 2K-to-4K (v1 2606 re-release, deprecated)",
+        "PiD_res2kto4k_sr4x_official_flux2_distill_4step_2606", _FLUX2_BACKBONES, "flux2", 128, 16,
+        params=1_362_864_266, size="2kto4k", repackaged="pid_flux2_1024_to_4096_4step_2606",
+        deprecated=True),
+    _v1("qwenimage-2kto4k-v1", "Qwen-Image 2K-to-4K (v1, deprecated)",
+        "PiD_res2kto4k_sr4x_official_qwenimage_distill_4step", _QWEN_BACKBONES, "qwenimage", 16, 8,
+        params=1_362_348_170, size="2kto4k", repackaged="pid_qwenimage_1024_to_4096_4step",
+        deprecated=True),
+)
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in _CURRENT}
+DEPRECATED_VARIANTS: dict[str, Variant] = {v.name: v for v in _DEPRECATED}
+_ALL: tuple[Variant, ...] = _CURRENT + _DEPRECATED
+
+# Every backbone name, aliases included, in menu order, with a human name.
+BACKBONE_LABELS: dict[str, str] = {
+    "flux": "FLUX.1",
+    "zimage": "Z-Image",
+    "zimage-turbo": "Z-Image-Turbo",
+    "flux2": "FLUX.2",
+    "flux2-klein-4b": "FLUX.2 [klein] 4B",
+    "flux2-klein-9b": "FLUX.2 [klein] 9B",
+    "sd3": "SD3",
+    "sdxl": "SDXL",
+    "qwenimage": "Qwen-Image",
+    "qwenimage-2512": "Qwen-Image-2512",
+    "dinov2": "DINOv2-RAE",
+    "siglip": "SigLIP-2 Scale-RAE",
+}
+BACKBONES: tuple[str, ...] = tuple(BACKBONE_LABELS)
+
+# Where to stop the LDM before handing its latent to PiD: (stop step, total steps), from the
+# reference README (spec 7, comfyui-integration 3). None: decode the final x0 - the few-step
+# distilled models (turbo, klein), and the RAE models, for which the README gives no stop point.
+RECOMMENDED_STOP: dict[str, tuple[int, int] | None] = {
+    "flux": (24, 28),
+    "zimage": (46, 50),
+    "zimage-turbo": None,
+    "flux2": (46, 50),
+    "flux2-klein-4b": None,
+    "flux2-klein-9b": None,
+    "sd3": (24, 28),
+    "sdxl": (26, 30),
+    "qwenimage": (44, 50),
+    "qwenimage-2512": (44, 50),
+    "dinov2": None,
+    "siglip": None,
+}
+
+
+def _key(text: str) -> str:
+    return text.strip().lower()
+
+
+def _choices() -> str:
+    return ", ".join(VARIANTS)
+
+
+def get_variant(name: str) -> Variant:
+    """The variant for a short id, an experiment name or a repackaged file stem (any case)."""
+    key = _key(str(name))
+    for v in _ALL:
+        if key in (v.name, _key(v.experiment)):
+            return v
+    found = variant_from_filename(key)
+    if found is not None:
+        return found
+    raise CheckpointError(
+        f"Unknown PiD checkpoint {name!r}. Choose one of: {_choices()} "
+        "(or give an official experiment name such as PiD_res2k_sr4x_official_flux_distill_4step, "
+        "or a Comfy-Org file name such as pid_flux1_512_to_2048_4step_bf16)."
+    )
+
+
+# Comfy-Org names: pid_<family>_<512_to_2048|1024_to_4096>_4step[_2606]_<bf16|mxfp8|...>.safetensors
+# (comfyui-integration 4). The stem without the precision suffix is what names the checkpoint.
+_REPACKAGED_STEM = re.compile(
+    r"pid_(?:flux1|flux2|sd3|sdxl|qwenimage)_(?:512_to_2048|1024_to_4096)_4step(?:_2606)?"
+)
+
+
+def variants_from_filename(path: str | PurePath) -> list[Variant]:
+    """Every variant a file name can stand for, current ones first; [] when the name says nothing.
+
+    An official experiment name anywhere in the path (folder or file) names one variant. A Comfy-Org
+    `1024_to_4096` name can hold the v1.5 student or the deprecated v1 one it replaced: only the
+    weights tell (see `resolve_variant`).
+    """
+    text = str(path).replace("\\", "/").lower()
+    # Longest first: ..._flux2_distill_4step is a prefix of ..._flux2_distill_4step_2606.
+    for v in sorted(_ALL, key=lambda v: -len(v.experiment)):
+        if _key(v.experiment) in text:
+            return [v]
+    match = _REPACKAGED_STEM.search(PurePath(text).name)
+    if match is None:
+        return []
+    stem = match.group(0)
+    return [v for v in _ALL if stem in v.repackaged_stems]
+
+
+def variant_from_filename(path: str | PurePath) -> Variant | None:
+    """The variant a file name points to (the current one where a name is ambiguous), or None."""
+    found = variants_from_filename(path)
+    return found[0] if found else None
+
+
+def variants_matching(
+    layout: str, adapter_in_channels: int, *, include_deprecated: bool = False
+) -> list[Variant]:
+    """The variants a checkpoint with this detected structure can be (layout + first-conv channels)."""
+    pool = _ALL if include_deprecated else _CURRENT
+    return [v for v in pool if v.layout == layout and v.adapter_in_channels == adapter_in_channels]
+
+
+def resolve_variant(
+    path: str | PurePath | None, *, layout: str, adapter_in_channels: int
+) -> Variant | None:
+    """The variant of a loaded checkpoint, from its structure and its file name together.
+
+    The structure (read from the weights) is the truth; the name only picks among the variants that
+    share a structure (flux vs sd3 vs qwen, 2k vs 2kto4k). Returns None when the two together still
+    leave a choice; raises when the name contradicts the weights.
+    """
+    fits = variants_matching(layout, adapter_in_channels, include_deprecated=True)
+    if not fits:
+        raise CheckpointError(
+            f"No released PiD checkpoint has the {layout} layout with {adapter_in_channels} latent "
+            "input channels, so this file is not one of the released PiD students "
+            f"({_choices()}). Load an official model_ema_bf16.pth or a Comfy-Org pid_*.safetensors."
+        )
+    named = variants_from_filename(path) if path else []
+    if named:
+        both = [v for v in named if v in fits]
+        if both:
+            return both[0]
+        raise CheckpointError(
+            f"The file name {PurePath(str(path)).name!r} says {named[0].name}, but its weights have "
+            f"the {layout} layout with {adapter_in_channels} latent input channels, which fits "
+            f"{', '.join(v.name for v in fits)}. The file is misnamed: rename it after what it holds, "
+            "or download the checkpoint again."
+        )
+    return fits[0] if len(fits) == 1 else None
+
+
+def _backbone(backbone: str) -> str:
+    key = _key(str(backbone))
+    if key not in BACKBONE_LABELS:
+        raise LatentError(f"Unknown backbone {backbone!r}. Choose one of: {', '.join(BACKBONES)}.")
+    return key
+
+
+def variants_for_backbone(backbone: str, *, include_deprecated: bool = False) -> list[Variant]:
+    """The checkpoints that decode this backbone's latents, 2K first."""
+    key = _backbone(backbone)
+    pool = _ALL if include_deprecated else _CURRENT
+    return sorted((v for v in pool if key in v.backbones), key=lambda v: v.trained_px[1])
+
+
+def recommended_stop_step(backbone: str) -> tuple[int, int] | None:
+    """(stop step, total steps) at which to hand the LDM latent to PiD; None: use the final x0."""
+    return RECOMMENDED_STOP[_backbone(backbone)]
+
+
+# How far outside the trained range an output may go before we warn (a judgement call, not upstream).
+_TOO_LARGE = 1.15  # sqrt(W*H) above max * this
+_TOO_SMALL = 0.75  # sqrt(W*H) below min * this
+_TOO_WIDE = 1.2  # aspect above the widest trained one * this
+
+
+def check_output_size(variant: Variant, height: int, width: int) -> str | None:
+    """A warning when height x width is outside what the checkpoint was trained for, else None.
+
+    PiD accepts any size (spec 8), so this never refuses: it says what to use instead.
+    """
+    if height <= 0 or width <= 0:
+        raise SizeError(
+            f"Output size {width}x{height} is not a positive size; give width and height > 0."
+        )
+    side = math.sqrt(height * width)
+    low, high = variant.trained_px
+    trained = f"~{low}x{low}" if low == high else f"{low}..{high} px a side"
+    size = f"{width}x{height}"
+    same_family = [v for v in variants_for_backbone(variant.backbones[0]) if v is not variant]
+    warnings = []
+    if side > high * _TOO_LARGE:
+        bigger = [v.name for v in same_family if v.trained_px[1] > high]
+        fix = (f"use the 2K-to-4K checkpoint ({', '.join(bigger)}) or tiled decoding" if bigger
+               else "use tiled decoding")
+        warnings.append(
+            f"{size} is larger than the {trained} that {variant.name} was trained for; {fix}."
+        )
+    elif side < low * _TOO_SMALL:
+        smaller = [v.name for v in same_family if v.trained_px[1] < high]
+        fix = (f"the 2K checkpoint ({', '.join(smaller)}) fits small outputs better, or start from a "
+               "larger latent" if smaller else "start from a larger latent")
+        warnings.append(
+            f"{size} is far below the {trained} that {variant.name} was trained for, so expect "
+            f"softer detail; {fix}."
+        )
+    aspect = max(height, width) / min(height, width)
+    if aspect > MAX_TRAINED_ASPECT * _TOO_WIDE:
+        warnings.append(
+            f"The aspect ratio {aspect:.2f}:1 of {size} is wider than the 16:9 that PiD was trained on; "
+            "expect stretched structure; crop to 16:9 or narrower, or use tiled decoding."
+        )
+    return " ".join(warnings) or None
