@@ -1,0 +1,207 @@
+"""Command line: decode a latent file to PNG, show what a checkpoint is, download released files.
+
+    python -m pid_core decode --checkpoint F --latent L.safetensors --text-embedding E --out out.png
+    python -m pid_core info F
+    python -m pid_core download flux-2k [--repackaged] [--dest DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+import torch
+
+from .errors import PidError
+
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+GEMMA_REPO = "Efficient-Large-Model/gemma-2-2b-it"  # the text encoder the reference loads (spec 4)
+
+
+def load_latent_file(path: str) -> tuple[torch.Tensor, dict]:
+    """A latent from .safetensors / ComfyUI .latent (key latent_tensor), .pt/.pth (weights only) or .npy.
+    Optional scalar/vector tensors `pid_sigma` travel along as metadata."""
+    if not os.path.exists(path):
+        raise PidError(f"Latent file not found: {path}")
+    try:
+        if path.endswith((".safetensors", ".latent")):
+            from safetensors.torch import load_file
+
+            tensors = load_file(path)
+        elif path.endswith(".npy"):
+            import numpy as np
+
+            tensors = {"latent": torch.from_numpy(np.load(path, allow_pickle=False))}
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            tensors = loaded if isinstance(loaded, dict) else {"latent": loaded}
+    except Exception as exc:
+        raise PidError(f"Could not read the latent file {path}: {exc}") from None
+    meta = {k: v for k, v in tensors.items() if k.startswith("pid_")}
+    for key in ("latent_tensor", "samples", "latent"):
+        if isinstance(tensors.get(key), torch.Tensor):
+            return tensors[key], meta
+    candidates = [v for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.ndim >= 4 and not k.startswith("pid_")]
+    if len(candidates) != 1:
+        raise PidError(f"{path} should hold one latent tensor (key 'latent' or 'samples'); found keys {list(tensors)}.")
+    return candidates[0], meta
+
+
+class ProgressBar:
+    def __init__(self, total: int):
+        self.total, self.start = total, time.perf_counter()
+
+    def __call__(self, step: int, total: int, x0=None) -> None:
+        self.stream = sys.stderr  # looked up per call, so redirection after start-up is honoured
+        done = int(20 * step / total)
+        self.stream.write(f"\rdecoding [{'#' * done}{'.' * (20 - done)}] step {step}/{total}  {time.perf_counter() - self.start:.1f}s")
+        if step == total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def peak_memory_text(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA)"
+    import resource
+
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
+
+
+def cmd_decode(args) -> int:
+    from .checkpoint import load_pid
+    from .decode import decode, output_hw, resolve_latent_format
+    from .images import save_png
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    started = time.perf_counter()
+    model = load_pid(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
+    latent, meta = load_latent_file(args.latent)
+    sigma = args.sigma if args.sigma is not None else meta.get("pid_sigma", 0.0)
+    if args.text_embedding:
+        from .text import load_text_embedding
+
+        text, encoder = load_text_embedding(args.text_embedding), None
+    else:
+        from .text import GemmaTextEncoder
+
+        encoder = GemmaTextEncoder.from_pretrained(args.text_encoder, device=device)
+        text = args.prompt
+    fmt = resolve_latent_format(args.latent_format, model, latent)
+    tiling = None
+    if args.tile != "off":
+        from .tiling import TileOptions
+
+        tiling = TileOptions.from_cli(args.tile, args.overlap)
+    loaded = time.perf_counter()
+    image = decode(
+        model, latent, text=text, text_encoder=encoder, latent_format=fmt, sigma=sigma, seed=args.seed,
+        steps=args.steps, callback=ProgressBar(args.steps), tiling=tiling, leftover_noise=args.leftover_noise,
+    )
+    finished = time.perf_counter()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    outputs = []
+    for i in range(image.shape[0]):
+        path = args.out if image.shape[0] == 1 else f"{os.path.splitext(args.out)[0]}_{i:02d}.png"
+        save_png(image[i], path)
+        outputs.append(path)
+    print(f"checkpoint : {model.info.summary()}")
+    print(f"latent     : {list(latent.shape)} as {fmt}, sigma {sigma if not torch.is_tensor(sigma) else sigma.tolist()}")
+    print(f"output     : {image.shape[0]} x {image.shape[-1]}x{image.shape[-2]} px -> {', '.join(outputs)}")
+    print(f"time       : load {loaded - started:.1f}s, decode {finished - loaded:.1f}s ({args.steps} steps, {device.type})")
+    print(f"peak memory: {peak_memory_text(device)}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import load_pid
+
+    model = load_pid(args.checkpoint)
+    info, cfg = model.info, model.config
+    print(info.summary())
+    print(f"key layout : {info.key_layout}")
+    print(f"network    : {cfg.patch_depth} patch blocks x {cfg.hidden_size}, {cfg.pixel_depth} pixel blocks, text {cfg.text_max_tokens}x{cfg.text_dim}")
+    if info.variant is not None:
+        v = info.variant
+        print(f"variant    : {v.name} ({v.label}); backbones {', '.join(v.backbones)}; latent format {v.latent_format}")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .variants import LICENSE_NOTE, get_variant
+
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+    except ImportError:
+        raise PidError("Downloading needs huggingface_hub: pip install huggingface_hub") from None
+    print(LICENSE_NOTE)
+    dest = args.dest or "."
+    try:
+        if args.name.lower() in ("gemma", "text-encoder", "gemma-2-2b-it"):
+            path = snapshot_download(GEMMA_REPO, local_dir=os.path.join(dest, "gemma-2-2b-it"),
+                                     allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+        else:
+            variant = get_variant(args.name)
+            hub = variant.repackaged_file if args.repackaged else variant.official_file
+            if hub is None:
+                raise PidError(f"{variant.name} has no repackaged file; omit --repackaged to get the official one.")
+            path = hf_hub_download(hub.repo, hub.path, local_dir=dest)
+    except PidError:
+        raise
+    except Exception as exc:  # network, authentication, missing file: all reported the same way
+        raise PidError(
+            f"Download failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            f"Check the network connection (this command needs the Hugging Face Hub) or download the file by hand."
+        ) from None
+    print(f"saved: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pid_core", description="PiD pixel-diffusion decoder")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("decode", help="decode a latent file to PNG")
+    d.add_argument("--checkpoint", required=True, help="PiD checkpoint (.pth or .safetensors)")
+    d.add_argument("--latent", required=True, help="latent: .safetensors / ComfyUI .latent / .pt / .npy")
+    d.add_argument("--latent-format", default="auto", help="auto, a format (flux, sd3, sdxl, flux2, flux2_raw, qwenimage, dinov2, siglip, pid) or a backbone")
+    d.add_argument("--sigma", type=float, default=None, help="noise level of the latent (0 = clean; default: the file's pid_sigma, else 0)")
+    d.add_argument("--leftover-noise", action="store_true", help="the latent is a stock ComfyUI leftover latent x_t/(1-sigma)")
+    text = d.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="prompt, encoded with --text-encoder")
+    text.add_argument("--text-embedding", help="precomputed Gemma embedding [B,300,2304] (.safetensors/.pt/.npy)")
+    d.add_argument("--text-encoder", help="Gemma-2-2b-it folder (Hugging Face layout) for --prompt")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--steps", type=int, default=4, choices=[1, 2, 3, 4])
+    d.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    d.add_argument("--dtype", default="auto", choices=list(DTYPES), help="weight dtype (auto keeps the file's)")
+    d.add_argument("--tile", default="off", help="off, auto, or a tile size in output pixels (e.g. 2048)")
+    d.add_argument("--overlap", type=int, default=None, help="tile overlap in output pixels")
+    d.add_argument("--out", required=True, help="output PNG (numbered when the batch has several images)")
+    d.set_defaults(func=cmd_decode)
+
+    i = sub.add_parser("info", help="show what a checkpoint file is")
+    i.add_argument("checkpoint")
+    i.set_defaults(func=cmd_info)
+
+    g = sub.add_parser("download", help="download a released checkpoint (or 'gemma') from the Hugging Face Hub")
+    g.add_argument("name", help="variant (e.g. flux-2k, flux-2kto4k-v1.5, sdxl-2kto4k) or 'gemma'")
+    g.add_argument("--repackaged", action="store_true", help="the Comfy-Org .safetensors instead of the official .pth")
+    g.add_argument("--dest", help="target folder (default: current folder)")
+    g.set_defaults(func=cmd_download)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "decode" and args.prompt and not args.text_encoder:
+        build_parser().error("--prompt needs --text-encoder (a Gemma-2-2b-it folder)")
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    try:
+        return args.func(args)
+    except PidError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,50 @@
+"""Image I/O without extra dependencies: [0, 1] tensors <-> 8-bit RGB, PNG written with zlib."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import torch
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """[3, H, W] in [0, 1] -> [H, W, 3] uint8. Truncates like the reference ((x+1)*127.5 cast, spec 1.5)."""
+    x = image.detach().float().clamp(0, 1).mul(255.0).to(torch.uint8)
+    return x.permute(1, 2, 0).contiguous().cpu().numpy()
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """[H, W, 3] uint8 -> PNG bytes (8-bit RGB, no filtering)."""
+    height, width, channels = rgb.shape
+    if channels != 3 or rgb.dtype != np.uint8:
+        raise ValueError("encode_png takes [H, W, 3] uint8")
+    rows = np.concatenate([np.zeros((height, 1), np.uint8), rgb.reshape(height, width * 3)], axis=1)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b"")
+
+
+def save_png(image: torch.Tensor, path: str) -> None:
+    with open(path, "wb") as f:
+        f.write(encode_png(to_uint8(image)))
+
+
+def read_png(path: str) -> np.ndarray:
+    """Read back a PNG written by encode_png (8-bit RGB, filter 0): for tests and tools."""
+    data = open(path, "rb").read()
+    pos, idat, width, height = 8, b"", 0, 0
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR":
+            width, height = struct.unpack(">II", body[:8])
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + width * 3)
+    return rows[:, 1:].reshape(height, width, 3)

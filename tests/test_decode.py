@@ -1,0 +1,134 @@
+"""decode(): from a user's latent (any backbone, clean or stopped early) to RGB in [0, 1]."""
+
+import pytest
+import torch
+
+from pid_core.checkpoint import load_pid
+from pid_core.decode import decode
+from pid_core.errors import LatentError, PidError, TextEmbeddingError
+from pid_core.latents import LATENT_FORMATS
+from pid_core.sampling import sample
+from pid_core.testing import make_random_checkpoint
+
+# (file name that names the variant, layout, checkpoint latent channels, latent the user has, format)
+BACKBONES = {
+    "flux": ("pid_flux1_512_to_2048_4step_bf16.safetensors", "v1", 16, (1, 16, 3, 4)),
+    "sd3": ("PiD_res2k_sr4x_official_sd3_distill_4step/model_ema_bf16.pth", "v1", 16, (1, 16, 3, 4)),
+    "sdxl": ("pid_sdxl_1024_to_4096_4step_bf16.safetensors", "v1", 4, (1, 4, 3, 4)),
+    "flux2": ("PiD_v1pt5_res2kto4k_sr4x_official_flux2_distill_4step/model_ema_bf16.pth", "v1.5", 128, (1, 128, 2, 3)),
+    "qwenimage": ("PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_distill_4step/model_ema_bf16.pth", "v1.5", 16, (1, 16, 1, 3, 4)),
+    "dinov2": ("PiD_res2k_sr4x_official_dinov2_distill_4step/model_ema_bf16.pth", "v1", 768, (1, 768, 2, 2)),
+    "siglip": ("PiD_res2k_sr8x_official_siglip_distill_4step/model_ema_bf16.pth", "v1", 1152, (1, 1152, 1, 2)),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    made = {}
+    for backbone, (name, layout, channels, _) in BACKBONES.items():
+        path = root / name
+        make_random_checkpoint(str(path), layout=layout, latent_channels=channels, text_dim=64, text_tokens=16)
+        made[backbone] = str(path)
+    return made
+
+
+def _text(batch=1, tokens=16, dim=64, seed=0):
+    return torch.randn(batch, tokens, dim, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_every_backbone_decodes_to_the_right_size(checkpoints, backbone):
+    model = load_pid(checkpoints[backbone], dtype=torch.float32)
+    shape = BACKBONES[backbone][3]
+    latent = torch.randn(shape)
+    image = decode(model, latent, text=_text(), steps=2, seed=1)
+    scale = model.config.scale
+    assert model.info.variant is not None and model.info.variant.latent_format == backbone
+    assert image.shape == (1, 3, shape[-2] * scale, shape[-1] * scale)
+    assert image.min() >= 0 and image.max() <= 1
+
+
+def test_raw_flux2_latent_with_bn_statistics(checkpoints):
+    from pid_core.latents import Flux2BNStats
+
+    model = load_pid(checkpoints["flux2"], dtype=torch.float32)
+    raw = torch.randn(1, 32, 4, 6)
+    stats = Flux2BNStats(torch.randn(128) * 0.1, torch.rand(128) + 0.5)
+    image = decode(model, raw, text=_text(), latent_format="flux2_raw", bn_stats=stats, steps=1)
+    assert image.shape == (1, 3, 2 * 64, 3 * 64)
+    with pytest.raises(PidError, match="(?i)statistic|bn"):
+        decode(model, raw, text=_text(), latent_format="flux2_raw", steps=1)
+
+
+def test_matches_the_plain_sampler_with_explicit_noise(checkpoints):
+    """decode = prepare latent (bf16-rounded) + the student sampler + (x+1)/2, nothing else."""
+    model = load_pid(checkpoints["flux"], dtype=torch.float32)
+    latent, text = torch.randn(2, 16, 3, 4), _text(2)
+    sigma = torch.tensor([0.0, 0.4])
+    noise = torch.randn(2, 3, 96, 128)
+    renoise = [torch.randn(2, 3, 96, 128) for _ in range(3)]
+    image = decode(model, latent, text=text, sigma=sigma, noise=noise, renoise=renoise)
+    z = ((latent - 0.1159) * 0.3611).to(torch.bfloat16).float()
+    with torch.no_grad():
+        ref = sample(lambda x, t: model(x, t, text, z, sigma), noise, renoise=renoise)
+    assert torch.equal(image, (ref + 1) / 2)
+
+
+def test_seed_is_deterministic_and_matters(checkpoints):
+    model = load_pid(checkpoints["flux"], dtype=torch.float32)
+    latent = torch.randn(1, 16, 2, 2)
+    a = decode(model, latent, text=_text(), seed=3, steps=2)
+    b = decode(model, latent, text=_text(), seed=3, steps=2)
+    c = decode(model, latent, text=_text(), seed=4, steps=2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_early_stopped_and_leftover_latents_agree(checkpoints):
+    model = load_pid(checkpoints["flux"], dtype=torch.float32)
+    fmt = LATENT_FORMATS["flux"]
+    x_t = torch.randn(1, 16, 2, 3)
+    sigma = 0.3
+    true_state = fmt.from_pid(x_t)  # what KSampler Early Stop stores
+    leftover = fmt.from_pid(x_t / (1 - sigma))  # what a stock KSamplerAdvanced leftover latent holds
+    a = decode(model, true_state, text=_text(), sigma=sigma, steps=1)
+    b = decode(model, leftover, text=_text(), sigma=sigma, leftover_noise=True, steps=1)
+    assert (a - b).abs().max() < 1e-5
+
+
+def test_batches_and_text_broadcast(checkpoints):
+    model = load_pid(checkpoints["sdxl"], dtype=torch.float32)
+    latent = torch.randn(3, 4, 2, 2)
+    image = decode(model, latent, text=_text(1), sigma=torch.tensor([0.0, 1.0, 5.0]), steps=1)
+    assert image.shape[0] == 3
+    with pytest.raises(TextEmbeddingError, match="2 text embeddings for 3 latents"):
+        decode(model, latent, text=_text(2), steps=1)
+
+
+def test_clear_errors(checkpoints):
+    model = load_pid(checkpoints["flux"], dtype=torch.float32)
+    with pytest.raises(LatentError, match="SDXL"):
+        decode(model, torch.randn(1, 4, 2, 2), text=_text(), steps=1)
+    with pytest.raises(TextEmbeddingError, match="width 4096"):
+        decode(model, torch.randn(1, 16, 2, 2), text=torch.randn(1, 16, 4096), steps=1)
+    with pytest.raises(PidError, match="1 to 4 steps"):
+        decode(model, torch.randn(1, 16, 2, 2), text=_text(), steps=8)
+    with pytest.raises(LatentError, match="(?i)unknown latent format"):
+        decode(model, torch.randn(1, 16, 2, 2), text=_text(), latent_format="wan", steps=1)
+    with pytest.raises(TextEmbeddingError, match="text encoder"):
+        decode(model, torch.randn(1, 16, 2, 2), text="a cat", steps=1)
+
+
+def test_backbone_names_select_the_format(checkpoints):
+    model = load_pid(checkpoints["flux"], dtype=torch.float32)
+    latent = torch.randn(1, 16, 2, 2)
+    a = decode(model, latent, text=_text(), latent_format="zimage", steps=1)
+    b = decode(model, latent, text=_text(), latent_format="flux", steps=1)
+    assert torch.equal(a, b)
+
+
+def test_size_warning_for_untrained_sizes(checkpoints, caplog):
+    model = load_pid(checkpoints["flux"], dtype=torch.float32)
+    with caplog.at_level("WARNING", logger="pid_core"):
+        decode(model, torch.randn(1, 16, 2, 2), text=_text(), steps=1)
+    assert any("trained" in r.message for r in caplog.records)
