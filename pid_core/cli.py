@@ -3,6 +3,7 @@
     python -m pid_core decode --checkpoint F --latent L.safetensors --text-embedding E --out out.png
     python -m pid_core info F
     python -m pid_core download flux-2k [--repackaged] [--dest DIR]
+    python -m pid_core selftest [--out pid_selftest.png]
 """
 
 from __future__ import annotations
@@ -78,7 +79,10 @@ def cmd_decode(args) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.perf_counter()
-    model = load_pid(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
+    dtype = DTYPES[args.dtype]
+    if dtype is None and device.type == "cpu":
+        dtype = torch.float32  # CPUs run bf16 matmuls far slower than fp32; on GPUs the file's bf16 is kept
+    model = load_pid(args.checkpoint, device=device, dtype=dtype)
     latent, meta = load_latent_file(args.latent)
     sigma = args.sigma if args.sigma is not None else meta.get("pid_sigma", 0.0)
     if args.text_embedding:
@@ -109,11 +113,34 @@ def cmd_decode(args) -> int:
         save_png(image[i], path)
         outputs.append(path)
     print(f"checkpoint : {model.info.summary()}")
-    print(f"latent     : {list(latent.shape)} as {fmt}, sigma {sigma if not torch.is_tensor(sigma) else sigma.tolist()}")
+    sigmas = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).tolist()
+    print(f"latent     : {list(latent.shape)} as {fmt}, sigma {', '.join(f'{s:.3g}' for s in sigmas)}")
     print(f"output     : {image.shape[0]} x {image.shape[-1]}x{image.shape[-2]} px -> {', '.join(outputs)}")
     print(f"time       : load {loaded - started:.1f}s, decode {finished - loaded:.1f}s ({args.steps} steps, {device.type})")
     print(f"peak memory: {peak_memory_text(device)}")
     return 0
+
+
+def cmd_selftest(args) -> int:
+    """Decode a random latent with a small random checkpoint: proves the install end to end, offline."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from .testing import make_random_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = os.path.join(tmp, "pid_flux1_512_to_2048_4step_bf16.safetensors")  # named like the FLUX.1 2K file
+        make_random_checkpoint(ckpt, layout="v1", latent_channels=16)
+        latent = os.path.join(tmp, "latent.safetensors")
+        save_file({"latent": torch.randn(1, 16, 8, 12), "pid_sigma": torch.tensor(0.3)}, latent)
+        text = os.path.join(tmp, "text.safetensors")
+        save_file({"text_embedding": torch.randn(1, 300, 2304)}, text)
+        print("self-test: a small random PiD checkpoint (random weights: the image is noise, its size is real)")
+        return cmd_decode(build_parser().parse_args(
+            ["decode", "--checkpoint", ckpt, "--latent", latent, "--text-embedding", text, "--out", args.out]
+            + (["--device", args.device] if args.device else [])
+        ))
 
 
 def cmd_info(args) -> int:
@@ -177,11 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--steps", type=int, default=4, choices=[1, 2, 3, 4])
     d.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-    d.add_argument("--dtype", default="auto", choices=list(DTYPES), help="weight dtype (auto keeps the file's)")
+    d.add_argument("--dtype", default="auto", choices=list(DTYPES), help="weight dtype (auto: the file's on GPU, fp32 on CPU)")
     d.add_argument("--tile", default="off", help="off, auto, or a tile size in output pixels (e.g. 2048)")
     d.add_argument("--overlap", type=int, default=None, help="tile overlap in output pixels")
     d.add_argument("--out", required=True, help="output PNG (numbered when the batch has several images)")
     d.set_defaults(func=cmd_decode)
+
+    t = sub.add_parser("selftest", help="decode with a small random checkpoint (offline install check)")
+    t.add_argument("--out", default="pid_selftest.png")
+    t.add_argument("--device", default=None)
+    t.set_defaults(func=cmd_selftest)
 
     i = sub.add_parser("info", help="show what a checkpoint file is")
     i.add_argument("checkpoint")

@@ -52,7 +52,7 @@ def test_early_stopped_latent_file_carries_its_sigma(files, tmp_path, capsys):
     out = tmp_path / "stopped.png"
     assert main(["decode", "--checkpoint", ckpt, "--latent", str(latent), "--text-embedding", files["text"],
                  "--steps", "2", "--out", str(out)]) == 0
-    assert "sigma [0.30" in capsys.readouterr().out
+    assert "sigma 0.3, 0.5" in capsys.readouterr().out
     assert read_png(str(tmp_path / "stopped_00.png")).shape == (64, 96, 3)
     assert os.path.exists(tmp_path / "stopped_01.png")
 
