@@ -1,0 +1,137 @@
+"""PiD Decode: PiD model + LATENT (+ its sigma) + Gemma-2 conditioning -> IMAGE, 4x the VAE's size.
+
+The LATENT may be clean (a finished run, VAE Encode) or stopped early (KSampler Early Stop, which
+stores pid_sigma and pid_latent_format; PiD Encode-Degrade too). All the work is
+pid_core.decode.decode; this node only translates: memory management, progress with previews,
+cancel, and errors as clear messages.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+from comfy_api.latest import io
+
+from ._common import (
+    CATEGORY,
+    LATENT_FORMAT_NAMES,
+    NODE_ID_DECODE,
+    PID_MODEL_TYPE,
+    NodeInputError,
+    estimate_decode_memory,
+    preview_rgb_uint8,
+    read_pid_metadata,
+    resolve_latent_format,
+    resolve_sigma,
+)
+
+log = logging.getLogger("pid_decoder")
+
+PidModel = io.Custom(PID_MODEL_TYPE)
+
+
+def text_embedding_from_conditioning(conditioning) -> torch.Tensor:
+    """The Gemma-2 hidden states of a CONDITIONING: the tensor of its first entry."""
+    if not isinstance(conditioning, (list, tuple)) or len(conditioning) == 0:
+        raise NodeInputError("The conditioning is empty. Encode a prompt with CLIPLoader (type 'pixeldit') + CLIP Text Encode.")
+    first = conditioning[0]
+    emb = first[0] if isinstance(first, (list, tuple)) and len(first) > 0 else first
+    if not isinstance(emb, torch.Tensor):
+        raise NodeInputError("The conditioning holds no text embedding tensor. Encode a prompt with CLIPLoader "
+                             "(type 'pixeldit') + CLIP Text Encode.")
+    if len(conditioning) > 1:
+        log.warning("PiD Decode: the conditioning has %d entries; only the first is used.", len(conditioning))
+    return emb
+
+
+def _output_hw(model, latent: torch.Tensor) -> tuple[int, int]:
+    """Output size for the memory estimate: latent cells x pixels per cell (an upper bound)."""
+    scale = model.config.scale
+    return latent.shape[-2] * scale, latent.shape[-1] * scale
+
+
+class PiDDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE_ID_DECODE,
+            display_name="PiD Decode",
+            category=CATEGORY,
+            search_aliases=["pid", "pixel diffusion decode", "pid upscale", "decode 4x"],
+            description=(
+                "Decodes a latent with PiD into an image 4x the VAE's size, in 4 steps. Takes clean latents and "
+                "latents stopped early (KSampler Early Stop): the noise level comes with the LATENT."
+            ),
+            inputs=[
+                PidModel.Input("pid_model", tooltip="The PiD model from PiD Loader."),
+                io.Latent.Input("latent", tooltip="The latent to decode: from KSampler Early Stop, a KSampler, VAE "
+                                                  "Encode or PiD Encode-Degrade."),
+                io.Conditioning.Input("conditioning",
+                                      tooltip="The prompt as Gemma-2 hidden states [B, 300, 2304]: CLIPLoader (type "
+                                              "'pixeldit') + CLIP Text Encode. T5/CLIP conditionings do not fit."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The seed of PiD's own noise."),
+                io.Int.Input("steps", default=4, min=1, max=4,
+                             tooltip="PiD steps: 4 is the released quality; fewer are faster and softer."),
+                io.Combo.Input("latent_format", options=["auto", *LATENT_FORMAT_NAMES], default="auto",
+                               tooltip="The latent's model family. auto: from the LATENT (KSampler Early Stop, "
+                                       "Encode-Degrade) or from the channels and the checkpoint's name."),
+                io.Float.Input("sigma", default=-1.0, min=-1.0, max=1000.0, step=0.001,
+                               tooltip="Noise level the latent carries. -1: auto (the LATENT's pid_sigma, else 0 = "
+                                       "clean). Flow models: 0..1; SDXL: the Euler sigma."),
+            ],
+            outputs=[io.Image.Output("image", display_name="IMAGE", tooltip="The decoded image, RGB in 0..1.")],
+        )
+
+    @classmethod
+    def execute(cls, pid_model, latent, conditioning, seed, steps, latent_format, sigma) -> io.NodeOutput:
+        from pid_core.decode import decode, match_text_batch
+        from pid_core.errors import PidError
+        from pid_core.text import validate_text_embedding
+
+        patcher = pid_model
+        model = patcher.model
+        samples = latent["samples"]
+        _, warning = read_pid_metadata(latent)
+        if warning:
+            log.warning("PiD Decode: %s", warning)
+        fmt = resolve_latent_format(latent_format, latent)
+        sigma_value, sigma_from = resolve_sigma(sigma, latent)
+        log.info("PiD Decode: latent %s, format %s, sigma %.6g (%s)", list(samples.shape), fmt, sigma_value, sigma_from)
+
+        try:
+            emb = validate_text_embedding(text_embedding_from_conditioning(conditioning),
+                                          text_dim=model.config.text_dim, max_tokens=model.config.text_max_tokens)
+            batch = samples.shape[0]
+            match_text_batch(emb, batch)  # checked before the model is moved to the GPU
+
+            height, width = _output_hw(model, samples)
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            comfy.model_management.load_models_gpu(
+                [patcher], memory_required=estimate_decode_memory(batch, height, width, weight_bytes),
+                force_full_load=True)
+
+            pbar = comfy.utils.ProgressBar(int(steps))
+
+            def callback(step, total, x0):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                preview = None
+                try:
+                    from PIL import Image
+
+                    preview = ("JPEG", Image.fromarray(preview_rgb_uint8(x0)), 512)
+                except Exception:  # a preview must never break the decode
+                    preview = None
+                pbar.update_absolute(step, total, preview)
+
+            image = decode(model, samples, text=emb, latent_format=fmt, sigma=sigma_value, seed=int(seed),
+                           steps=int(steps), callback=callback)
+        except PidError as e:
+            raise NodeInputError(str(e)) from None
+        image = image.permute(0, 2, 3, 1).to(device=comfy.model_management.intermediate_device(),
+                                             dtype=torch.float32)
+        return io.NodeOutput(image)

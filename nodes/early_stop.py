@@ -1,0 +1,229 @@
+"""KSampler Early Stop: a KSampler that also hands back the sampler's state at a stop step, for PiD.
+
+Why not KSamplerAdvanced (end_at_step + return_with_leftover_noise)? For flow models its latent holds
+x_t / (1 - sigma), not the state x_t, and it says neither sigma nor format. Here the run is the stock
+one (comfy.sample helpers, the same sigmas, noise, callbacks, previews) in two parts:
+
+1. sigmas[:k+1] with the schedule's noise. The sampler function's own return value, taken before
+   ComfyUI's inverse_noise_scaling, is the exact internal state x_k at sigmas[k], for every sampler
+   (the wrapper sits around `KSAMPLER.sampler_function`, so nothing else changes).
+2. sigmas[k:] with no new noise, starting from exactly x_k: the finished latent, as a KSamplerAdvanced
+   split would give (for deterministic one-step samplers, e.g. euler, identical to one full run;
+   ancestral/SDE samplers restart their noise and multistep samplers their history at the split,
+   like any split).
+
+The early LATENT's samples are process_out(x_k) in the noise frame of its PiD latent format (flow:
+x_k itself; SDXL: the Euler state x0 + sigma_eu * eps), with pid_sigma = sigma_k as really reached
+(scheduler, denoise < 1 and the samplers that drop the penultimate sigma all come from the sigmas
+the sampler ran).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+from comfy_api.latest import io
+
+from ._common import (
+    CATEGORY,
+    NODE_ID_EARLY_STOP,
+    NodeInputError,
+    backbone_for_model_config,
+    choose_stop_step,
+    convert_state_frame,
+    latent_format_for_comfy_class,
+    noise_frame_for_model_sampling,
+    split_sigmas,
+    write_pid_metadata,
+)
+
+log = logging.getLogger("pid_decoder")
+
+
+def _mro_names(obj) -> list[str]:
+    return [c.__name__ for c in type(obj).__mro__]
+
+
+def describe_model(model) -> dict:
+    """What PiD needs to know about a ComfyUI MODEL: latent format, backbone, noise frame."""
+    base = model.model
+    latent_format = latent_format_for_comfy_class(type(base.latent_format).__name__)
+    backbone, distilled = backbone_for_model_config(_mro_names(base.model_config))
+    if latent_format is None:
+        backbone = None
+    frame = noise_frame_for_model_sampling(_mro_names(model.get_model_object("model_sampling")))
+    return {"latent_format": latent_format, "backbone": backbone, "distilled": distilled, "frame": frame}
+
+
+def _wrapped_sampler(sampler_name: str, *, capture: dict | None = None, start: torch.Tensor | None = None):
+    """ComfyUI's sampler object for this name, whose sampler function starts from `start` (if given)
+    and stores what it returns (the internal state, before inverse_noise_scaling) in capture["x"]."""
+    sampler = comfy.samplers.sampler_object(sampler_name)
+    inner = getattr(sampler, "sampler_function", None)
+    if inner is None:
+        raise NodeInputError(f"The sampler {sampler_name!r} cannot be stopped early by this node; pick another.")
+
+    @functools.wraps(inner)
+    def sampler_function(model, x, sigmas, *args, **kwargs):
+        if start is not None:
+            x = start.to(device=x.device, dtype=x.dtype)
+        out = inner(model, x, sigmas, *args, **kwargs)
+        if capture is not None:
+            capture["x"] = out
+        return out
+
+    sampler.sampler_function = sampler_function
+    return sampler
+
+
+def _progress(model, total: int):
+    """A callback factory like latent_preview.prepare_callback, for one bar over both parts."""
+    previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+    pbar = comfy.utils.ProgressBar(total)
+
+    def for_part(offset: int):
+        def callback(step, x0, x, total_steps):
+            preview = None
+            if previewer:
+                if x0.is_nested:
+                    x0 = x0.tensors[0]
+                preview = previewer.decode_latent_to_preview_image("JPEG", x0)
+            pbar.update_absolute(offset + step + 1, total, preview)
+        return callback
+
+    return for_part
+
+
+def _recommended(backbone):
+    if backbone is None:
+        return None
+    from pid_core.variants import recommended_stop_step
+
+    return recommended_stop_step(backbone)
+
+
+class KSamplerEarlyStop(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE_ID_EARLY_STOP,
+            display_name="KSampler Early Stop (PiD)",
+            category=CATEGORY,
+            search_aliases=["pid early stop", "ksampler stop early", "partial denoise", "leftover noise"],
+            description=(
+                "A KSampler that stops at a step and returns the sampler's exact state there (with its "
+                "sigma and latent format) for PiD Decode, which finishes the image in pixel space. "
+                "Also returns the finished latent of the same run, for VAE Decode."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (FLUX.1, FLUX.2, SD3, SDXL, Qwen-Image, Z-Image)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The random seed used for creating the noise."),
+                io.Int.Input("steps", default=28, min=1, max=10000,
+                             tooltip="Steps of the whole schedule (the run that would finish the image)."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale, as in KSampler."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                               tooltip="The sampling algorithm, as in KSampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple",
+                               tooltip="The noise schedule, as in KSampler."),
+                io.Conditioning.Input("positive", tooltip="What the image should show (the model's own conditioning)."),
+                io.Conditioning.Input("negative", tooltip="What to steer away from (the model's own conditioning)."),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise (an empty latent for text-to-image)."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Amount of denoising, as in KSampler (below 1: image-to-image)."),
+                io.Int.Input("stop_at_step", default=0, min=-1, max=10000,
+                             tooltip="Step at which to hand the latent to PiD (1..steps; steps = finished). 0 or -1: "
+                                     "the model's recommended step (FLUX.1/SD3 24 of 28, SDXL 26 of 30, FLUX.2/Z-Image "
+                                     "46 of 50, Qwen-Image 44 of 50), scaled to your steps."),
+                io.Boolean.Input("finish", default=True,
+                                 tooltip="Also run the remaining steps for the 'finished' output. Turn off to save "
+                                         "those steps when only PiD Decode uses this node."),
+            ],
+            outputs=[
+                io.Latent.Output("stopped", display_name="stopped",
+                                 tooltip="The sampler's state at the stop step, with pid_sigma and pid_latent_format: "
+                                         "connect to PiD Decode."),
+                io.Latent.Output("finished", display_name="finished",
+                                 tooltip="The same run finished to the last step: connect to VAE Decode (needs 'finish')."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                denoise, stop_at_step, finish) -> io.NodeOutput:
+        info = describe_model(model)
+        try:
+            wanted = choose_stop_step(stop_at_step, steps, backbone=info["backbone"],
+                                      recommended=_recommended(info["backbone"]), distilled=info["distilled"])
+        except NodeInputError as e:
+            raise NodeInputError(str(e)) from None
+
+        latent = latent_image
+        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"],
+                                                         latent.get("downscale_ratio_spacial", None),
+                                                         latent.get("downscale_ratio_temporal", None))
+        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index", None))
+        noise_mask = latent.get("noise_mask", None)
+
+        # The sigmas KSampler itself would run (scheduler, denoise < 1, dropped penultimate sigma).
+        ksampler = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                           scheduler=scheduler, denoise=denoise, model_options=model.model_options)
+        sigmas = ksampler.sigmas
+        k, sigma = split_sigmas(sigmas.tolist(), wanted)
+        last = len(sigmas) - 1
+        if last < 1:  # denoise 0: nothing to run, the latent is returned as is
+            out = write_pid_metadata(latent, samples, sigma=0.0, latent_format=info["latent_format"],
+                                     backbone=info["backbone"])
+            return io.NodeOutput(out, dict(out))
+
+        run_to_end = k >= last
+        total = last if (finish or run_to_end) else k
+        progress = _progress(model, total)
+        disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
+
+        capture = {}
+        stock = comfy.sample.sample_custom(
+            model, noise, cfg, _wrapped_sampler(sampler_name, capture=capture), sigmas[: k + 1], positive, negative,
+            samples, noise_mask=noise_mask, callback=progress(0), disable_pbar=disable_pbar, seed=seed,
+        )
+        x_k = capture["x"].to(torch.float32)
+        log.info("KSampler Early Stop: stopped at step %d of %d, sigma %.6g", k, last, sigma)
+
+        # x_k is in the model's frame; store it in the frame of its PiD latent format.
+        fmt = info["latent_format"]
+        target_frame = None
+        if fmt is not None:
+            from pid_core.latents import get_latent_format
+
+            target_frame = get_latent_format(fmt).frame
+        x_out, sigma_out = convert_state_frame(x_k, sigma, info["frame"], target_frame)
+        stopped_samples = model.model.process_latent_out(x_out).to(
+            device=comfy.model_management.intermediate_device(), dtype=comfy.model_management.intermediate_dtype())
+        stopped = write_pid_metadata(latent, stopped_samples, sigma=sigma_out, latent_format=fmt, backbone=info["backbone"])
+
+        if run_to_end:
+            finished = write_pid_metadata(latent, stock, sigma=0.0, latent_format=fmt, backbone=info["backbone"])
+        elif finish:
+            done = comfy.sample.sample_custom(
+                model, comfy.sample.prepare_empty_noise(samples), cfg, _wrapped_sampler(sampler_name, start=x_k),
+                sigmas[k:], positive, negative, stock, noise_mask=noise_mask, callback=progress(k),
+                disable_pbar=disable_pbar, seed=seed,
+            )
+            finished = write_pid_metadata(latent, done, sigma=0.0, latent_format=fmt, backbone=info["backbone"])
+        else:
+            from comfy_execution.graph_utils import ExecutionBlocker
+
+            finished = ExecutionBlocker(
+                "KSampler Early Stop: 'finish' is off, so there is no finished latent. Turn 'finish' on, or "
+                "disconnect the 'finished' output."
+            )
+        return io.NodeOutput(stopped, finished)

@@ -1,0 +1,93 @@
+"""PiD Encode-Degrade: IMAGE -> VAE latent, forward-noised to sigma, for PiD Decode (4x upscale).
+
+The reference's `from_clean` path: encode with the backbone's VAE (the encoder mean), then noise in
+PiD's input space, (1 - s) z + s eps for flow formats and sqrt(1 - s^2) z + s eps for SDXL
+(pid_core.latents.noise_latent). The LATENT holds raw VAE space like any LATENT, with pid_sigma and
+pid_latent_format; an SDXL latent is stored in the Euler frame (what an SDXL sampler's state is),
+which PiD Decode maps back to the same VP-frame latent exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from comfy_api.latest import io
+
+from ._common import (
+    CATEGORY,
+    LATENT_FORMAT_NAMES,
+    NODE_ID_ENCODE_DEGRADE,
+    NodeInputError,
+    latent_format_for_vae,
+    vp_to_euler,
+    write_pid_metadata,
+)
+
+
+def resolve_vae_format(choice: str, vae) -> str:
+    if choice != "auto":
+        return choice
+    fmt = latent_format_for_vae(int(getattr(vae, "latent_channels", 0)), int(getattr(vae, "latent_dim", 2)))
+    if fmt is None:
+        channels = getattr(vae, "latent_channels", "?")
+        if channels == 16:
+            raise NodeInputError(
+                "This 16-channel VAE can be the FLUX.1 / Z-Image AE or the SD3 VAE, which PiD normalizes "
+                "differently: set latent_format to 'flux' or 'sd3'.")
+        raise NodeInputError(
+            f"A {channels}-channel VAE is not one PiD decodes (FLUX.1, FLUX.2, SD3, SDXL, Qwen-Image). "
+            "Connect the VAE of a supported model, or set latent_format by hand.")
+    return fmt
+
+
+class PiDEncodeDegrade(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE_ID_ENCODE_DEGRADE,
+            display_name="PiD Encode-Degrade",
+            category=CATEGORY,
+            search_aliases=["pid encode", "pid upscale image", "degrade latent", "noise latent"],
+            description=(
+                "Encodes an image with the backbone's VAE and adds noise at level sigma, so PiD Decode can "
+                "upscale it 4x and re-create detail (the reference's from_clean path). sigma 0 keeps the latent clean."
+            ),
+            inputs=[
+                io.Image.Input("image", tooltip="The image to encode (cropped to the VAE's multiple)."),
+                io.Vae.Input("vae", tooltip="The VAE of the model family PiD was made for (FLUX.1/Z-Image, FLUX.2, SD3, "
+                                            "SDXL, Qwen-Image)."),
+                io.Float.Input("sigma", default=0.2, min=0.0, max=1.0, step=0.01,
+                               tooltip="Noise level to add (PiD's degrade sigma): 0 clean; higher lets PiD re-create "
+                                       "more detail. The v1.5 models were trained on 0..0.8."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The seed of the added noise."),
+                io.Combo.Input("latent_format", options=["auto", *LATENT_FORMAT_NAMES], default="auto",
+                               tooltip="The VAE's model family. auto works for SDXL, FLUX.2 and Qwen-Image VAEs; a "
+                                       "16-channel VAE needs 'flux' (FLUX.1, Z-Image) or 'sd3'."),
+            ],
+            outputs=[io.Latent.Output("latent", display_name="LATENT",
+                                      tooltip="The noised latent with pid_sigma and pid_latent_format: connect to PiD Decode.")],
+        )
+
+    @classmethod
+    def execute(cls, image, vae, sigma, seed, latent_format) -> io.NodeOutput:
+        from pid_core.errors import PidError
+        from pid_core.latents import get_latent_format, noise_latent
+
+        fmt = resolve_vae_format(latent_format, vae)
+        try:
+            lf = get_latent_format(fmt)
+            raw = vae.encode(image[:, :, :, :3])
+            z = lf.to_pid(raw.float())
+            noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float32)
+            z = noise_latent(z, float(sigma), noise.to(z.device), latent_format=fmt)
+            stored_sigma = float(sigma)
+            if lf.frame == "euler":
+                z, stored_sigma = vp_to_euler(z, stored_sigma)
+            samples = lf.from_pid(z)
+            if raw.ndim == 5:
+                samples = samples.unsqueeze(2)
+        except PidError as e:
+            raise NodeInputError(str(e)) from None
+        samples = samples.to(dtype=raw.dtype, device=raw.device)
+        return io.NodeOutput(write_pid_metadata({}, samples, sigma=stored_sigma, latent_format=fmt))

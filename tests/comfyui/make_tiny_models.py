@@ -1,0 +1,68 @@
+"""Write tiny random models that ComfyUI's stock loaders accept (run with ComfyUI's Python).
+
+    python make_tiny_models.py COMFYUI_PATH FLUX_OUT VAE_OUT
+
+* FLUX.1 [dev]-style diffusion model for UNETLoader: hidden 128 (one 128-wide head: ComfyUI fixes
+  axes_dim at [16, 56, 56]), 1 double + 1 single block, text width 2304 (so the same synthetic
+  Gemma-shaped conditioning feeds it and PiD), guidance embedding, no pooled vector.
+* FLUX.1-style 16-channel autoencoder for VAELoader. ComfyUI builds the encoder at the stock width
+  (ch 128) and reads only the decoder width (here 32, the least GroupNorm(32) allows) from `decoder.conv_in.weight`, so the decoder is narrow.
+
+Shapes come from ComfyUI's own modules (built on the meta device); values are random but tame
+(norm scales 1, biases 0, weights ~ N(0, 1/fan_in)), so every path stays finite.
+"""
+
+import math
+import sys
+
+
+def random_like(shapes, seed):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in shapes.items():
+        if name.endswith(".scale") or (name.endswith(".weight") and len(shape) == 1):
+            t = torch.ones(shape)
+        elif name.endswith(".bias") or len(shape) == 0:
+            t = torch.zeros(shape)
+        else:
+            t = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+        out[name] = t.contiguous()
+    return out
+
+
+def main(comfy_path, flux_out, vae_out):
+    sys.path.insert(0, comfy_path)
+    sys.argv = [sys.argv[0], "--cpu"]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import torch
+    from safetensors.torch import save_file
+
+    import comfy.ldm.flux.model
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
+
+    with torch.device("meta"):
+        flux = comfy.ldm.flux.model.Flux(
+            image_model="flux", operations=comfy.ops.disable_weight_init,
+            in_channels=16, out_channels=16, vec_in_dim=None, context_in_dim=2304, hidden_size=128,
+            mlp_ratio=4.0, num_heads=1, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56],
+            theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[],
+        )
+        ddconfig = dict(double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=128,
+                        ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+        encoder = Encoder(**ddconfig)
+        decoder = Decoder(**dict(ddconfig, ch=32))
+    shapes = {k: tuple(v.shape) for k, v in flux.state_dict().items()}
+    save_file(random_like(shapes, 0), flux_out)
+    shapes = {f"encoder.{k}": tuple(v.shape) for k, v in encoder.state_dict().items()}
+    shapes.update({f"decoder.{k}": tuple(v.shape) for k, v in decoder.state_dict().items()})
+    vae = {k: v.to(torch.float16) for k, v in random_like(shapes, 1).items()}
+    save_file(vae, vae_out)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
