@@ -97,9 +97,13 @@ def cmd_decode(args) -> int:
     fmt = resolve_latent_format(args.latent_format, model, latent)
     tiling = None
     if args.tile != "off":
-        from .tiling import TileOptions
+        from .tiling import TileOptions, device_memory_budget
 
-        tiling = TileOptions.from_cli(args.tile, args.overlap)
+        if args.tile != "auto" and not args.tile.isdigit():
+            raise PidError(f"--tile takes off, auto or a tile size in pixels, not {args.tile!r}.")
+        manual = args.tile != "auto"
+        tiling = TileOptions(mode="manual" if manual else "auto", tile_px=int(args.tile) if manual else 0,
+                             overlap_px=args.overlap or 0, memory_budget_bytes=device_memory_budget(device))
     loaded = time.perf_counter()
     image = decode(
         model, latent, text=text, text_encoder=encoder, latent_format=fmt, sigma=sigma, seed=args.seed,
@@ -205,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=4, choices=[1, 2, 3, 4])
     d.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     d.add_argument("--dtype", default="auto", choices=list(DTYPES), help="weight dtype (auto: the file's on GPU, fp32 on CPU)")
-    d.add_argument("--tile", default="off", help="off, auto, or a tile size in output pixels (e.g. 2048)")
+    d.add_argument("--tile", default="auto", help="auto (tiles only beyond the trained size or free memory), off, or a tile size in output pixels (e.g. 2048)")
     d.add_argument("--overlap", type=int, default=None, help="tile overlap in output pixels")
     d.add_argument("--out", required=True, help="output PNG (numbered when the batch has several images)")
     d.set_defaults(func=cmd_decode)

@@ -95,6 +95,7 @@ def decode(
     renoise: Optional[Sequence[torch.Tensor]] = None,
     callback: Optional[ProgressCallback] = None,
     tiling=None,
+    tile_callback: Optional[Callable[[int, int], None]] = None,
     bn_stats=None,
 ) -> torch.Tensor:
     """Decode a latent with a PiD model. Returns RGB [B, 3, H, W] float32 in [0, 1] on the model's device.
@@ -108,7 +109,9 @@ def decode(
     text: a Gemma embedding [B or 1, T, 2304], or prompt(s) encoded with text_encoder (text.GemmaTextEncoder).
     seed: the noise seed (on CUDA the same stream as the reference); noise / renoise: explicit tensors instead.
     callback(step, steps, x0): after each step with x0 in [-1, 1]; raise from it to cancel.
-    tiling: None or tiling.TileOptions (auto tile size from a memory budget, or a fixed tile).
+    tiling: None (one pass over the whole canvas, the reference's order of operations) or
+        tiling.TileOptions (auto: tiles only beyond the trained size or the memory budget; manual: fixed tiles).
+    tile_callback(done, total): after each batch of tiles (progress, cancel).
     """
     if isinstance(model, str):
         from .checkpoint import load_pid
@@ -141,18 +144,26 @@ def decode(
     elif tuple(noise.shape) != (batch, 3, height, width):
         raise PidError(f"noise has shape {tuple(noise.shape)}, the output needs {(batch, 3, height, width)}.")
 
-    def network(x, t, latent_tiles=z, text_tiles=embedding, sigma_tiles=degrade_sigma):
-        with compute_context(model, device):
-            return model(x, t, text_tiles, latent_tiles, sigma_tiles)
-
-    velocity = network
-    if tiling is not None:
-        from .tiling import tiled_velocity
-
-        velocity = tiled_velocity(model, network, z, embedding, degrade_sigma, (height, width), tiling)
-
+    velocity = _velocity(model, z, embedding, degrade_sigma, (height, width), device, tiling, tile_callback)
     x0 = sample(velocity, noise.to(device), steps=int(steps), renoise=renoise, generator=generator, callback=callback)
     return x0.add_(1).div_(2)
+
+
+def _velocity(model, z, embedding, sigma, canvas_hw, device, tiling, tile_callback):
+    """The velocity function the sampler calls: the network on the whole canvas, or tiles fused per step."""
+    if tiling is None:
+        def network(x, t):
+            with compute_context(model, device):
+                return model(x, t, embedding, z, sigma)
+
+        return network
+    from .precision import weight_dtype
+    from .tiling import make_velocity, plan_decode
+
+    variant = getattr(getattr(model, "info", None), "variant", None)
+    plan = plan_decode(model.config, canvas_hw, tiling, dtype=weight_dtype(model), variant=variant, batch=z.shape[0])
+    log.info("PiD tiling: %s", plan.reason)
+    return make_velocity(model, embedding, z, sigma, plan=plan, device=device, callback_per_tile=tile_callback)
 
 
 def _text_embedding(text, text_encoder) -> torch.Tensor:

@@ -26,10 +26,26 @@ def student_schedule(steps: int = 4) -> torch.Tensor:
     return full[torch.linspace(0, len(full) - 1, steps + 1).round().long()]
 
 
+X0_SLICE_ELEMENTS = 1 << 22  # float64 temporaries of at most 32 MiB each per row slice
+
+
 def velocity_to_x0(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x0 = x_t - t v computed in float64 and returned in x_t's dtype (as the reference)."""
+    """x0 = x_t - t v computed in float64 and returned in x_t's dtype (as the reference).
+
+    Large tensors are computed in slices of rows (dim -2) into one output: the float64 temporaries
+    of an 8K canvas would be several GB at once. The arithmetic is elementwise, so the result is
+    bit-identical to the whole-tensor expression."""
     t64 = t.double().reshape(-1, *([1] * (x_t.ndim - 1)))
-    return (x_t.double() - t64 * v.double()).to(x_t.dtype)
+    if x_t.ndim < 3 or x_t.numel() <= X0_SLICE_ELEMENTS:
+        return (x_t.double() - t64 * v.double()).to(x_t.dtype)
+    v = v.expand_as(x_t)
+    out = torch.empty_like(x_t, memory_format=torch.contiguous_format)
+    rows = x_t.shape[-2]
+    step = max(1, X0_SLICE_ELEMENTS // max(1, x_t.numel() // rows))
+    for r in range(0, rows, step):
+        sl = (..., slice(r, r + step), slice(None))
+        out[sl] = (x_t[sl].double() - t64 * v[sl].double()).to(x_t.dtype)
+    return out
 
 
 StepCallback = Callable[[int, int, torch.Tensor], None]

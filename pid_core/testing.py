@@ -106,3 +106,13 @@ def random_model(config: PidConfig, *, seed: int = 0, dtype=torch.float32) -> Pi
     from .checkpoint import build_model
 
     return build_model(random_state_dict(config_shapes(config), seed=seed, dtype=dtype), config)
+
+
+def released_config(layout: str = "v1", latent_channels: int = 16, **changes) -> PidConfig:
+    """The full size of the released students (1.36 B params in v1, 1.40 B in v1.5) for a layout and
+    latent, without a key list: benchmarks and memory tests of the real shapes with random weights."""
+    full = PidConfig()
+    sizes = {name: getattr(full, name) for name in NARROW}
+    sizes["adapter_hidden"] = 1024 if layout == "v1.5" else 512
+    sizes.update(changes)
+    return narrow_config(layout=layout, latent_channels=latent_channels, **sizes)

@@ -132,3 +132,18 @@ def test_size_warning_for_untrained_sizes(checkpoints, caplog):
     with caplog.at_level("WARNING", logger="pid_core"):
         decode(model, torch.randn(1, 16, 2, 2), text=_text(), steps=1)
     assert any("trained" in r.message for r in caplog.records)
+
+
+def test_tiling_single_tile_equals_untiled_and_small_tiles_cover(checkpoints):
+    from pid_core.tiling import TileOptions
+
+    model = load_pid(checkpoints["flux"], dtype=torch.float32)
+    latent, text = torch.randn(1, 16, 12, 20), _text()
+    whole = decode(model, latent, text=text, seed=5, steps=2)
+    one_tile = decode(model, latent, text=text, seed=5, steps=2, tiling=TileOptions(mode="manual", tile_px=1024))
+    assert (whole - one_tile).abs().max() < 1e-5
+    seen = []
+    tiled = decode(model, latent, text=text, seed=5, steps=2, tiling=TileOptions(mode="manual", tile_px=256, overlap_px=64),
+                   tile_callback=lambda done, total: seen.append((done, total)))
+    assert tiled.shape == whole.shape == (1, 3, 384, 640)
+    assert seen and seen[-1][0] == seen[-1][1] > 1

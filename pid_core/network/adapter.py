@@ -99,9 +99,16 @@ class LatentAdapter(nn.Module):
         z = z.reshape(B, C, grid_h, fold, grid_w, fold).permute(0, 1, 3, 5, 2, 4)
         return z.reshape(B, C * fold * fold, grid_h, grid_w)
 
-    def forward(self, latent: torch.Tensor, grid_h: int, grid_w: int):
-        """Returns (features for the gated patch blocks, feature for the pixel blocks or None), tokens row-major."""
+    def tokens(self, latent: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+        """The conv stack's features [B, L, adapter_hidden], tokens row-major; the heads project them."""
         z = self.align(self.unpack(latent), grid_h, grid_w)
-        tokens = self.latent_proj(z).flatten(2).transpose(1, 2)
+        return self.latent_proj(z).flatten(2).transpose(1, 2)
+
+    def forward(self, latent: torch.Tensor, grid_h: int, grid_w: int):
+        """Returns (features for the gated patch blocks, feature for the pixel blocks or None), tokens row-major.
+
+        PidNet applies the heads one at a time instead (`tokens` + `output_heads[k]`): the same values,
+        without 7 canvas-size feature maps alive at once."""
+        tokens = self.tokens(latent, grid_h, grid_w)
         heads = [head(tokens) for head in self.output_heads]
         return heads, (self.pit_head(tokens) if self.pit_head is not None else None)

@@ -139,30 +139,51 @@ class PixelBlock(nn.Module):
         weight, bias = weights
         return F.linear(s_cond, weight, bias).view(s_cond.shape[0], self.p2, -1).chunk(n_groups, dim=-1)
 
-    def forward(self, p, s_cond, B: int, rope, chunk_tokens: int | None = None):
+    def _modulation_groups(self, s_cond: torch.Tensor, first: int, last: int):
+        """Groups first..last-1 of the modulation of the tokens s_cond [n, cond], each [n, P*P, d].
+
+        The wanted rows of one pixel are contiguous in the weight, so the weight is read through a
+        [P*P, groups*d, cond] view by one batched matmul over the pixels (s_cond broadcast, not
+        copied): no slice of the 24576-row weight is ever copied."""
+        linear = self.adaLN_modulation[0]
+        d, cond_dim = self.pixel_dim, linear.weight.shape[-1]
+        weight = linear.weight.view(self.p2, 6 * d, cond_dim)[:, first * d : last * d]
+        bias = linear.bias.view(self.p2, 1, 6 * d)[:, :, first * d : last * d]
+        n = s_cond.shape[0]
+        out = torch.baddbmm(bias, s_cond[None].expand(self.p2, n, cond_dim), weight.transpose(1, 2))
+        return out.transpose(0, 1).chunk(last - first, dim=-1)
+
+    def forward(self, p, s_cond, B: int, rope, chunk_tokens: int | None = None, inplace: bool = False):
+        """chunk_tokens: tokens per chunk of the per-pixel work (None: all at once, the reference's
+        order of operations). inplace (chunked only): write the output over p, which the caller
+        gives up; saves one pixel stream."""
         BL = p.shape[0]
         step = BL if not chunk_tokens else max(1, min(BL, chunk_tokens))
         if step >= BL:
             return self._forward_whole(p, s_cond, B, rope)
         L = BL // B
-        msa_weights, mlp_weights = self._modulation_weights(slice(0, 2)), self._modulation_weights(slice(2, 6))
         # Phase 1: per chunk, modulate + compress; the compressed tokens are small (attn_dim each).
         compressed = []
         for i in range(0, BL, step):
-            shift, scale = self._modulation(s_cond[i : i + step], msa_weights, 2)
+            shift, scale = self._modulation_groups(s_cond[i : i + step], 0, 2)
             p_norm = modulate(self.norm1(p[i : i + step]), shift, scale)
+            del shift, scale
             compressed.append(self.compress_to_attn(p_norm.flatten(1)))
+            del p_norm
         attn_out = self.attn(torch.cat(compressed).view(B, L, self.attn_dim), rope).reshape(BL, self.attn_dim)
         del compressed
-        # Phase 2: per chunk, expand + residuals, written in place into a fresh output stream.
+        # Phase 2: per chunk, expand + residuals, written into the output stream.
         out = None
         for i in range(0, BL, step):
-            gate_msa, shift2, scale2, gate_mlp = self._modulation(s_cond[i : i + step], mlp_weights, 4)
+            gate_msa, shift2, scale2, gate_mlp = self._modulation_groups(s_cond[i : i + step], 2, 6)
             p_i = p[i : i + step] + gate_msa * self.expand_from_attn(attn_out[i : i + step]).view(-1, self.p2, self.pixel_dim)
+            del gate_msa
             p_i = p_i + gate_mlp * self.mlp(modulate(self.norm2(p_i), shift2, scale2))
+            del gate_mlp, shift2, scale2
             if out is None:
-                out = p_i.new_empty((BL, *p_i.shape[1:]))
+                out = p if inplace and p_i.dtype == p.dtype else p_i.new_empty((BL, *p_i.shape[1:]))
             out[i : i + step] = p_i
+            del p_i
         return out
 
     def _forward_whole(self, p, s_cond, B: int, rope):

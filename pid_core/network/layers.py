@@ -8,7 +8,9 @@ reference's in both the fp32 and the bf16 path.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -88,11 +90,56 @@ class TokenEmbedder(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
 
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+_attention_backend: Optional[AttentionFn] = None
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Unmasked SDPA over [B, heads, N, d].
+    """Unmasked attention over [B, heads, N, d]: SDPA, or the backend set with `set_attention_backend`.
 
     q and k leave RoPE in fp32 while v is the matmul dtype; the reference's autocast casts all three
     to bf16 before SDPA, so we cast to v's dtype (the compute dtype) the same way.
     """
     dtype = v.dtype
-    return F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v)
+    q, k = q.to(dtype), k.to(dtype)
+    backend = _attention_backend
+    if backend is not None:
+        return backend(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def set_attention_backend(fn: Optional[AttentionFn]) -> Optional[AttentionFn]:
+    """Route every attention of the network through fn(q, k, v) -> [B, heads, N, d] (q, k, v
+    [B, heads, N, d], unmasked, default scale); None restores SDPA. Returns the previous backend.
+
+    Process-wide: prefer the `attention_backend` context manager, which restores it."""
+    global _attention_backend
+    previous, _attention_backend = _attention_backend, fn
+    return previous
+
+
+@contextlib.contextmanager
+def attention_backend(fn: Optional[AttentionFn]):
+    """`with attention_backend(fn): ...` runs the network with fn as its attention, then restores."""
+    previous = set_attention_backend(fn)
+    try:
+        yield
+    finally:
+        set_attention_backend(previous)
+
+
+def heads_merged_backend(fn) -> AttentionFn:
+    """Adapt a function of ComfyUI's `optimized_attention` kind, fn(q, k, v, heads, skip_reshape=True)
+    taking [B, heads, N, d] and returning [B, N, heads*d], to a backend for `attention_backend`.
+
+    A 4-D result is taken as [B, heads, N, d] already. No ComfyUI import here: the caller passes fn."""
+
+    def backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, H, N, d = q.shape
+        out = fn(q, k, v, H, skip_reshape=True)
+        if out.dim() == 4:
+            return out
+        return out.reshape(B, N, H, d).transpose(1, 2)
+
+    backend.wrapped = fn
+    return backend

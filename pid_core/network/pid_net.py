@@ -54,7 +54,8 @@ class PidNet(nn.Module):
         ref = cfg.rope_ref_px // P
         sigma = sigma.float().reshape(-1).expand(B)
 
-        lq_feats, lq_pit = self.lq_proj(latent, gh, gw)
+        # Adapter features; each head is projected just before its gate, so only one exists at a time.
+        lq_tokens = self.lq_proj.tokens(latent, gh, gw)
 
         # Conditioning: timestep, text, patch tokens.
         t_emb = self.t_embedder((t.float().reshape(-1) * TIMESCALE).expand(B)).view(B, 1, D)
@@ -69,22 +70,68 @@ class PidNet(nn.Module):
         for i, block in enumerate(self.patch_blocks):
             if i % cfg.lq_interval == 0:
                 k = i // cfg.lq_interval
-                s = self.lq_proj.gate_modules[k](s, lq_feats[k], sigma)
+                s = self.lq_proj.gate_modules[k](s, self.lq_proj.output_heads[k](lq_tokens), sigma)
             s, y = block(s, y, c, rope_img, rope_txt, last=i == cfg.patch_depth - 1)
         s = F.silu(t_emb + s)
         if self.pit_lq_gate is not None:
-            s = self.pit_lq_gate(s, lq_pit, sigma)
+            s = self.pit_lq_gate(s, self.lq_proj.pit_head(lq_tokens), sigma)
+        del lq_tokens
 
         # Pixel stream: per-pixel embedding plus the absolute pixel sin-cos table, grouped per patch.
         d = cfg.pixel_hidden_size
-        p = self.pixel_embedder(x.permute(0, 2, 3, 1))
-        p = p + pixel_sincos(d, H, W, device=x.device, dtype=x.dtype)
-        p = p.reshape(B, gh, P, gw, P, d).permute(0, 1, 3, 2, 4, 5).reshape(B * L, P * P, d)
+        chunk = self.pixel_chunk_tokens
         s_cond = s.reshape(B * L, D)
+        del s
+        if chunk:
+            p = self._pixel_stream_chunked(x, chunk)
+        else:
+            p = self.pixel_embedder(x.permute(0, 2, 3, 1))
+            p = p + pixel_sincos(d, H, W, device=x.device, dtype=x.dtype)
+            p = p.reshape(B, gh, P, gw, P, d).permute(0, 1, 3, 2, 4, 5).reshape(B * L, P * P, d)
         rope_pix = rope_2d(cfg.pixel_head_dim, gh, gw, ref, ref, device=x.device)
         for block in self.pixel_blocks:
-            p = block(p, s_cond, B, rope_pix, chunk_tokens=self.pixel_chunk_tokens)
+            p = block(p, s_cond, B, rope_pix, chunk_tokens=chunk, inplace=bool(chunk))
+        if chunk:
+            return self._final_chunked(p, B, H, W, chunk)
 
         out = self.final_layer(p)  # [B*L, P*P, 3]
         out = out.reshape(B, gh, gw, P, P, 3).permute(0, 5, 1, 3, 2, 4)
         return out.reshape(B, 3, H, W)
+
+    # With pixel_chunk_tokens set, the pixel stream is also built and read out in bands of patch rows
+    # of about that many tokens, so that no canvas-size temporary exists besides the stream itself.
+
+    def _bands(self, B: int, H: int, W: int, chunk: int):
+        P = self.config.patch_size
+        gh, gw = H // P, W // P
+        rows = max(1, chunk // gw)
+        for b in range(B):
+            for r0 in range(0, gh, rows):
+                r1 = min(gh, r0 + rows)
+                yield b, r0, r1, (b * gh + r0) * gw, (b * gh + r1) * gw
+
+    def _pixel_stream_chunked(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        B, _, H, W = x.shape
+        P, d = self.config.patch_size, self.config.pixel_hidden_size
+        gw = W // P
+        p = None
+        for b, r0, r1, t0, t1 in self._bands(B, H, W, chunk):
+            band = self.pixel_embedder(x[b : b + 1, :, r0 * P : r1 * P].permute(0, 2, 3, 1))
+            band = band + pixel_sincos(d, (r1 - r0) * P, W, row0=r0 * P, device=x.device, dtype=x.dtype)
+            band = band.reshape(r1 - r0, P, gw, P, d).permute(0, 2, 1, 3, 4).reshape(t1 - t0, P * P, d)
+            if p is None:
+                p = band.new_empty((B * (H // P) * gw, P * P, d))
+            p[t0:t1] = band
+        return p
+
+    def _final_chunked(self, p: torch.Tensor, B: int, H: int, W: int, chunk: int) -> torch.Tensor:
+        P = self.config.patch_size
+        gw = W // P
+        out = None
+        for b, r0, r1, t0, t1 in self._bands(B, H, W, chunk):
+            band = self.final_layer(p[t0:t1])  # [tokens, P*P, 3]
+            band = band.reshape(r1 - r0, gw, P, P, 3).permute(4, 0, 2, 1, 3).reshape(3, (r1 - r0) * P, W)
+            if out is None:
+                out = band.new_empty((B, 3, H, W))
+            out[b, :, r0 * P : r1 * P] = band
+        return out
