@@ -138,6 +138,11 @@ def scale_stop_step(stop: int, total: int, steps: int) -> int:
     return max(1, min(steps, round_half_up(steps * stop / total)))
 
 
+# Auto stop runs few-step schedules to the end: turbo / distilled models (Z-Image-Turbo, FLUX.2 Klein),
+# which ComfyUI cannot tell from their base models, are recommended to hand PiD their final latent.
+FEW_STEPS = 12
+
+
 def choose_stop_step(
     stop_at_step: int,
     steps: int,
@@ -149,8 +154,8 @@ def choose_stop_step(
     """The step at which to stop, 1..steps (steps = run to the end, a clean latent).
 
     stop_at_step >= 1 is taken as is (capped at steps). 0 or -1 ("auto") uses the backbone's
-    recommended point (e.g. FLUX.1 24 of 28) scaled to `steps`; a distilled model, or a backbone whose
-    recommendation is "the final x0" (recommended None), runs to the end.
+    recommended point (e.g. FLUX.1 24 of 28) scaled to `steps`; a distilled model, a backbone whose
+    recommendation is "the final x0" (recommended None), or a run of at most FEW_STEPS steps runs to the end.
     """
     steps = int(steps)
     if steps < 1:
@@ -169,7 +174,7 @@ def choose_stop_step(
             "for (FLUX.1, FLUX.2, SD3, SDXL, Qwen-Image, Z-Image). Set stop_at_step to a step number, "
             "e.g. about 85% of the steps."
         )
-    if distilled or recommended is None:
+    if distilled or recommended is None or steps <= FEW_STEPS:
         return steps
     stop, total = recommended
     return scale_stop_step(stop, total, steps)

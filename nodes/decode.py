@@ -83,12 +83,24 @@ class PiDDecode(io.ComfyNode):
                 io.Float.Input("sigma", default=-1.0, min=-1.0, max=1000.0, step=0.001,
                                tooltip="Noise level the latent carries. -1: auto (the LATENT's pid_sigma, else 0 = "
                                        "clean). Flow models: 0..1; SDXL: the Euler sigma."),
+                io.Combo.Input("tiling", options=["auto", "off", "manual"], default="auto",
+                               tooltip="auto: decode in overlapping tiles only when the image is larger than the "
+                                       "checkpoint was trained for or would not fit in free GPU memory (all tiles "
+                                       "share one state at every step, no seams). off: one pass over the whole "
+                                       "image. manual: tiles of tile_size."),
+                io.Int.Input("tile_size", default=2048, min=512, max=8192, step=64,
+                             tooltip="Tile side in output pixels for tiling = manual (2048 for 2K checkpoints, up "
+                                     "to 3840 for 2K-to-4K ones). Rounded to the latent grid."),
+                io.Int.Input("tile_overlap", default=0, min=0, max=2048, step=32,
+                             tooltip="Overlap between tiles in output pixels; 0 = automatic (an eighth of the "
+                                     "tile, at least 160)."),
             ],
             outputs=[io.Image.Output("image", display_name="IMAGE", tooltip="The decoded image, RGB in 0..1.")],
         )
 
     @classmethod
-    def execute(cls, pid_model, latent, conditioning, seed, steps, latent_format, sigma) -> io.NodeOutput:
+    def execute(cls, pid_model, latent, conditioning, seed, steps, latent_format, sigma, tiling="auto",
+                tile_size=2048, tile_overlap=0) -> io.NodeOutput:
         from pid_core.decode import decode, match_text_batch
         from pid_core.errors import PidError
         from pid_core.text import validate_text_embedding
@@ -128,8 +140,19 @@ class PiDDecode(io.ComfyNode):
                     preview = None
                 pbar.update_absolute(step, total, preview)
 
+            from pid_core.tiling import TileOptions
+
+            device = comfy.model_management.get_torch_device()
+            tile_options = TileOptions(
+                mode=tiling, tile_px=int(tile_size) if tiling == "manual" else 0, overlap_px=int(tile_overlap),
+                memory_budget_bytes=int(comfy.model_management.get_free_memory(device) * 0.9),
+            )
+
+            def tile_callback(done, total):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+
             image = decode(model, samples, text=emb, latent_format=fmt, sigma=sigma_value, seed=int(seed),
-                           steps=int(steps), callback=callback)
+                           steps=int(steps), callback=callback, tiling=tile_options, tile_callback=tile_callback)
         except PidError as e:
             raise NodeInputError(str(e)) from None
         image = image.permute(0, 2, 3, 1).to(device=comfy.model_management.intermediate_device(),

@@ -143,7 +143,8 @@ class KSamplerEarlyStop(io.ComfyNode):
                 io.Int.Input("stop_at_step", default=0, min=-1, max=10000,
                              tooltip="Step at which to hand the latent to PiD (1..steps; steps = finished). 0 or -1: "
                                      "the model's recommended step (FLUX.1/SD3 24 of 28, SDXL 26 of 30, FLUX.2/Z-Image "
-                                     "46 of 50, Qwen-Image 44 of 50), scaled to your steps."),
+                                     "46 of 50, Qwen-Image 44 of 50), scaled to your steps; runs of 12 steps or "
+                                     "fewer (turbo, Klein) go to the end."),
                 io.Boolean.Input("finish", default=True,
                                  tooltip="Also run the remaining steps for the 'finished' output. Turn off to save "
                                          "those steps when only PiD Decode uses this node."),

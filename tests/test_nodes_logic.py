@@ -93,6 +93,9 @@ def test_choose_stop_step_auto(auto):
     # turbo / klein: the reference decodes the final x0
     assert c.choose_stop_step(auto, 8, backbone="zimage-turbo", recommended=None) == 8
     assert c.choose_stop_step(auto, 4, backbone="flux", recommended=(24, 28), distilled=True) == 4
+    # few-step runs (a turbo model that ComfyUI reports as its base model) hand PiD the final latent
+    assert c.choose_stop_step(auto, 8, backbone="zimage", recommended=(46, 50)) == 8
+    assert c.choose_stop_step(auto, c.FEW_STEPS + 1, backbone="zimage", recommended=(46, 50)) == 12
 
 
 def test_choose_stop_step_errors_are_clear():

@@ -43,11 +43,12 @@ def save_image(graph, node_id, source, filename):
     graph[node_id] = {"class_type": "PiDTestSaveImage", "inputs": {"image": source, "filename": filename}}
 
 
-def add_pid_decode(graph, files, *, latent, cond=("cond", 0), seed=0, steps=2, fmt="auto", sigma=-1.0):
+def add_pid_decode(graph, files, *, latent, cond=("cond", 0), seed=0, steps=2, fmt="auto", sigma=-1.0,
+                   tiling="auto", tile_size=2048, tile_overlap=0):
     graph["pid"] = {"class_type": LOADER, "inputs": {"pid_name": files["pid"], "weight_dtype": "fp32"}}
     graph["decode"] = {"class_type": DECODE, "inputs": {
         "pid_model": ["pid", 0], "latent": list(latent), "conditioning": list(cond), "seed": seed, "steps": steps,
-        "latent_format": fmt, "sigma": sigma}}
+        "latent_format": fmt, "sigma": sigma, "tiling": tiling, "tile_size": tile_size, "tile_overlap": tile_overlap}}
 
 
 def flux_in(raw):
@@ -124,12 +125,12 @@ def test_early_stop_is_the_sampler_state(comfyui, model_files, sampler, schedule
 
 
 def test_auto_stop_step_scales_the_recommendation(comfyui, model_files):
-    # tiny model = FLUX.1 [dev] config: recommended 24 of 28 -> round(7 * 24 / 28) = 6 of 7
-    g = graph_base(model_files, steps=7, stop=0, finish=False)
+    # tiny model = FLUX.1 [dev] config: recommended 24 of 28 -> round(14 * 24 / 28) = 12 of 14
+    g = graph_base(model_files, steps=14, stop=0, finish=False)
     g["capture"] = {"class_type": "PiDTestCaptureState", "inputs": {
-        "model": ["unet", 0], "seed": 3, "steps": 7, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+        "model": ["unet", 0], "seed": 3, "steps": 14, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
         "positive": ["cond", 0], "negative": ["cond", 0], "latent_image": ["empty", 0], "denoise": 1.0,
-        "capture_step": 6}}
+        "capture_step": 12}}
     save_latent(g, "s_early", ["early", 0], "auto_early.safetensors")
     save_latent(g, "s_state", ["capture", 0], "auto_state.safetensors")
     comfyui.run(g)
@@ -150,6 +151,18 @@ def test_early_stop_to_pid_decode(comfyui, model_files):
     assert torch.isfinite(img).all() and img.min() >= 0 and img.max() <= 1 and img.std() > 0
     text = entry["outputs"]["pid"]["text"][0]
     assert "PiD v1" in text and "16-channel" in text, text
+
+
+def test_tiled_decode_in_comfyui(comfyui, model_files):
+    # 192 px image -> 24x24 latent -> 768 px PiD image in 512 px tiles: the tiled path end to end
+    g = graph_base(model_files, steps=3, stop=2, finish=False)
+    g["empty"]["inputs"].update(width=192, height=192)
+    add_pid_decode(g, model_files, latent=("early", 0), steps=1, tiling="manual", tile_size=512, tile_overlap=128)
+    save_image(g, "s_img", ["decode", 0], "tiled.safetensors")
+    comfyui.run(g)
+    out, _ = comfyui.read_tensors("tiled.safetensors")
+    assert out["image"].shape == (1, 768, 768, 3)
+    assert torch.isfinite(out["image"]).all()
 
 
 def test_finish_off_blocks_only_the_finished_output(comfyui, model_files):
