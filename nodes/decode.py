@@ -48,6 +48,22 @@ def text_embedding_from_conditioning(conditioning) -> torch.Tensor:
     return emb
 
 
+ATTENTION_FLAGS = ("use_sage_attention", "use_flash_attention", "use_split_cross_attention", "use_quad_cross_attention")
+
+
+def comfy_attention_backend():
+    """ComfyUI's attention kernel when the user picked one on its command line (sage, flash, split,
+    quad); None otherwise, which keeps PyTorch SDPA (already ComfyUI's default choice)."""
+    from comfy.cli_args import args
+
+    if not any(getattr(args, flag, False) for flag in ATTENTION_FLAGS):
+        return None
+    from comfy.ldm.modules.attention import optimized_attention
+    from pid_core.network.layers import heads_merged_backend
+
+    return heads_merged_backend(optimized_attention)
+
+
 def _output_hw(model, latent: torch.Tensor) -> tuple[int, int]:
     """Output size for the memory estimate: latent cells x pixels per cell (an upper bound)."""
     scale = model.config.scale
@@ -151,8 +167,11 @@ class PiDDecode(io.ComfyNode):
             def tile_callback(done, total):
                 comfy.model_management.throw_exception_if_processing_interrupted()
 
-            image = decode(model, samples, text=emb, latent_format=fmt, sigma=sigma_value, seed=int(seed),
-                           steps=int(steps), callback=callback, tiling=tile_options, tile_callback=tile_callback)
+            from pid_core.network.layers import attention_backend
+
+            with attention_backend(comfy_attention_backend()):
+                image = decode(model, samples, text=emb, latent_format=fmt, sigma=sigma_value, seed=int(seed),
+                               steps=int(steps), callback=callback, tiling=tile_options, tile_callback=tile_callback)
         except PidError as e:
             raise NodeInputError(str(e)) from None
         image = image.permute(0, 2, 3, 1).to(device=comfy.model_management.intermediate_device(),
