@@ -124,21 +124,6 @@ class PixelBlock(nn.Module):
         self.mlp = GeluMLP(pixel_dim, mlp_hidden)
         self.adaLN_modulation = nn.Sequential(nn.Linear(cond_dim, 6 * pixel_dim * self.p2))
 
-    def _modulation_weights(self, groups: slice):
-        """Weight and bias rows of the wanted modulation groups (shift_msa, scale_msa, gate_msa,
-        shift_mlp, scale_mlp, gate_mlp); rows are laid out (pixel, group, channel)."""
-        linear = self.adaLN_modulation[0]
-        if groups == slice(0, 6):
-            return linear.weight, linear.bias
-        d, cond_dim = self.pixel_dim, linear.weight.shape[-1]
-        weight = linear.weight.view(self.p2, 6, d, cond_dim)[:, groups].reshape(-1, cond_dim)
-        bias = linear.bias.view(self.p2, 6, d)[:, groups].reshape(-1)
-        return weight, bias
-
-    def _modulation(self, s_cond: torch.Tensor, weights, n_groups: int):
-        weight, bias = weights
-        return F.linear(s_cond, weight, bias).view(s_cond.shape[0], self.p2, -1).chunk(n_groups, dim=-1)
-
     def _modulation_groups(self, s_cond: torch.Tensor, first: int, last: int):
         """Groups first..last-1 of the modulation of the tokens s_cond [n, cond], each [n, P*P, d].
 
@@ -188,7 +173,9 @@ class PixelBlock(nn.Module):
 
     def _forward_whole(self, p, s_cond, B: int, rope):
         BL = p.shape[0]
-        shift1, scale1, gate_msa, shift2, scale2, gate_mlp = self._modulation(s_cond, self._modulation_weights(slice(0, 6)), 6)
+        # The whole modulation at once, laid out (pixel, group, channel): the reference's order of operations.
+        modulation = self.adaLN_modulation(s_cond).view(BL, self.p2, 6 * self.pixel_dim)
+        shift1, scale1, gate_msa, shift2, scale2, gate_mlp = modulation.chunk(6, dim=-1)
         a = self.compress_to_attn(modulate(self.norm1(p), shift1, scale1).flatten(1))
         a = self.attn(a.view(B, BL // B, self.attn_dim), rope).reshape(BL, self.attn_dim)
         p = p + gate_msa * self.expand_from_attn(a).view(BL, self.p2, self.pixel_dim)
