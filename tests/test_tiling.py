@@ -291,6 +291,22 @@ def test_chunked_network_paths_equal_whole():
     model.pixel_chunk_tokens = None
 
 
+def test_chunked_bf16_under_autocast_matches_whole():
+    cfg = narrow_config(**SMALL)
+    model = random_model(cfg, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    H, W = 96, 160
+    args = (torch.randn(1, 3, H, W, generator=g), torch.tensor([0.9]), torch.randn(1, 7, 32, generator=g),
+            torch.randn(1, 16, H // 32, W // 32, generator=g), torch.tensor([0.3]))
+    with torch.no_grad(), compute_context(model, "cpu"):
+        whole = model(*args)
+        model.pixel_chunk_tokens = 7
+        chunked = model(*args)
+    model.pixel_chunk_tokens = None
+    assert chunked.dtype == whole.dtype == torch.bfloat16
+    assert (whole.float() - chunked.float()).abs().max() <= 1e-2
+
+
 def test_estimates_follow_the_design():
     cfg = released_config()
     est = lambda side, **kw: tile_memory_estimate(cfg, side, dtype=torch.bfloat16, **kw)  # noqa: E731

@@ -135,7 +135,16 @@ class PixelBlock(nn.Module):
         weight = linear.weight.view(self.p2, 6 * d, cond_dim)[:, first * d : last * d]
         bias = linear.bias.view(self.p2, 1, 6 * d)[:, :, first * d : last * d]
         n = s_cond.shape[0]
-        out = torch.baddbmm(bias, s_cond[None].expand(self.p2, n, cond_dim), weight.transpose(1, 2))
+        device_type = s_cond.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Cast before broadcasting: autocast would cast the expanded [P*P, n, cond] input, a copy
+            # of s_cond per pixel. Same operands as autocast's, so the same result.
+            dtype = torch.get_autocast_dtype(device_type)
+            s_cond, weight, bias = s_cond.to(dtype), weight.to(dtype), bias.to(dtype)
+            with torch.autocast(device_type, enabled=False):
+                out = torch.baddbmm(bias, s_cond[None].expand(self.p2, n, cond_dim), weight.transpose(1, 2))
+        else:
+            out = torch.baddbmm(bias, s_cond[None].expand(self.p2, n, cond_dim), weight.transpose(1, 2))
         return out.transpose(0, 1).chunk(last - first, dim=-1)
 
     def forward(self, p, s_cond, B: int, rope, chunk_tokens: int | None = None, inplace: bool = False):
