@@ -11,13 +11,15 @@ and runs the sampler. CPU: peak = the process's peak resident memory (VmHWM, res
 (weights + interpreter), so working covers the network's activations *and* the canvas-size sampler
 state. CUDA: torch.cuda.max_memory_allocated, working = peak - allocated after loading. forward = the
 largest peak of one network forward measured on its own (the peak is reset just before each call):
-the part that the tile size bounds; working - forward is about the sampler's canvas state (x, the
-fused v, x0, the fresh noise and the re-noise temporaries: 12 bytes per output pixel each, fp32).
-est. = tiling.tile_memory_estimate for that forward.
+the part that the tile size bounds; working - forward is about the sampler's canvas state: the state x
+(12 bytes per output pixel, fp32) and, while tiles run, the band of fused v one tile high; while
+re-noising (2 or more steps), x0 and the fresh noise. est. = tiling.tile_memory_estimate for that
+forward.
 
 --max-tile-batches N runs only the first N tile batches of each step and skips the rest. That cannot
-raise the peak: every batch has the same shape and every canvas buffer is allocated before the first
-batch. Such runs are marked "cut" and report the time per tile batch, never a decode time.
+lower the peak: every batch has the same shape, the state and the band are allocated before the first
+batch, and the step still finishes every row and re-noises the whole canvas. Such runs are marked
+"cut" and report the time per tile batch, never a decode time.
 
 Seam figure (`tiling.seam_figure`): a narrow random model (cheap) decodes at --seam-sizes with tiles
 of --seam-tile px over --seam-steps steps; the figure is the mean |diff| of adjacent pixels across tile
@@ -162,8 +164,9 @@ def worker(spec: dict) -> dict:
     try:
         with torch.no_grad():
             last = {}
-            out = sample(velocity, noise, steps=spec["steps"], generator=gen,
-                         callback=lambda i, n, x0: last.update(x0=x0))
+            # the loop re-noises and clamps x0 in place: keep a copy of the last one (after the peak)
+            out = sample(velocity, noise, steps=spec["steps"], generator=gen, overwrite_noise=True,
+                         callback=lambda i, n, x0: last.update(x0=x0.clone()) if i == n and spec.get("save") else None)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except (RuntimeError, MemoryError) as exc:

@@ -98,7 +98,8 @@ def decode(
     tile_callback: Optional[Callable[[int, int], None]] = None,
     bn_stats=None,
 ) -> torch.Tensor:
-    """Decode a latent with a PiD model. Returns RGB [B, 3, H, W] float32 in [0, 1] on the model's device.
+    """Decode a latent with a PiD model. Returns RGB [B, 3, H, W] float32 in [0, 1] on the model's device
+    (on the CPU when the tile plan keeps the sampler's state there: TileOptions.canvas_on_device).
 
     model: a loaded PidNet (checkpoint.load_pid) or a checkpoint path.
     latent: what a ComfyUI LATENT's `samples` holds (raw VAE space, [B,C,h,w] or Qwen's [B,C,1,h,w]),
@@ -107,7 +108,8 @@ def decode(
         the latent holds the sampler's state x_t at that sigma. leftover_noise=True instead takes a stock
         ComfyUI leftover latent x_t / (1 - sigma) (KSamplerAdvanced with return_with_leftover_noise).
     text: a Gemma embedding [B or 1, T, 2304], or prompt(s) encoded with text_encoder (text.GemmaTextEncoder).
-    seed: the noise seed (on CUDA the same stream as the reference); noise / renoise: explicit tensors instead.
+    seed: the noise seed (on CUDA the same stream as the reference); noise / renoise: explicit tensors instead
+        (explicit noise without renoise: the re-noise draws come from seed).
     callback(step, steps, x0): after each step with x0 in [-1, 1]; raise from it to cancel.
     tiling: None (one pass over the whole canvas, the reference's order of operations) or
         tiling.TileOptions (auto: tiles only beyond the trained size or the memory budget; manual: fixed tiles).
@@ -138,32 +140,43 @@ def decode(
     height, width = output_hw(model, z)
     warn_about_size(model, height, width)
 
+    velocity, canvas_device = _velocity(model, z, embedding, degrade_sigma, (height, width), device, tiling,
+                                        tile_callback)
     generator = None
     if noise is None:
-        noise, generator = initial_noise((batch, 3, height, width), seed=seed, device=device)
+        # drawn on the network's device (the reference's stream there), kept where the plan puts the state
+        noise, generator = initial_noise((batch, 3, height, width), seed=seed, device=canvas_device,
+                                         generator_device=device)
+        owned = True
     elif tuple(noise.shape) != (batch, 3, height, width):
         raise PidError(f"noise has shape {tuple(noise.shape)}, the output needs {(batch, 3, height, width)}.")
-
-    velocity = _velocity(model, z, embedding, degrade_sigma, (height, width), device, tiling, tile_callback)
-    x0 = sample(velocity, noise.to(device), steps=int(steps), renoise=renoise, generator=generator, callback=callback)
+    else:
+        owned = False  # the caller's tensor is left as it is
+        if renoise is None:  # the re-noise draws still follow the seed
+            generator = torch.Generator(device=device).manual_seed(int(seed))
+    x0 = sample(velocity, noise.to(canvas_device), steps=int(steps), renoise=renoise, generator=generator,
+                callback=callback, overwrite_noise=owned)
     return x0.add_(1).div_(2)
 
 
 def _velocity(model, z, embedding, sigma, canvas_hw, device, tiling, tile_callback):
-    """The velocity function the sampler calls: the network on the whole canvas, or tiles fused per step."""
+    """The velocity function the sampler calls (the network on the whole canvas, or tiles fused per
+    step) and the device of the sampler's canvas state."""
     if tiling is None:
         def network(x, t):
             with compute_context(model, device):
                 return model(x, t, embedding, z, sigma)
 
-        return network
+        return network, device
     from .precision import weight_dtype
     from .tiling import make_velocity, plan_decode
 
     variant = getattr(getattr(model, "info", None), "variant", None)
     plan = plan_decode(model.config, canvas_hw, tiling, dtype=weight_dtype(model), variant=variant, batch=z.shape[0])
     log.info("PiD tiling: %s", plan.reason)
-    return make_velocity(model, embedding, z, sigma, plan=plan, device=device, callback_per_tile=tile_callback)
+    canvas_device = device if plan.canvas_on_device else torch.device("cpu")
+    velocity = make_velocity(model, embedding, z, sigma, plan=plan, device=device, callback_per_tile=tile_callback)
+    return velocity, canvas_device
 
 
 def _text_embedding(text, text_encoder) -> torch.Tensor:

@@ -26,20 +26,23 @@ def student_schedule(steps: int = 4) -> torch.Tensor:
     return full[torch.linspace(0, len(full) - 1, steps + 1).round().long()]
 
 
-X0_SLICE_ELEMENTS = 1 << 22  # float64 temporaries of at most 32 MiB each per row slice
+X0_SLICE_ELEMENTS = 1 << 20  # float64 temporaries of at most 8 MiB each per row slice
 
 
-def velocity_to_x0(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def velocity_to_x0(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x0 = x_t - t v computed in float64 and returned in x_t's dtype (as the reference).
 
-    Large tensors are computed in slices of rows (dim -2) into one output: the float64 temporaries
-    of an 8K canvas would be several GB at once. The arithmetic is elementwise, so the result is
-    bit-identical to the whole-tensor expression."""
+    Large tensors are computed in slices of rows (dim -2): the float64 temporaries of an 8K canvas
+    would be several GB at once. `out` (may be x_t itself) receives the result instead of a new
+    tensor. The arithmetic is elementwise, so the result is bit-identical to the whole-tensor
+    expression however it is sliced."""
     t64 = t.double().reshape(-1, *([1] * (x_t.ndim - 1)))
     if x_t.ndim < 3 or x_t.numel() <= X0_SLICE_ELEMENTS:
-        return (x_t.double() - t64 * v.double()).to(x_t.dtype)
+        result = (x_t.double() - t64 * v.double()).to(x_t.dtype)
+        return result if out is None else out.copy_(result)
     v = v.expand_as(x_t)
-    out = torch.empty_like(x_t, memory_format=torch.contiguous_format)
+    if out is None:
+        out = torch.empty_like(x_t, memory_format=torch.contiguous_format)
     rows = x_t.shape[-2]
     step = max(1, X0_SLICE_ELEMENTS // max(1, x_t.numel() // rows))
     for r in range(0, rows, step):
@@ -59,29 +62,55 @@ def sample(
     renoise: Optional[Sequence[torch.Tensor]] = None,
     generator: Optional[torch.Generator] = None,
     callback: Optional[StepCallback] = None,
+    overwrite_noise: bool = False,
 ) -> torch.Tensor:
     """Run the student loop and return x0 clamped to [-1, 1].
 
     velocity_fn(x_t, t[B]) -> v. noise is the initial x at t = 1. The fresh noise of each re-noise
     step comes from `renoise` (explicit tensors, to match a reference run) or is drawn from
     `generator` in order, one draw per step, like the reference. callback(step, steps, x0) runs after
-    every step; raising from it cancels the run.
+    every step, before x0 is re-noised in place: read x0 there, clone it to keep it; raising from it
+    cancels the run.
+
+    Memory: the loop keeps one canvas-size state and updates it in place (re-noise, clamp). A
+    velocity function that also has `denoise_in_place(x, t) -> x` (tiling.TiledVelocity) writes x0
+    over x itself and never holds a whole-canvas v; noise is then copied first unless
+    overwrite_noise=True hands its storage to the loop. The arithmetic is the reference's either way.
     """
     t_list = student_schedule(steps).to(noise.device)
     B = noise.shape[0]
     x = noise.float()
+    owned = overwrite_noise or x.data_ptr() != noise.data_ptr()
+    in_place = getattr(velocity_fn, "denoise_in_place", None)
     for i in range(steps):
         t_cur, t_next = t_list[i], t_list[i + 1]
-        v = velocity_fn(x, t_cur.expand(B))
-        x0 = velocity_to_x0(x, v, t_cur.expand(B))
-        if t_next.item() > 0:
-            eps = renoise[i] if renoise is not None else _randn_like(x0, generator)
-            x = (1.0 - t_next) * x0 + t_next * eps.to(x0)
+        if in_place is not None:
+            if not owned:
+                x, owned = x.clone(), True
+            x0 = in_place(x, t_cur.expand(B))
         else:
-            x = x0
+            v = velocity_fn(x, t_cur.expand(B))
+            x0 = velocity_to_x0(x, v, t_cur.expand(B))
+            del v
+        del x
         if callback is not None:
             callback(i + 1, steps, x0)
-    return x.clamp(-1, 1)
+        if t_next.item() > 0:
+            eps = renoise[i].to(x0) if renoise is not None else _randn_like(x0, generator)
+            x = renoise_(x0, eps, t_next, eps_is_scratch=renoise is None)
+            del eps  # a whole canvas: not kept through the next step's network calls
+        else:
+            x = x0
+        del x0
+    return x.clamp_(-1, 1)
+
+
+def renoise_(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, *, eps_is_scratch: bool = False) -> torch.Tensor:
+    """x0 <- (1 - t) x0 + t eps in place, with the rounding of the reference's out-of-place expression
+    (two fp32 products, one fp32 sum). eps is scaled in place when it is scratch."""
+    x0.mul_(1.0 - t)
+    eps = eps.mul_(t) if eps_is_scratch else t * eps
+    return x0.add_(eps)
 
 
 def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:

@@ -145,13 +145,17 @@ class TiledVelocity:
     tiles: rows are tile-major (tile j, sample b at row j*B + b) and every tensor of `conditioning`
     (per sample, first dim B: the text, sigma) is repeated per tile the same way. `latent` is the
     PiD-space latent of the canvas: the tile at (y0, x0, h, w) gets latent[..., y0/scale:(y0+h)/scale,
-    x0/scale:(x0+w)/scale]. Tiles run on `device` (default: the canvas's); the fused v is returned on
-    the canvas's device in x's dtype. callback_per_tile(done, total) runs after each batch (raise from
+    x0/scale:(x0+w)/scale]. Tiles run on `device` (default: the canvas's); results come back to the
+    canvas's device in x's dtype. callback_per_tile(done, total) runs after each batch (raise from
     it to cancel). pad_batches pads the last batch with repeats so that every forward has the same
-    shape (for torch.compile). reuse_output writes every call's v into one canvas buffer (the v
-    returned before is overwritten: right for `sampling.sample`, which is done with v once it has x0;
-    saves a canvas while the sampler still holds the previous step's v). max_batches (benchmarks
-    only) stops each call after that many batches and sets `cut_short`.
+    shape (for torch.compile). max_batches (benchmarks only) stops each call after that many batches
+    and sets `cut_short`.
+
+    `sampling.sample` calls `denoise_in_place`, which never holds a whole-canvas v: tiles run in
+    row-major order, their weighted velocities add into a band of rows one tile high (reused as a
+    ring), and as soon as no later tile covers a row its x0 is written over x. Calling the object
+    returns the fused v of the whole canvas instead. Both add the same terms in the same order, so
+    they agree bit for bit.
     """
 
     def __init__(
@@ -170,7 +174,6 @@ class TiledVelocity:
         callback_per_tile: Optional[Callable[[int, int], None]] = None,
         pad_batches: bool = False,
         max_batches: Optional[int] = None,
-        reuse_output: bool = False,
     ):
         H, W = canvas_hw
         if latent.shape[-2] * scale != H or latent.shape[-1] * scale != W:
@@ -191,8 +194,6 @@ class TiledVelocity:
         self.callback_per_tile = callback_per_tile
         self.pad_batches = pad_batches
         self.max_batches = max_batches
-        self.reuse_output = reuse_output
-        self._out = None
         self.cut_short = False
         self.forward_calls = 0
         self._weights_on: dict = {}
@@ -202,11 +203,7 @@ class TiledVelocity:
         return self.tiles[0].h, self.tiles[0].w
 
     def batches(self) -> list[list[Tile]]:
-        n = self.batch_tiles
-        count = len(self.tiles)
-        n_batches = math.ceil(count / n)
-        n = math.ceil(count / n_batches)  # balanced: 9 tiles at most 4 a batch -> 3 x 3, not 4 + 4 + 1
-        return [self.tiles[i : i + n] for i in range(0, count, n)]
+        return batch_tiles(self.tiles, self.batch_tiles)
 
     def _weights(self, device, dtype):
         key = (str(device), dtype)
@@ -221,25 +218,20 @@ class TiledVelocity:
         s = self.scale
         return self.latent[..., tile.y0 // s : (tile.y0 + tile.h) // s, tile.x0 // s : (tile.x0 + tile.w) // s]
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _weighted_velocities(self, x: torch.Tensor, t: torch.Tensor):
+        """Yields (tiles of a batch, [(tile, weighted v of the tile on x's device)]) in row-major order."""
         B = x.shape[0]
         device = self.device or x.device
         t = t.reshape(-1).expand(B)
-        out = self._out
-        if out is not None and out.shape == x.shape and out.dtype == x.dtype and out.device == x.device:
-            out.zero_()
-        else:
-            out = torch.zeros_like(x, memory_format=torch.contiguous_format)
-            if self.reuse_output:
-                self._out = out
-        wy, wx = self._weights(out.device, out.dtype)
+        wy, wx = self._weights(x.device, x.dtype)
         batches = self.batches()
         full = len(batches[0])
         done = 0
+        self.cut_short = False
         for index, batch in enumerate(batches):
             if self.max_batches is not None and index >= self.max_batches:
                 self.cut_short = True
-                break
+                return
             run = list(batch)
             if self.pad_batches and len(run) < full:
                 run += [run[-1]] * (full - len(run))
@@ -251,14 +243,84 @@ class TiledVelocity:
             v = self.model_call(xs, ts, zs, *conds)
             del xs, zs, conds
             self.forward_calls += 1
-            for j, tile in enumerate(batch):
-                weight = wy[tile.row][:, None] * wx[tile.col][None, :]
-                out[(..., *tile.slices)].addcmul_(v[j * B : (j + 1) * B].to(out.device, out.dtype), weight)
+            yield batch, [
+                (tile, v[j * B : (j + 1) * B].to(x.device, x.dtype), wy[tile.row][:, None] * wx[tile.col][None, :])
+                for j, tile in enumerate(batch)
+            ]
             del v
             done += len(batch)
             if self.callback_per_tile is not None:
                 self.callback_per_tile(done, len(self.tiles))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The fused velocity of the whole canvas (a new canvas-size tensor)."""
+        out = torch.zeros_like(x, memory_format=torch.contiguous_format)
+        for _, parts in self._weighted_velocities(x, t):
+            for tile, v, weight in parts:
+                out[(..., *tile.slices)].addcmul_(v, weight)
         return out
+
+    def denoise_in_place(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x <- x0 = x - t v (sampling.velocity_to_x0) with the fused v, streamed through a band of rows.
+
+        Tiles are added one at a time in row-major order (a batch's v is already computed) and, after
+        each, the rows above the next tile's top are covered by no later tile: their x0 is final. So
+        the pending rows never span more than one tile height, whatever the batch."""
+        H, W = self.canvas_hw
+        band = RowRing(x, self.tile_hw[0])
+        finished = 0  # rows [0, finished) hold x0
+        k = 0  # tiles added so far; parts arrive in self.tiles order
+        for _, parts in self._weighted_velocities(x, t):
+            for tile, v, weight in parts:
+                band.add(tile, v, weight)
+                k += 1
+                ready = self.tiles[k].y0 if k < len(self.tiles) else H
+                finished = band.flush_x0(x, t, finished, ready)
+            del parts, v
+        band.flush_x0(x, t, finished, H)  # all rows (the rest only when a run was cut short)
+        return x
+
+
+def batch_tiles(tiles: Sequence[Tile], most: int) -> list[list[Tile]]:
+    """Row-major tiles in batches of at most `most`, balanced: 9 tiles at most 4 a batch -> 3 x 3, not 4 + 4 + 1."""
+    count = len(tiles)
+    n_batches = math.ceil(count / max(1, most))
+    n = math.ceil(count / n_batches)
+    return [list(tiles[i : i + n]) for i in range(0, count, n)]
+
+
+class RowRing:
+    """A band of canvas rows ([B, C, rows, W], zeros) addressed by canvas row modulo its height, so it
+    slides down the canvas without copies. Rows handed to `flush_x0` are zeroed for reuse."""
+
+    def __init__(self, like: torch.Tensor, rows: int):
+        self.rows = rows
+        self.buf = torch.zeros((*like.shape[:-2], rows, like.shape[-1]), dtype=like.dtype, device=like.device)
+
+    def _pieces(self, y0: int, y1: int):
+        """(canvas row start, ring row start, length) pieces of canvas rows [y0, y1)."""
+        y = y0
+        while y < y1:
+            r = y % self.rows
+            n = min(y1 - y, self.rows - r)
+            yield y, r, n
+            y += n
+
+    def add(self, tile: Tile, v: torch.Tensor, weight: torch.Tensor) -> None:
+        cols = slice(tile.x0, tile.x0 + tile.w)
+        for y, r, n in self._pieces(tile.y0, tile.y0 + tile.h):
+            k = y - tile.y0
+            self.buf[..., r : r + n, cols].addcmul_(v[..., k : k + n, :], weight[k : k + n])
+
+    def flush_x0(self, x: torch.Tensor, t: torch.Tensor, y0: int, y1: int) -> int:
+        """x[rows] <- x0 from the band's v for canvas rows [y0, y1); returns y1."""
+        from .sampling import velocity_to_x0
+
+        for y, r, n in self._pieces(y0, y1):
+            rows = x[..., y : y + n, :]
+            velocity_to_x0(rows, self.buf[..., r : r + n, :], t, out=rows)
+            self.buf[..., r : r + n, :].zero_()
+        return max(y0, y1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,13 +395,13 @@ def tile_memory_estimate(
     return int(total * ESTIMATE_MARGIN)
 
 
-CANVASES = 8  # fp32 canvases alive at once in sampling.sample (see canvas_memory_estimate)
+CANVASES = 2  # fp32 canvases alive at once in sampling.sample over a TiledVelocity (see below)
 
 
 def canvas_memory_estimate(canvas_hw: tuple[int, int], batch: int = 1) -> int:
-    """The decode's canvas-size state (fp32, 12 bytes per pixel each): the initial noise the caller
-    keeps, and in sampling.sample's re-noise step the previous x, the fused v, x0, the fresh noise and
-    the expression's two temporaries and result: 8 canvases, plus the float64 x0 slices (bounded)."""
+    """The decode's canvas-size state (fp32, 12 bytes per pixel each) next to the network: while tiles
+    run, the state x and the band of fused v (TiledVelocity.denoise_in_place, at most a canvas); while
+    re-noising, x0 and the fresh noise. Plus the float64 slices of the x0 update (bounded)."""
     H, W = canvas_hw
     return CANVASES * batch * 3 * H * W * 4 + (64 << 20)
 
@@ -366,8 +428,10 @@ class TileOptions:
     px). overlap_px 0 = automatic (`default_overlap`: an eighth of the tile, at least the adapter's
     reach of 160 px, at most a quarter of the tile). memory_budget_bytes: the free memory of the
     compute device beyond the loaded weights (None: no limit); what is left of it after the sampler's
-    canvas state (`canvas_memory_estimate`, when canvas_on_device) bounds the working memory of one
-    forward (`tile_memory_estimate`)."""
+    canvas state (`canvas_memory_estimate`, when the state is on that device) bounds the working memory
+    of one forward (`tile_memory_estimate`). canvas_on_device: where the sampler's state lives; None
+    (auto) keeps it with the network unless it would take more than a quarter of the budget, then on
+    the CPU (tiles travel to the device and their v back: a few MB per tile and step)."""
 
     mode: str = "auto"
     tile_px: int = 0
@@ -375,7 +439,7 @@ class TileOptions:
     memory_budget_bytes: Optional[int] = None
     max_batch_tiles: int = DEFAULT_MAX_BATCH_TILES
     pixel_chunk_tokens: Optional[int] | str = "auto"  # None: unchunked pixel blocks
-    canvas_on_device: bool = True  # the sampler's canvas state shares the budget's device
+    canvas_on_device: Optional[bool] = None
 
     def __post_init__(self):
         if self.mode not in ("auto", "off", "manual"):
@@ -401,6 +465,7 @@ class TilePlan:
     fits_budget: bool = True
     pixel_chunk_tokens: Optional[int] = None
     reason: str = ""
+    canvas_on_device: bool = True  # the sampler's state on the compute device (False: on the CPU)
 
     @property
     def tiled(self) -> bool:
@@ -497,6 +562,7 @@ def choose_tile(
     n = 1
     while n < min(max_batch_tiles, len(tiles)) and estimate(shape, n + 1) <= budget:
         n += 1
+    n = len(batch_tiles(tiles, n)[0])  # balanced: 9 tiles at most 4 a batch run as 3 x 3
     below = (side < low) and len(tiles) > 1
     if len(tiles) == 1:
         reason = f"untiled: {W}x{H} fits in one pass"
@@ -537,22 +603,27 @@ def plan_decode(
             canvas_hw=(H, W), tile_hw=(H, W), overlap=0, batch_tiles=1, align=align,
             tiles=(Tile(0, 0, H, W, 0, 0),), pixel_chunk_tokens=chunk,
             estimate_bytes=tile_memory_estimate(config, (H, W), dtype=dtype, batch=batch, chunk_tokens=chunk),
-            reason="untiled: tiling off",
+            reason="untiled: tiling off", canvas_on_device=options.canvas_on_device is not False,
         )
     budget = options.memory_budget_bytes
     canvas = canvas_memory_estimate((H, W), batch)
-    if budget is not None and options.canvas_on_device:
+    on_device = options.canvas_on_device
+    if on_device is None:
+        on_device = budget is None or canvas <= budget / 4
+    if budget is not None and on_device:
         budget = max(0, budget - canvas)
     plan = choose_tile(
         config, (H, W), memory_budget_bytes=budget, dtype=dtype, variant=variant,
         batch=batch, overlap=options.overlap_px, max_batch_tiles=options.max_batch_tiles,
         chunk_tokens=chunk, tile_px=options.tile_px if options.mode == "manual" else None,
     )
-    if not plan.fits_budget and options.canvas_on_device:
-        plan = replace(plan, reason=plan.reason + (
-            f"; the sampler's canvas state alone takes ~{canvas / 2**30:.1f} GB: keep the canvas (noise) on "
-            "the CPU and pass canvas_on_device=False"))
-    return plan
+    reason = plan.reason
+    if not on_device:
+        reason += f"; sampler state (~{canvas / 2**30:.1f} GB) kept on the CPU"
+    elif not plan.fits_budget:
+        reason += (f"; the sampler's canvas state alone takes ~{canvas / 2**30:.1f} GB: keep it on the CPU "
+                   "(canvas_on_device=False)")
+    return replace(plan, reason=reason, canvas_on_device=on_device)
 
 
 def device_memory_budget(device, *, fraction: float = 0.85) -> Optional[int]:
@@ -612,7 +683,7 @@ def make_velocity(
     with the plan's pixel-block chunking. `network` replaces `model` as the callable (for example a
     torch.compile'd model: `speed.compile_model`); `model` still gives the config and dtype. The canvas
     (noise, x) may live elsewhere (CPU for small cards): tiles travel to `device` and v comes back.
-    The tiled velocity reuses one v buffer across calls (see TiledVelocity.reuse_output)."""
+    The tiled velocity streams: the sampler never holds a whole-canvas v (TiledVelocity)."""
     from .precision import compute_context
 
     net = network if network is not None else model
@@ -640,7 +711,7 @@ def make_velocity(
         call, latent, canvas_hw=plan.canvas_hw, tile_hw=plan.tile_hw, overlap=plan.overlap,
         scale=config.scale, patch_size=config.patch_size, batch_tiles=plan.batch_tiles,
         conditioning=(text, sigma), device=device, callback_per_tile=callback_per_tile,
-        max_batches=max_batches, pad_batches=pad_batches, reuse_output=True,
+        max_batches=max_batches, pad_batches=pad_batches,
     )
 
 

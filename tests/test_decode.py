@@ -147,3 +147,11 @@ def test_tiling_single_tile_equals_untiled_and_small_tiles_cover(checkpoints):
                    tile_callback=lambda done, total: seen.append((done, total)))
     assert tiled.shape == whole.shape == (1, 3, 384, 640)
     assert seen and seen[-1][0] == seen[-1][1] > 1
+    # The state kept on the CPU (for small cards) is the same decode; explicit noise is left untouched.
+    noise = torch.randn(1, 3, 384, 640)
+    kept = noise.clone()
+    options = TileOptions(mode="manual", tile_px=256, overlap_px=64)
+    on = decode(model, latent, text=text, noise=noise, steps=2, tiling=options)
+    off = decode(model, latent, text=text, noise=noise, steps=2,
+                 tiling=TileOptions(mode="manual", tile_px=256, overlap_px=64, canvas_on_device=False))
+    assert torch.equal(on, off) and torch.equal(noise, kept)
