@@ -291,11 +291,17 @@ def preview_rgb_uint8(x0, max_side: int = 512):
     return img.permute(1, 2, 0).cpu().numpy()
 
 
-def estimate_decode_memory(batch: int, height: int, width: int, weight_bytes: int) -> int:
-    """Bytes of working memory to reserve for a PiD decode at this output size (a rough upper bound).
+def decode_memory_wanted(model, batch: int, height: int, width: int, tile_options) -> int:
+    """Bytes PiD Decode asks ComfyUI to free beside its weights (load_models_gpu's memory_required):
+    the working memory of the plan it would run with no memory limit (the whole canvas, or tiles of the
+    checkpoint's trained size) plus the sampler's canvas state. With less free, the auto plan then
+    picks smaller or fewer tiles per forward, or keeps the state on the CPU."""
+    from dataclasses import replace
 
-    The pixel blocks hold per-pixel activations (16 channels, attention over 16x16 patches); a few
-    KiB per output pixel per sample covers them with the network's patch-token activations on top.
-    """
-    per_pixel = 4 * 1024
-    return int(batch * height * width * per_pixel + 0.25 * weight_bytes)
+    from pid_core.precision import weight_dtype
+    from pid_core.tiling import canvas_memory_estimate, plan_decode
+
+    variant = getattr(getattr(model, "info", None), "variant", None)
+    plan = plan_decode(model.config, (height, width), replace(tile_options, memory_budget_bytes=None),
+                       dtype=weight_dtype(model), variant=variant, batch=batch)
+    return plan.estimate_bytes + canvas_memory_estimate((height, width), batch)

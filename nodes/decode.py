@@ -22,7 +22,7 @@ from ._common import (
     NODE_ID_DECODE,
     PID_MODEL_TYPE,
     NodeInputError,
-    estimate_decode_memory,
+    decode_memory_wanted,
     preview_rgb_uint8,
     read_pid_metadata,
     resolve_latent_format,
@@ -137,11 +137,20 @@ class PiDDecode(io.ComfyNode):
             batch = samples.shape[0]
             match_text_batch(emb, batch)  # checked before the model is moved to the GPU
 
+            from dataclasses import replace
+
+            from pid_core.tiling import TileOptions
+
+            tile_options = TileOptions(
+                mode=tiling, tile_px=int(tile_size) if tiling == "manual" else 0, overlap_px=int(tile_overlap))
             height, width = _output_hw(model, samples)
-            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             comfy.model_management.load_models_gpu(
-                [patcher], memory_required=estimate_decode_memory(batch, height, width, weight_bytes),
+                [patcher], memory_required=decode_memory_wanted(model, batch, height, width, tile_options),
                 force_full_load=True)
+            # the budget is what is free once ComfyUI has made room: auto tiling fits its plan to it
+            device = comfy.model_management.get_torch_device()
+            tile_options = replace(
+                tile_options, memory_budget_bytes=int(comfy.model_management.get_free_memory(device) * 0.9))
 
             pbar = comfy.utils.ProgressBar(int(steps))
 
@@ -155,14 +164,6 @@ class PiDDecode(io.ComfyNode):
                 except Exception:  # a preview must never break the decode
                     preview = None
                 pbar.update_absolute(step, total, preview)
-
-            from pid_core.tiling import TileOptions
-
-            device = comfy.model_management.get_torch_device()
-            tile_options = TileOptions(
-                mode=tiling, tile_px=int(tile_size) if tiling == "manual" else 0, overlap_px=int(tile_overlap),
-                memory_budget_bytes=int(comfy.model_management.get_free_memory(device) * 0.9),
-            )
 
             def tile_callback(done, total):
                 comfy.model_management.throw_exception_if_processing_interrupted()

@@ -219,10 +219,20 @@ def test_preview_image():
     assert c.preview_rgb_uint8(x0[:, :, :8, :8]).shape == (8, 8, 3)
 
 
-def test_memory_estimate_grows_with_size():
-    small = c.estimate_decode_memory(1, 512, 512, 10**9)
-    assert c.estimate_decode_memory(1, 1024, 1024, 10**9) > small
-    assert c.estimate_decode_memory(2, 512, 512, 10**9) > small
+def test_memory_wanted_follows_the_plan():
+    """What PiD Decode asks ComfyUI to free: the unlimited plan's working memory + the canvas state."""
+    from pid_core.testing import narrow_config, random_model
+    from pid_core.tiling import TileOptions
+
+    model = random_model(narrow_config(layout="v1", latent_channels=16))
+    auto = TileOptions()
+    small = c.decode_memory_wanted(model, 1, 512, 512, auto)
+    assert c.decode_memory_wanted(model, 1, 1024, 1024, auto) > small
+    assert c.decode_memory_wanted(model, 2, 512, 512, auto) > small
+    # tiles bound the network's part: a small manual tile asks for less than one pass at 4K
+    whole = c.decode_memory_wanted(model, 1, 4096, 4096, TileOptions(mode="off"))
+    tiled = c.decode_memory_wanted(model, 1, 4096, 4096, TileOptions(mode="manual", tile_px=512, max_batch_tiles=1))
+    assert tiled < whole
 
 
 # --- import surface -------------------------------------------------------------------------------------
