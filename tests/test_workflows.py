@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import pytest
 
 from nodes import _common
+from workflow_checks import check_value
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
@@ -36,7 +37,6 @@ CORE_TYPES = {
 # Nodes that exist only in the frontend (never sent to the server).
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 MODEL_DIRECTORIES = {"diffusion_models", "text_encoders", "vae", "checkpoints", "pid"}
-SEED_CONTROLS = {"fixed", "increment", "decrement", "randomize"}
 PID_REPO = "https://huggingface.co/Comfy-Org/PixelDiT/resolve/main/"
 
 # io.<X>.Input / .Output -> socket or widget type
@@ -145,28 +145,6 @@ def widget_slots(schema) -> list[dict]:
         if spec["control"]:
             slots.append({"name": spec["name"] + ".control_after_generate", "type": "CONTROL"})
     return slots
-
-
-def check_value(slot, value) -> str | None:
-    t = slot["type"]
-    if t == "CONTROL":
-        return None if value in SEED_CONTROLS else f"{value!r} is not one of {sorted(SEED_CONTROLS)}"
-    if t == "INT" and (isinstance(value, bool) or not isinstance(value, int)):
-        return f"{value!r} is not an INT"
-    if t == "FLOAT" and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        return f"{value!r} is not a FLOAT"
-    if t == "BOOLEAN" and not isinstance(value, bool):
-        return f"{value!r} is not a BOOLEAN"
-    if t in ("STRING", "COMBO") and not isinstance(value, str):
-        return f"{value!r} is not a string"
-    if t == "COMBO" and slot["options"] is not None and value not in slot["options"]:
-        return f"{value!r} is not among {slot['options']}"
-    if t in ("INT", "FLOAT"):
-        if slot["min"] is not None and value < slot["min"]:
-            return f"{value!r} is below the minimum {slot['min']}"
-        if slot["max"] is not None and value > slot["max"]:
-            return f"{value!r} is above the maximum {slot['max']}"
-    return None
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ import pathlib
 
 import pytest
 
+from workflow_checks import check_value
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 
@@ -24,7 +26,6 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 # Combos that list files on disk: any file name is accepted (none of the real models is installed).
 FILE_INPUTS = {"unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3", "clip_name4", "vae_name",
                "ckpt_name", "image", "pid_name"}
-SEED_CONTROLS = {"fixed", "increment", "decrement", "randomize"}
 UPLOAD_FLAGS = ("image_upload", "animated_image_upload", "video_upload")
 
 
@@ -70,30 +71,6 @@ def sockets(spec: dict) -> list[tuple[str, str]]:
                 continue
             out.append((name, kind))
     return out
-
-
-def check_value(slot: dict, value) -> str | None:
-    t = slot["type"]
-    if t == "CONTROL":
-        return None if value in SEED_CONTROLS else f"{value!r} is not a seed control ({sorted(SEED_CONTROLS)})"
-    if t == "UPLOAD":
-        return None if value == "image" else f"{value!r} is not the upload widget's value 'image'"
-    if t == "INT" and (isinstance(value, bool) or not isinstance(value, int)):
-        return f"{value!r} is not an INT"
-    if t == "FLOAT" and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        return f"{value!r} is not a FLOAT"
-    if t == "BOOLEAN" and not isinstance(value, bool):
-        return f"{value!r} is not a BOOLEAN"
-    if t in ("STRING", "COMBO") and not isinstance(value, str):
-        return f"{value!r} is not a string"
-    if t == "COMBO" and not slot["file"] and value not in slot["options"]:
-        return f"{value!r} is not among {slot['options'][:30]}"
-    if t in ("INT", "FLOAT"):
-        if slot["min"] is not None and value < slot["min"]:
-            return f"{value!r} is below the minimum {slot['min']}"
-        if slot["max"] is not None and value > slot["max"]:
-            return f"{value!r} is above the maximum {slot['max']}"
-    return None
 
 
 def to_api(wf: dict, info: dict) -> dict:
