@@ -219,7 +219,7 @@ class TiledVelocity:
         return self.latent[..., tile.y0 // s : (tile.y0 + tile.h) // s, tile.x0 // s : (tile.x0 + tile.w) // s]
 
     def _weighted_velocities(self, x: torch.Tensor, t: torch.Tensor):
-        """Yields (tiles of a batch, [(tile, weighted v of the tile on x's device)]) in row-major order."""
+        """Yields, per batch of tiles in row-major order, [(tile, its v on x's device, its weight)]."""
         B = x.shape[0]
         device = self.device or x.device
         t = t.reshape(-1).expand(B)
@@ -243,7 +243,7 @@ class TiledVelocity:
             v = self.model_call(xs, ts, zs, *conds)
             del xs, zs, conds
             self.forward_calls += 1
-            yield batch, [
+            yield [
                 (tile, v[j * B : (j + 1) * B].to(x.device, x.dtype), wy[tile.row][:, None] * wx[tile.col][None, :])
                 for j, tile in enumerate(batch)
             ]
@@ -255,7 +255,7 @@ class TiledVelocity:
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The fused velocity of the whole canvas (a new canvas-size tensor)."""
         out = torch.zeros_like(x, memory_format=torch.contiguous_format)
-        for _, parts in self._weighted_velocities(x, t):
+        for parts in self._weighted_velocities(x, t):
             for tile, v, weight in parts:
                 out[(..., *tile.slices)].addcmul_(v, weight)
         return out
@@ -266,11 +266,11 @@ class TiledVelocity:
         Tiles are added one at a time in row-major order (a batch's v is already computed) and, after
         each, the rows above the next tile's top are covered by no later tile: their x0 is final. So
         the pending rows never span more than one tile height, whatever the batch."""
-        H, W = self.canvas_hw
+        H = self.canvas_hw[0]
         band = RowRing(x, self.tile_hw[0])
         finished = 0  # rows [0, finished) hold x0
         k = 0  # tiles added so far; parts arrive in self.tiles order
-        for _, parts in self._weighted_velocities(x, t):
+        for parts in self._weighted_velocities(x, t):
             for tile, v, weight in parts:
                 band.add(tile, v, weight)
                 k += 1
