@@ -301,7 +301,7 @@ def decode_memory_wanted(model, batch: int, height: int, width: int, tile_option
     from pid_core.precision import weight_dtype
     from pid_core.tiling import canvas_memory_estimate, plan_decode
 
-    variant = getattr(getattr(model, "info", None), "variant", None)
+    variant = model.variant
     plan = plan_decode(model.config, (height, width), replace(tile_options, memory_budget_bytes=None),
                        dtype=weight_dtype(model), variant=variant, batch=batch)
     return plan.estimate_bytes + canvas_memory_estimate((height, width), batch)

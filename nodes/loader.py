@@ -18,8 +18,6 @@ from comfy_api.latest import io, ui
 
 from ._common import CATEGORY, NODE_ID_LOADER, PID_FOLDER, PID_MODEL_TYPE, NodeInputError
 
-WEIGHT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 PidModel = io.Custom(PID_MODEL_TYPE)
 
 
@@ -71,7 +69,7 @@ class PiDLoader(io.ComfyNode):
                 io.Combo.Input("pid_name", options=list_pid_files(),
                                tooltip="The PiD checkpoint (models/pid or models/diffusion_models). PiD weights are "
                                        "NVIDIA's, non-commercial licence (NSCLv1)."),
-                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="auto",
+                io.Combo.Input("weight_dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto",
                                tooltip="Precision of the weights in memory. auto keeps the file's (bf16 for the "
                                        "released files); fp32 is the safe choice on CPU."),
             ],
@@ -81,8 +79,9 @@ class PiDLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, pid_name, weight_dtype) -> io.NodeOutput:
-        from pid_core.checkpoint import load_pid
+        from pid_core.checkpoint import describe, load_pid
         from pid_core.errors import PidError
+        from pid_core.precision import DTYPES as WEIGHT_DTYPES
 
         if weight_dtype not in WEIGHT_DTYPES:
             raise NodeInputError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}.")
@@ -95,5 +94,5 @@ class PiDLoader(io.ComfyNode):
         patcher = comfy.model_patcher.CoreModelPatcher(
             model, load_device=comfy.model_management.get_torch_device(),
             offload_device=comfy.model_management.unet_offload_device())
-        summary = model.info.summary()
+        summary = describe(model)
         return io.NodeOutput(patcher, ui=ui.PreviewText(summary))

@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .errors import CheckpointError
 from .network import PidConfig, PidNet
+from .variants import latent_geometry, resolve_variant, variants_matching
 
 PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.", "model.")
 # Keys that say what a non-PiD file is, so the error can name it.
@@ -33,33 +34,29 @@ FOREIGN_MODELS = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointInfo:
-    """What the loader found in a file, for the user and for automatic matching."""
+    """Where a model's weights came from (the model itself holds its config and variant)."""
 
     path: str
     key_layout: str  # "official (net. prefix)", "repackaged (no prefix)", ...
-    config: PidConfig
-    dtype: torch.dtype
-    variant: object = None  # pid_core.variants.Variant when the file name tells it
-    notes: list = field(default_factory=list)
+    file_dtype: torch.dtype
 
-    @property
-    def layout(self) -> str:
-        return self.config.layout
 
-    def summary(self) -> str:
-        cfg = self.config
-        parts = [
-            f"PiD {cfg.layout}",
-            f"{cfg.latent_channels}-channel latent" + (" (un-packed to 32)" if cfg.latent_unpatchify > 1 else ""),
-            f"adapter width {cfg.adapter_hidden}",
-            f"x{cfg.scale} output per latent cell",
-            str(self.dtype).replace("torch.", ""),
-        ]
-        if self.variant is not None:
-            parts.insert(0, f"{self.variant.name}")
-        return ", ".join(parts) + f" [{os.path.basename(self.path)}]"
+def describe(model: PidNet) -> str:
+    """One line for the user: what the loaded checkpoint is."""
+    cfg = model.config
+    parts = [
+        f"PiD {cfg.layout}",
+        f"{cfg.latent_channels}-channel latent" + (" (un-packed to 32)" if cfg.latent_unpatchify > 1 else ""),
+        f"adapter width {cfg.adapter_hidden}",
+        f"x{cfg.scale} output per latent cell",
+        str(next(model.parameters()).dtype).replace("torch.", ""),
+    ]
+    if model.variant is not None:
+        parts.insert(0, model.variant.name)
+    where = f" [{os.path.basename(model.checkpoint.path)}]" if model.checkpoint is not None else ""
+    return ", ".join(parts) + where
 
 
 def read_state_dict(path: str, device="cpu") -> dict:
@@ -145,13 +142,11 @@ def detect_config(sd: dict, name: str = "checkpoint") -> PidConfig:
         layout = "v1.5" if "pit_lq_gate.log_alpha" in sd else "v1"
         has_aux = "lq_proj.lq_aux_rgb_head.0.weight" in sd
         patch = int(math.isqrt(patch_in // 3))
-        if has_aux:
+        geometry = latent_geometry(layout, adapter_in)
+        sr_scale = geometry.sr_scale
+        if has_aux:  # the training-only RGB head predicts one patch of the VAE-size image: it tells the scale
             aux_out = sd[f"lq_proj.lq_aux_rgb_head.{_count_indexed(sd, 'lq_proj.lq_aux_rgb_head.') - 1}.weight"].shape[0]
             sr_scale = patch // math.isqrt(aux_out // 3)
-        else:
-            sr_scale = 8 if adapter_in == 1152 else 4  # only the SigLIP checkpoint is x8 (spec 3)
-        unpatchify = 2 if (layout == "v1.5" and adapter_in == 32) else 1  # FLUX.2 v1.5 un-packs 128 -> 32
-        down = 16 if adapter_in * unpatchify**2 in (128, 768, 1152) else 8
         return PidConfig(
             hidden_size=hidden,
             num_heads=hidden // head_dim,
@@ -170,8 +165,8 @@ def detect_config(sd: dict, name: str = "checkpoint") -> PidConfig:
             adapter_res_blocks=_count_indexed(sd, "lq_proj.latent_proj.") - 3,
             adapter_in_channels=adapter_in,
             lq_interval=next(i for i in range(1, depth + 1) if math.ceil(depth / i) == n_outputs),
-            latent_unpatchify=unpatchify,
-            latent_down_factor=down,
+            latent_unpatchify=geometry.unpatchify,
+            latent_down_factor=geometry.down_factor,
             sr_scale=sr_scale,
             has_aux_rgb_head=has_aux,
         )
@@ -226,7 +221,8 @@ def build_model(sd: dict, config: PidConfig, *, dtype: torch.dtype | None = None
 
 def load_pid(path: str, *, device="cpu", dtype: torch.dtype | None = None, **overrides) -> PidNet:
     """Load a PiD checkpoint. dtype None keeps the file's (bf16 stays bf16). `overrides` set config fields
-    the tensors cannot tell (latent_down_factor, sr_scale, latent_unpatchify) when the file name does not."""
+    the tensors cannot tell (latent_down_factor, sr_scale, latent_unpatchify) when the file name does not.
+    The model's `variant` is the released checkpoint it is (None for other structures or unclear names)."""
     name = os.path.basename(path)
     sd, key_layout = strip_prefix(read_state_dict(path, device=device))
     config = detect_config(sd, name)
@@ -237,9 +233,10 @@ def load_pid(path: str, *, device="cpu", dtype: torch.dtype | None = None, **ove
         )
     if overrides:
         config = config.with_(**overrides)
-    model = build_model(sd, config, dtype=dtype, name=name)
     file_dtype = next(iter(sd.values())).dtype
-    model.info = CheckpointInfo(path=path, key_layout=key_layout, config=config, dtype=dtype or file_dtype, variant=variant)
+    model = build_model(sd, config, dtype=dtype, name=name)
+    model.variant = variant
+    model.checkpoint = CheckpointInfo(path=path, key_layout=key_layout, file_dtype=file_dtype)
     return model
 
 
@@ -247,8 +244,6 @@ def _variant_for(path: str, config: PidConfig):
     """The released variant the file is: its structure decides, its name picks among look-alikes.
 
     None for structures no release has (test and custom models) and for names that leave a choice."""
-    from .variants import resolve_variant, variants_matching
-
     if not variants_matching(config.layout, config.adapter_in_channels, include_deprecated=True):
         return None
     return resolve_variant(path, layout=config.layout, adapter_in_channels=config.adapter_in_channels)

@@ -17,8 +17,8 @@ import time
 import torch
 
 from .errors import PidError
+from .precision import DTYPES
 
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GEMMA_REPO = "Efficient-Large-Model/gemma-2-2b-it"  # the text encoder the reference loads (spec 4)
 
 
@@ -73,8 +73,8 @@ def peak_memory_text(device: torch.device) -> str:
 
 
 def cmd_decode(args) -> int:
-    from .checkpoint import load_pid
-    from .decode import decode, output_hw, resolve_latent_format
+    from .checkpoint import describe, load_pid
+    from .decode import decode, resolve_latent_format
     from .images import save_png
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -116,7 +116,7 @@ def cmd_decode(args) -> int:
         path = args.out if image.shape[0] == 1 else f"{os.path.splitext(args.out)[0]}_{i:02d}.png"
         save_png(image[i], path)
         outputs.append(path)
-    print(f"checkpoint : {model.info.summary()}")
+    print(f"checkpoint : {describe(model)}")
     sigmas = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).tolist()
     print(f"latent     : {list(latent.shape)} as {fmt}, sigma {', '.join(f'{s:.3g}' for s in sigmas)}")
     print(f"output     : {image.shape[0]} x {image.shape[-1]}x{image.shape[-2]} px -> {', '.join(outputs)}")
@@ -148,15 +148,15 @@ def cmd_selftest(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .checkpoint import load_pid
+    from .checkpoint import describe, load_pid
 
     model = load_pid(args.checkpoint)
-    info, cfg = model.info, model.config
-    print(info.summary())
-    print(f"key layout : {info.key_layout}")
+    cfg = model.config
+    print(describe(model))
+    print(f"key layout : {model.checkpoint.key_layout}")
     print(f"network    : {cfg.patch_depth} patch blocks x {cfg.hidden_size}, {cfg.pixel_depth} pixel blocks, text {cfg.text_max_tokens}x{cfg.text_dim}")
-    if info.variant is not None:
-        v = info.variant
+    if model.variant is not None:
+        v = model.variant
         print(f"variant    : {v.name} ({v.label}); backbones {', '.join(v.backbones)}; latent format {v.latent_format}")
     return 0
 

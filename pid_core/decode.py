@@ -33,7 +33,7 @@ def resolve_latent_format(name: str, model, latent: torch.Tensor) -> str:
     """'auto', a latent format name, or a backbone name (zimage -> flux, klein -> flux2, ...)."""
     name = (name or "auto").lower()
     config = model.config
-    variant = getattr(getattr(model, "info", None), "variant", None)
+    variant = model.variant
     if name == "auto":
         return detect_latent_format(
             latent, adapter_in_channels=config.adapter_in_channels, unpatchify=config.latent_unpatchify, variant=variant
@@ -69,7 +69,7 @@ def output_hw(model, pid_latent: torch.Tensor) -> tuple[int, int]:
 
 
 def warn_about_size(model, height: int, width: int) -> Optional[str]:
-    variant = getattr(getattr(model, "info", None), "variant", None)
+    variant = model.variant
     if variant is None:
         return None
     from .variants import check_output_size
@@ -171,7 +171,7 @@ def _velocity(model, z, embedding, sigma, canvas_hw, device, tiling, tile_callba
     from .precision import weight_dtype
     from .tiling import make_velocity, plan_decode
 
-    variant = getattr(getattr(model, "info", None), "variant", None)
+    variant = model.variant
     plan = plan_decode(model.config, canvas_hw, tiling, dtype=weight_dtype(model), variant=variant, batch=z.shape[0])
     log.info("PiD tiling: %s", plan.reason)
     canvas_device = device if plan.canvas_on_device else torch.device("cpu")

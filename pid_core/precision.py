@@ -6,6 +6,9 @@ import contextlib
 
 import torch
 
+# Weight dtypes a user can choose by name; "auto" keeps the file's.
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 
 def weight_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype

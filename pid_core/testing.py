@@ -13,6 +13,7 @@ import re
 import torch
 
 from .network import PidConfig, PidNet
+from .variants import adapter_in_channels_for, latent_geometry
 
 NARROW = dict(
     hidden_size=64, num_heads=2, patch_depth=3, mlp_hidden=170, pixel_depth=2, pixel_hidden_size=16,
@@ -22,17 +23,17 @@ NARROW = dict(
 
 def narrow_config(*, layout: str = "v1", latent_channels: int = 16, text_dim: int = 2304, text_tokens: int = 300, **changes) -> PidConfig:
     """A small config of the given layout for a latent of `latent_channels` channels (128 in v1.5 = FLUX.2)."""
-    unpatchify = 2 if (layout == "v1.5" and latent_channels == 128) else 1
-    adapter_in = latent_channels // unpatchify**2
+    adapter_in = adapter_in_channels_for(layout, latent_channels)
+    geometry = latent_geometry(layout, adapter_in)
     fields = dict(NARROW)
     fields.update(
         layout=layout,
         text_dim=text_dim,
         text_max_tokens=text_tokens,
         adapter_in_channels=adapter_in,
-        latent_unpatchify=unpatchify,
-        latent_down_factor=16 if latent_channels in (128, 768, 1152) else 8,
-        sr_scale=8 if latent_channels == 1152 else 4,
+        latent_unpatchify=geometry.unpatchify,
+        latent_down_factor=geometry.down_factor,
+        sr_scale=geometry.sr_scale,
         has_aux_rgb_head=layout == "v1.5",
     )
     fields.update(changes)

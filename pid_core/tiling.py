@@ -648,20 +648,6 @@ def device_memory_budget(device, *, fraction: float = 0.85) -> Optional[int]:
 # Putting it together for a PidNet
 
 
-class _ChunkedPixelBlocks:
-    """Sets model.pixel_chunk_tokens for the duration of a call (the result does not depend on it)."""
-
-    def __init__(self, model, chunk):
-        self.model, self.chunk = model, chunk
-
-    def __enter__(self):
-        self.previous = getattr(self.model, "pixel_chunk_tokens", None)
-        self.model.pixel_chunk_tokens = self.chunk
-
-    def __exit__(self, *exc):
-        self.model.pixel_chunk_tokens = self.previous
-
-
 def make_velocity(
     model,
     text: torch.Tensor,
@@ -695,8 +681,8 @@ def make_velocity(
     chunk = plan.pixel_chunk_tokens if plan is not None else None
 
     def call(x, t, z, y, s):
-        with torch.no_grad(), _ChunkedPixelBlocks(model, chunk), (compute_context(model, device) if autocast else _null()):
-            return net(x, t, y, z, s)
+        with torch.no_grad(), (compute_context(model, device) if autocast else _null()):
+            return net(x, t, y, z, s, chunk_tokens=chunk)
 
     if plan is None or not plan.tiled:
         text_d, latent_d, sigma_d = text.to(device), latent.to(device), sigma.to(device)

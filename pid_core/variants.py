@@ -60,7 +60,6 @@ class Variant:
     num_tensors: int  # tensors in the state dict (spec 2.2)
     num_params: int  # parameters (spec 2.2)
     trained_px: tuple[int, int]  # min and max of sqrt(W*H) of the training outputs (spec 3, 8)
-    trained_sizes: tuple[tuple[int, int], ...]  # (W, H) training buckets known from upstream
     official_file: HubFile
     repackaged_file: HubFile | None  # Comfy-Org bf16 safetensors, where one exists
     repackaged_stems: tuple[str, ...] = ()  # Comfy-Org stems (no precision suffix) that may hold it
@@ -72,16 +71,7 @@ class Variant:
         """Output pixels per latent cell: VAE factor x super-resolution scale (spec 8)."""
         return self.latent_down_factor * self.sr_scale
 
-    @property
-    def is_4k(self) -> bool:
-        return self.trained_px[1] > 2048
 
-
-# Training buckets (spec 3 and 8). The 2k models: about 2048^2 area at 1:1, 4:3, 3:4, 16:9, 9:16
-# (the README's list). The 2kto4k models: multi-resolution levels 2048..3840 in steps of 256; the
-# aspect buckets of each level are not listed upstream, so only the square levels are given here.
-TRAINED_2K = ((2048, 2048), (2304, 1728), (1728, 2304), (2688, 1536), (1536, 2688))
-TRAINED_2KTO4K = tuple((s, s) for s in range(2048, 3840 + 1, 256))
 # Widest trained aspect ratio: 2688 x 1536 (1.75, about 16:9).
 MAX_TRAINED_ASPECT = 2688 / 1536
 
@@ -110,7 +100,6 @@ def _v1(name, label, experiment, backbones, latent_format, channels, down, *, sr
         adapter_hidden=512, latent_down_factor=down, unpatchify=1, sr_scale=sr, rope_ref_px=1024,
         num_tensors=456, num_params=params,
         trained_px=(2048, 2048) if size == "2k" else (2048, 3840),
-        trained_sizes=TRAINED_2K if size == "2k" else TRAINED_2KTO4K,
         official_file=_official(experiment, deprecated),
         repackaged_file=_repackaged(stems[0]) if stems and not deprecated else None,
         repackaged_stems=stems, deprecated=deprecated,
@@ -126,7 +115,7 @@ def _v15(name, label, experiment, backbones, latent_format, channels, down, *, u
         latent_format=latent_format, latent_channels=channels,
         adapter_in_channels=channels // unpatchify**2, adapter_hidden=1024, latent_down_factor=down,
         unpatchify=unpatchify, sr_scale=4, rope_ref_px=2048, num_tensors=467, num_params=params,
-        trained_px=(2048, 3840), trained_sizes=TRAINED_2KTO4K,
+        trained_px=(2048, 3840),
         official_file=_official(experiment), repackaged_file=_repackaged(stems[0]),
         repackaged_stems=stems,
     )
@@ -326,6 +315,37 @@ def resolve_variant(
     return fits[0] if len(fits) == 1 else None
 
 
+@dataclass(frozen=True)
+class LatentGeometry:
+    """How a checkpoint's latent maps onto its output: facts the weights cannot tell."""
+
+    down_factor: int  # image pixels per cell of the latent the user gives (the VAE's factor)
+    unpatchify: int  # the adapter un-packs f x f channel groups into space first (FLUX.2 v1.5: 2)
+    sr_scale: int  # output pixels per VAE-decoded pixel
+
+    @property
+    def scale(self) -> int:
+        """Output pixels per latent cell."""
+        return self.down_factor * self.sr_scale
+
+
+# A structure no release has (custom or test checkpoints): an 8x VAE, 4x super-resolution.
+DEFAULT_GEOMETRY = LatentGeometry(down_factor=8, unpatchify=1, sr_scale=4)
+
+
+def latent_geometry(layout: str, adapter_in_channels: int) -> LatentGeometry:
+    """The geometry of every released checkpoint with this structure (they all agree), else the default."""
+    found = {LatentGeometry(v.latent_down_factor, v.unpatchify, v.sr_scale)
+             for v in variants_matching(layout, adapter_in_channels, include_deprecated=True)}
+    return found.pop() if len(found) == 1 else DEFAULT_GEOMETRY
+
+
+def adapter_in_channels_for(layout: str, latent_channels: int) -> int:
+    """The adapter's input channels for a latent of this many channels (FLUX.2 v1.5 un-packs 128 to 32)."""
+    return next((v.adapter_in_channels for v in _ALL if v.layout == layout and v.latent_channels == latent_channels),
+                latent_channels)
+
+
 def _backbone(backbone: str) -> str:
     key = _key(str(backbone))
     if key not in BACKBONE_LABELS:
@@ -345,10 +365,11 @@ def recommended_stop_step(backbone: str) -> tuple[int, int] | None:
     return RECOMMENDED_STOP[_backbone(backbone)]
 
 
-# How far outside the trained range an output may go before we warn (a judgement call, not upstream).
-_TOO_LARGE = 1.15  # sqrt(W*H) above max * this
-_TOO_SMALL = 0.75  # sqrt(W*H) below min * this
-_TOO_WIDE = 1.2  # aspect above the widest trained one * this
+# How far outside the trained range an output may go before we warn (a judgement call, not upstream);
+# tiling "auto" decodes up to the same margins in one pass.
+TOO_LARGE = 1.15  # sqrt(W*H) above max * this
+TOO_SMALL = 0.75  # sqrt(W*H) below min * this
+TOO_WIDE = 1.2  # aspect above the widest trained one * this
 
 
 def check_output_size(variant: Variant, height: int, width: int) -> str | None:
@@ -366,14 +387,14 @@ def check_output_size(variant: Variant, height: int, width: int) -> str | None:
     size = f"{width}x{height}"
     same_family = [v for v in variants_for_backbone(variant.backbones[0]) if v is not variant]
     warnings = []
-    if side > high * _TOO_LARGE:
+    if side > high * TOO_LARGE:
         bigger = [v.name for v in same_family if v.trained_px[1] > high]
         fix = (f"use the 2K-to-4K checkpoint ({', '.join(bigger)}) or tiled decoding" if bigger
                else "use tiled decoding")
         warnings.append(
             f"{size} is larger than the {trained} that {variant.name} was trained for; {fix}."
         )
-    elif side < low * _TOO_SMALL:
+    elif side < low * TOO_SMALL:
         smaller = [v.name for v in same_family if v.trained_px[1] < high]
         fix = (f"the 2K checkpoint ({', '.join(smaller)}) fits small outputs better, or start from a "
                "larger latent" if smaller else "start from a larger latent")
@@ -382,7 +403,7 @@ def check_output_size(variant: Variant, height: int, width: int) -> str | None:
             f"softer detail; {fix}."
         )
     aspect = max(height, width) / min(height, width)
-    if aspect > MAX_TRAINED_ASPECT * _TOO_WIDE:
+    if aspect > MAX_TRAINED_ASPECT * TOO_WIDE:
         warnings.append(
             f"The aspect ratio {aspect:.2f}:1 of {size} is wider than the 16:9 that PiD was trained on; "
             "expect stretched structure; crop to 16:9 or narrower, or use tiled decoding."

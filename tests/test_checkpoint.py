@@ -20,7 +20,7 @@ def test_key_layouts_load(tmp_path, filename, prefix, layout_word):
     config = make_random_checkpoint(path, prefix=prefix)
     model = load_pid(path)
     assert model.config == config
-    assert layout_word in model.info.key_layout
+    assert layout_word in model.checkpoint.key_layout
 
 
 @pytest.mark.parametrize("layout,channels", [("v1", 16), ("v1", 4), ("v1", 128), ("v1", 768), ("v1", 1152), ("v1.5", 16), ("v1.5", 128)])

@@ -44,7 +44,7 @@ def test_every_backbone_decodes_to_the_right_size(checkpoints, backbone):
     latent = torch.randn(shape)
     image = decode(model, latent, text=_text(), steps=2, seed=1)
     scale = model.config.scale
-    assert model.info.variant is not None and model.info.variant.latent_format == backbone
+    assert model.variant is not None and model.variant.latent_format == backbone
     assert image.shape == (1, 3, shape[-2] * scale, shape[-1] * scale)
     assert image.min() >= 0 and image.max() <= 1
 

@@ -286,9 +286,7 @@ def test_chunked_network_paths_equal_whole():
     with torch.no_grad():
         whole = model(*args)
         for chunk in (1, 7, 10, 25, 10_000):
-            model.pixel_chunk_tokens = chunk
-            assert (model(*args) - whole).abs().max().item() < 1e-5
-    model.pixel_chunk_tokens = None
+            assert (model(*args, chunk_tokens=chunk) - whole).abs().max().item() < 1e-5
 
 
 def test_chunked_bf16_under_autocast_matches_whole():
@@ -300,9 +298,7 @@ def test_chunked_bf16_under_autocast_matches_whole():
             torch.randn(1, 16, H // 32, W // 32, generator=g), torch.tensor([0.3]))
     with torch.no_grad(), compute_context(model, "cpu"):
         whole = model(*args)
-        model.pixel_chunk_tokens = 7
-        chunked = model(*args)
-    model.pixel_chunk_tokens = None
+        chunked = model(*args, chunk_tokens=7)
     assert chunked.dtype == whole.dtype == torch.bfloat16
     assert (whole.float() - chunked.float()).abs().max() <= 1e-2
 

@@ -33,8 +33,9 @@ class PidNet(nn.Module):
         self.final_layer = FinalLayer(cfg.pixel_hidden_size)
         self.lq_proj = LatentAdapter(cfg)
         self.pit_lq_gate = SigmaGate(D, per_dim=cfg.gate == "per_token_per_dim") if cfg.pixel_gate else None
-        # How many patch tokens the pixel blocks process at a time (None: all). Memory only; same result.
-        self.pixel_chunk_tokens: int | None = None
+        # Provenance, set by checkpoint.load_pid: the released variant (or None) and the file.
+        self.variant = None
+        self.checkpoint = None
 
     def forward(
         self,
@@ -43,9 +44,14 @@ class PidNet(nn.Module):
         text: torch.Tensor,
         latent: torch.Tensor,
         sigma: torch.Tensor,
+        *,
+        chunk_tokens: int | None = None,
     ) -> torch.Tensor:
         """x [B,3,H,W] noisy image; t [B] flow time in [0,1]; text [B,T,text_dim]; latent [B,C,h,w] in PiD space;
-        sigma [B] the latent's noise level. Returns the velocity [B,3,H,W]."""
+        sigma [B] the latent's noise level. Returns the velocity [B,3,H,W].
+
+        chunk_tokens: patch tokens per chunk of the per-pixel work (None: all at once, the reference's
+        order of operations). Memory only: the result agrees to float rounding."""
         cfg = self.config
         B, _, H, W = x.shape
         P, D = cfg.patch_size, cfg.hidden_size
@@ -79,7 +85,7 @@ class PidNet(nn.Module):
 
         # Pixel stream: per-pixel embedding plus the absolute pixel sin-cos table, grouped per patch.
         d = cfg.pixel_hidden_size
-        chunk = self.pixel_chunk_tokens
+        chunk = chunk_tokens
         s_cond = s.reshape(B * L, D)
         del s
         if chunk:
@@ -98,7 +104,7 @@ class PidNet(nn.Module):
         out = out.reshape(B, gh, gw, P, P, 3).permute(0, 5, 1, 3, 2, 4)
         return out.reshape(B, 3, H, W)
 
-    # With pixel_chunk_tokens set, the pixel stream is also built and read out in bands of patch rows
+    # With chunk_tokens set, the pixel stream is also built and read out in bands of patch rows
     # of about that many tokens, so that no canvas-size temporary exists besides the stream itself.
 
     def _bands(self, B: int, H: int, W: int, chunk: int):
