@@ -1,6 +1,7 @@
 """ComfyUI nodes of the PiD decoder pack: one small file per node, ComfyUI glue only.
 
-This package imports nothing from ComfyUI itself, so `nodes._common` (the node logic that needs no
-ComfyUI) can be tested anywhere; the node modules import ComfyUI and are loaded by the pack's entry
-point (../__init__.py).
+They translate ComfyUI objects (LATENT, CONDITIONING, MODEL, VAE, IMAGE) into calls of the engine
+(../pid_core, imported relatively as part of this pack) and use ComfyUI's own machinery for memory,
+progress and cancel. common.py holds what the nodes share, comfy_models.py what ComfyUI's model classes
+mean for PiD. Loaded by the pack's entry point (../__init__.py), inside ComfyUI only.
 """

@@ -16,22 +16,15 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io
 
-from ._common import (
-    CATEGORY,
-    LATENT_FORMAT_NAMES,
-    NODE_ID_DECODE,
-    PID_MODEL_TYPE,
-    NodeInputError,
-    decode_memory_wanted,
-    preview_rgb_uint8,
-    read_pid_metadata,
-    resolve_latent_format,
-    resolve_sigma,
-)
+from ..pid_core.decode import run_plan
+from ..pid_core.images import preview_uint8
+from ..pid_core.network.layers import attention_backend, heads_merged_backend
+from ..pid_core.plan import plan_decode
+from ..pid_core.tiling import TileOptions
+from .comfy_models import LATENT_FORMAT_NAMES
+from .common import CATEGORY, NODE_ID_DECODE, NodeInputError, PidModel, read_pid_metadata, user_errors
 
 log = logging.getLogger("pid_decoder")
-
-PidModel = io.Custom(PID_MODEL_TYPE)
 
 
 def text_embedding_from_conditioning(conditioning) -> torch.Tensor:
@@ -59,15 +52,28 @@ def comfy_attention_backend():
     if not any(getattr(args, flag, False) for flag in ATTENTION_FLAGS):
         return None
     from comfy.ldm.modules.attention import optimized_attention
-    from pid_core.network.layers import heads_merged_backend
 
     return heads_merged_backend(optimized_attention)
 
 
-def _output_hw(model, latent: torch.Tensor) -> tuple[int, int]:
-    """Output size for the memory estimate: latent cells x pixels per cell (an upper bound)."""
-    scale = model.config.scale
-    return latent.shape[-2] * scale, latent.shape[-1] * scale
+def progress_callbacks(steps: int):
+    """(per step: progress with a preview and cancel; per tile batch: cancel)."""
+    pbar = comfy.utils.ProgressBar(int(steps))
+
+    def step_callback(step, total, x0):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        try:
+            from PIL import Image
+
+            preview = ("JPEG", Image.fromarray(preview_uint8(x0)), 512)
+        except Exception:  # a preview must never break the decode
+            preview = None
+        pbar.update_absolute(step, total, preview)
+
+    def tile_callback(done, total):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    return step_callback, tile_callback
 
 
 class PiDDecode(io.ComfyNode):
@@ -117,64 +123,28 @@ class PiDDecode(io.ComfyNode):
     @classmethod
     def execute(cls, pid_model, latent, conditioning, seed, steps, latent_format, sigma, tiling="auto",
                 tile_size=2048, tile_overlap=0) -> io.NodeOutput:
-        from pid_core.decode import decode, match_text_batch
-        from pid_core.errors import PidError
-        from pid_core.text import validate_text_embedding
-
         patcher = pid_model
         model = patcher.model
-        samples = latent["samples"]
-        _, warning = read_pid_metadata(latent)
+        meta, warning = read_pid_metadata(latent)
         if warning:
             log.warning("PiD Decode: %s", warning)
-        fmt = resolve_latent_format(latent_format, latent)
-        sigma_value, sigma_from = resolve_sigma(sigma, latent)
-        log.info("PiD Decode: latent %s, format %s, sigma %.6g (%s)", list(samples.shape), fmt, sigma_value, sigma_from)
-
-        try:
-            emb = validate_text_embedding(text_embedding_from_conditioning(conditioning),
-                                          text_dim=model.config.text_dim, max_tokens=model.config.text_max_tokens)
-            batch = samples.shape[0]
-            match_text_batch(emb, batch)  # checked before the model is moved to the GPU
-
-            from dataclasses import replace
-
-            from pid_core.tiling import TileOptions
-
-            tile_options = TileOptions(
-                mode=tiling, tile_px=int(tile_size) if tiling == "manual" else 0, overlap_px=int(tile_overlap))
-            height, width = _output_hw(model, samples)
-            comfy.model_management.load_models_gpu(
-                [patcher], memory_required=decode_memory_wanted(model, batch, height, width, tile_options),
-                force_full_load=True)
-            # the budget is what is free once ComfyUI has made room: auto tiling fits its plan to it
-            device = comfy.model_management.get_torch_device()
-            tile_options = replace(
-                tile_options, memory_budget_bytes=int(comfy.model_management.get_free_memory(device) * 0.9))
-
-            pbar = comfy.utils.ProgressBar(int(steps))
-
-            def callback(step, total, x0):
-                comfy.model_management.throw_exception_if_processing_interrupted()
-                preview = None
-                try:
-                    from PIL import Image
-
-                    preview = ("JPEG", Image.fromarray(preview_rgb_uint8(x0)), 512)
-                except Exception:  # a preview must never break the decode
-                    preview = None
-                pbar.update_absolute(step, total, preview)
-
-            def tile_callback(done, total):
-                comfy.model_management.throw_exception_if_processing_interrupted()
-
-            from pid_core.network.layers import attention_backend
-
+        device = comfy.model_management.get_torch_device()
+        with user_errors():
+            options = TileOptions(mode=tiling, tile_px=int(tile_size) if tiling == "manual" else 0,
+                                  overlap_px=int(tile_overlap))
+            plan = plan_decode(model, latent["samples"], text_embedding_from_conditioning(conditioning), meta=meta,
+                               latent_format=latent_format, sigma=None if sigma < 0 else sigma, tiling=options,
+                               device=device)
+            log.info("PiD Decode: latent %s as %s, sigma %s (%s)", list(latent["samples"].shape), plan.latent_format,
+                     [round(s, 6) for s in plan.sigma.tolist()], plan.sigma_source)
+            # ComfyUI makes room for what the plan wants (unloading other models); the tiles then fit
+            # what is really free.
+            comfy.model_management.load_models_gpu([patcher], memory_required=plan.memory_bytes, force_full_load=True)
+            plan = plan.within(model, int(comfy.model_management.get_free_memory(device) * 0.9))
+            step_callback, tile_callback = progress_callbacks(steps)
             with attention_backend(comfy_attention_backend()):
-                image = decode(model, samples, text=emb, latent_format=fmt, sigma=sigma_value, seed=int(seed),
-                               steps=int(steps), callback=callback, tiling=tile_options, tile_callback=tile_callback)
-        except PidError as e:
-            raise NodeInputError(str(e)) from None
+                image = run_plan(model, plan, seed=int(seed), steps=int(steps), callback=step_callback,
+                                 tile_callback=tile_callback)
         image = image.permute(0, 2, 3, 1).to(device=comfy.model_management.intermediate_device(),
                                              dtype=torch.float32)
         return io.NodeOutput(image)

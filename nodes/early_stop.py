@@ -32,35 +32,13 @@ import comfy.utils
 import latent_preview
 from comfy_api.latest import io
 
-from ._common import (
-    CATEGORY,
-    NODE_ID_EARLY_STOP,
-    NodeInputError,
-    backbone_for_model_config,
-    choose_stop_step,
-    convert_state_frame,
-    latent_format_for_comfy_class,
-    noise_frame_for_model_sampling,
-    split_sigmas,
-    write_pid_metadata,
-)
+from ..pid_core.early_stop import choose_stop_step, split_sigmas
+from ..pid_core.latents import convert_state_frame, get_latent_format
+from ..pid_core.variants import recommended_stop_step
+from .comfy_models import describe_model
+from .common import CATEGORY, NODE_ID_EARLY_STOP, NodeInputError, user_errors, write_pid_metadata
 
 log = logging.getLogger("pid_decoder")
-
-
-def _mro_names(obj) -> list[str]:
-    return [c.__name__ for c in type(obj).__mro__]
-
-
-def describe_model(model) -> dict:
-    """What PiD needs to know about a ComfyUI MODEL: latent format, backbone, noise frame."""
-    base = model.model
-    latent_format = latent_format_for_comfy_class(type(base.latent_format).__name__)
-    backbone, distilled = backbone_for_model_config(_mro_names(base.model_config))
-    if latent_format is None:
-        backbone = None
-    frame = noise_frame_for_model_sampling(_mro_names(model.get_model_object("model_sampling")))
-    return {"latent_format": latent_format, "backbone": backbone, "distilled": distilled, "frame": frame}
 
 
 def _wrapped_sampler(sampler_name: str, *, capture: dict | None = None, start: torch.Tensor | None = None):
@@ -100,14 +78,6 @@ def _progress(model, total: int):
         return callback
 
     return for_part
-
-
-def _recommended(backbone):
-    if backbone is None:
-        return None
-    from pid_core.variants import recommended_stop_step
-
-    return recommended_stop_step(backbone)
 
 
 class KSamplerEarlyStop(io.ComfyNode):
@@ -162,11 +132,10 @@ class KSamplerEarlyStop(io.ComfyNode):
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                 denoise, stop_at_step, finish) -> io.NodeOutput:
         info = describe_model(model)
-        try:
-            wanted = choose_stop_step(stop_at_step, steps, backbone=info["backbone"],
-                                      recommended=_recommended(info["backbone"]), distilled=info["distilled"])
-        except NodeInputError as e:
-            raise NodeInputError(str(e)) from None
+        backbone = info["backbone"]
+        with user_errors():
+            wanted = choose_stop_step(stop_at_step, steps, backbone=backbone, distilled=info["distilled"],
+                                      recommended=recommended_stop_step(backbone) if backbone else None)
 
         latent = latent_image
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"],
@@ -182,8 +151,7 @@ class KSamplerEarlyStop(io.ComfyNode):
         k, sigma = split_sigmas(sigmas.tolist(), wanted)
         last = len(sigmas) - 1
         if last < 1:  # denoise 0: nothing to run, the latent is returned as is
-            out = write_pid_metadata(latent, samples, sigma=0.0, latent_format=info["latent_format"],
-                                     backbone=info["backbone"])
+            out = write_pid_metadata(latent, samples, sigma=0.0, latent_format=info["latent_format"])
             return io.NodeOutput(out, dict(out))
 
         run_to_end = k >= last
@@ -201,25 +169,22 @@ class KSamplerEarlyStop(io.ComfyNode):
 
         # x_k is in the model's frame; store it in the frame of its PiD latent format.
         fmt = info["latent_format"]
-        target_frame = None
-        if fmt is not None:
-            from pid_core.latents import get_latent_format
-
-            target_frame = get_latent_format(fmt).frame
-        x_out, sigma_out = convert_state_frame(x_k, sigma, info["frame"], target_frame)
+        target_frame = get_latent_format(fmt).frame if fmt is not None else None
+        with user_errors():
+            x_out, sigma_out = convert_state_frame(x_k, sigma, info["frame"], target_frame)
         stopped_samples = model.model.process_latent_out(x_out).to(
             device=comfy.model_management.intermediate_device(), dtype=comfy.model_management.intermediate_dtype())
-        stopped = write_pid_metadata(latent, stopped_samples, sigma=sigma_out, latent_format=fmt, backbone=info["backbone"])
+        stopped = write_pid_metadata(latent, stopped_samples, sigma=sigma_out, latent_format=fmt)
 
         if run_to_end:
-            finished = write_pid_metadata(latent, stock, sigma=0.0, latent_format=fmt, backbone=info["backbone"])
+            finished = write_pid_metadata(latent, stock, sigma=0.0, latent_format=fmt)
         elif finish:
             done = comfy.sample.sample_custom(
                 model, comfy.sample.prepare_empty_noise(samples), cfg, _wrapped_sampler(sampler_name, start=x_k),
                 sigmas[k:], positive, negative, stock, noise_mask=noise_mask, callback=progress(k),
                 disable_pbar=disable_pbar, seed=seed,
             )
-            finished = write_pid_metadata(latent, done, sigma=0.0, latent_format=fmt, backbone=info["backbone"])
+            finished = write_pid_metadata(latent, done, sigma=0.0, latent_format=fmt)
         else:
             from comfy_execution.graph_utils import ExecutionBlocker
 

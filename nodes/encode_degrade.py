@@ -13,21 +13,15 @@ import torch
 
 from comfy_api.latest import io
 
-from ._common import (
-    CATEGORY,
-    LATENT_FORMAT_NAMES,
-    NODE_ID_ENCODE_DEGRADE,
-    NodeInputError,
-    latent_format_for_vae,
-    vp_to_euler,
-    write_pid_metadata,
-)
+from ..pid_core.latents import get_latent_format, noise_latent, vp_to_euler
+from .comfy_models import LATENT_FORMAT_NAMES, latent_format_for_vae
+from .common import CATEGORY, NODE_ID_ENCODE_DEGRADE, NodeInputError, user_errors, write_pid_metadata
 
 
 def resolve_vae_format(choice: str, vae) -> str:
     if choice != "auto":
         return choice
-    fmt = latent_format_for_vae(int(getattr(vae, "latent_channels", 0)), int(getattr(vae, "latent_dim", 2)))
+    fmt = latent_format_for_vae(vae)
     if fmt is None:
         channels = getattr(vae, "latent_channels", "?")
         if channels == 16:
@@ -71,11 +65,8 @@ class PiDEncodeDegrade(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, vae, sigma, seed, latent_format) -> io.NodeOutput:
-        from pid_core.errors import PidError
-        from pid_core.latents import get_latent_format, noise_latent
-
         fmt = resolve_vae_format(latent_format, vae)
-        try:
+        with user_errors():
             lf = get_latent_format(fmt)
             raw = vae.encode(image[:, :, :, :3])
             z = lf.to_pid(raw.float())
@@ -87,7 +78,5 @@ class PiDEncodeDegrade(io.ComfyNode):
             samples = lf.from_pid(z)
             if raw.ndim == 5:
                 samples = samples.unsqueeze(2)
-        except PidError as e:
-            raise NodeInputError(str(e)) from None
         samples = samples.to(dtype=raw.dtype, device=raw.device)
         return io.NodeOutput(write_pid_metadata({}, samples, sigma=stored_sigma, latent_format=fmt))

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 import comfy.model_management
 import comfy.model_patcher
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ._common import CATEGORY, NODE_ID_LOADER, PID_FOLDER, PID_MODEL_TYPE, NodeInputError
+from ..pid_core.checkpoint import describe, load_pid
+from ..pid_core.precision import DTYPES
+from .common import CATEGORY, NODE_ID_LOADER, NodeInputError, PidModel, user_errors
 
-PidModel = io.Custom(PID_MODEL_TYPE)
+# Model folder for PiD checkpoints (models/pid); files in diffusion_models/ are listed too.
+PID_FOLDER = "pid"
 
 
 def register_pid_folder():
@@ -69,7 +70,7 @@ class PiDLoader(io.ComfyNode):
                 io.Combo.Input("pid_name", options=list_pid_files(),
                                tooltip="The PiD checkpoint (models/pid or models/diffusion_models). PiD weights are "
                                        "NVIDIA's, non-commercial licence (NSCLv1)."),
-                io.Combo.Input("weight_dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto",
+                io.Combo.Input("weight_dtype", options=list(DTYPES), default="auto",
                                tooltip="Precision of the weights in memory. auto keeps the file's (bf16 for the "
                                        "released files); fp32 is the safe choice on CPU."),
             ],
@@ -79,20 +80,11 @@ class PiDLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, pid_name, weight_dtype) -> io.NodeOutput:
-        from pid_core.checkpoint import describe, load_pid
-        from pid_core.errors import PidError
-        from pid_core.precision import DTYPES as WEIGHT_DTYPES
-
-        if weight_dtype not in WEIGHT_DTYPES:
-            raise NodeInputError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}.")
-        path = full_path(pid_name)
-        try:
-            model = load_pid(path, device="cpu", dtype=WEIGHT_DTYPES[weight_dtype])
-        except PidError as e:
-            raise NodeInputError(str(e)) from None
-        model.eval()
+        if weight_dtype not in DTYPES:
+            raise NodeInputError(f"weight_dtype must be one of {', '.join(DTYPES)}, got {weight_dtype!r}.")
+        with user_errors():
+            model = load_pid(full_path(pid_name), device="cpu", dtype=DTYPES[weight_dtype])
         patcher = comfy.model_patcher.CoreModelPatcher(
             model, load_device=comfy.model_management.get_torch_device(),
             offload_device=comfy.model_management.unet_offload_device())
-        summary = describe(model)
-        return io.NodeOutput(patcher, ui=ui.PreviewText(summary))
+        return io.NodeOutput(patcher, ui=ui.PreviewText(describe(model)))

@@ -13,7 +13,7 @@ state. CUDA: torch.cuda.max_memory_allocated, working = peak - allocated after l
 largest peak of one network forward measured on its own (the peak is reset just before each call):
 the part that the tile size bounds; working - forward is about the sampler's canvas state: the state x
 (12 bytes per output pixel, fp32) and, while tiles run, the band of fused v one tile high; while
-re-noising (2 or more steps), x0 and the fresh noise. est. = tiling.tile_memory_estimate for that
+re-noising (2 or more steps), x0 and the fresh noise. est. = tiling.memory.tile_memory_estimate for that
 forward.
 
 --max-tile-batches N runs only the first N tile batches of each step and skips the rest. That cannot
@@ -21,7 +21,7 @@ lower the peak: every batch has the same shape, the state and the band are alloc
 batch, and the step still finishes every row and re-noises the whole canvas. Such runs are marked
 "cut" and report the time per tile batch, never a decode time.
 
-Seam figure (`tiling.seam_figure`): a narrow random model (cheap) decodes at --seam-sizes with tiles
+Seam figure (`seam_figure` below): a narrow random model (cheap) decodes at --seam-sizes with tiles
 of --seam-tile px over --seam-steps steps; the figure is the mean |diff| of adjacent pixels across tile
 edges over the same across patch edges inside tiles (1.0: no visible seam). The untiled decode of the
 same inputs gives the baseline of that statistic, and the PSNR of tiled vs untiled is printed too.
@@ -37,6 +37,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Sequence
 
 import torch
 
@@ -117,12 +118,63 @@ def _limit_address_space() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+# --------------------------------------------------------------------------------------------------
+# Seam figure: for a decoded image and its tile layout, the mean |difference| of the horizontally and
+# vertically adjacent pixel pairs that straddle a tile edge (the pair (p-1, p) where p is the first or
+# one past the last row/column of a tile, inside the canvas), divided by the same mean over the pairs
+# that straddle a *patch* edge (p a multiple of the patch size) at least one patch away from every tile
+# edge. Tile edges are patch edges too, so both sides compare like with like; 1.0 means a tile border
+# is indistinguishable from any other patch border.
+
+
+def _edge_positions(starts: Sequence[int], t: int, n: int) -> set:
+    edges = set()
+    for s in starts:
+        if 0 < s < n:
+            edges.add(s)
+        if 0 < s + t < n:
+            edges.add(s + t)
+    return edges
+
+
+def seam_figure(image: torch.Tensor, tiles: Sequence, patch_size: int = 16) -> float:
+    """Mean |diff| across tile edges / mean |diff| across patch edges away from tile edges (see the
+    module docstring). image [B, C, H, W] (or [C, H, W]); nan when there are no tile edges."""
+    img = image.double()
+    if img.dim() == 3:
+        img = img[None]
+    H, W = img.shape[-2:]
+    ys = sorted({t.y0 for t in tiles})
+    xs = sorted({t.x0 for t in tiles})
+    seam_sum = seam_n = inner_sum = inner_n = 0.0
+    for axis, n, starts, t in ((-2, H, ys, tiles[0].h), (-1, W, xs, tiles[0].w)):
+        edges = _edge_positions(starts, t, n)
+        if not edges and len(starts) <= 1:
+            continue
+        far = [p for p in range(patch_size, n, patch_size) if all(abs(p - e) >= patch_size for e in edges)]
+        for positions, is_seam in ((sorted(edges), True), (far, False)):
+            if not positions:
+                continue
+            idx = torch.tensor(positions)
+            diff = (img.index_select(axis, idx) - img.index_select(axis, idx - 1)).abs()
+            if is_seam:
+                seam_sum += diff.sum().item()
+                seam_n += diff.numel()
+            else:
+                inner_sum += diff.sum().item()
+                inner_n += diff.numel()
+    if seam_n == 0 or inner_n == 0:
+        return float("nan")
+    return (seam_sum / seam_n) / (inner_sum / inner_n)
+
+
 def worker(spec: dict) -> dict:
     """One measurement (runs in its own process)."""
     from .checkpoint import build_model
     from .sampling import initial_noise, sample
     from .testing import config_shapes, random_state_dict
-    from .tiling import TileOptions, plan_decode, make_velocity
+    from .tiling import TileOptions, plan_tiling
+    from .velocity import network_velocity
 
     device = torch.device(spec["device"])
     dtype = DTYPES[spec["dtype"]]
@@ -140,8 +192,8 @@ def worker(spec: dict) -> dict:
                               max_batch_tiles=spec.get("batch_tiles", 1), pixel_chunk_tokens=chunk)
     else:
         options = TileOptions(mode="off", pixel_chunk_tokens=chunk)
-    plan = plan_decode(cfg, (H, W), options, dtype=dtype)
-    velocity = make_velocity(model, text, latent, sigma, plan=plan, device=device,
+    plan = plan_tiling(cfg, (H, W), options, dtype=dtype)
+    velocity = network_velocity(model, text, latent, sigma, plan, device=device,
                              max_batches=spec.get("max_tile_batches"))
     # Peak of each network forward on its own (reset just before it): what the tile size bounds.
     # The rest of the decode's working memory is the sampler's canvas-size state.
@@ -226,7 +278,7 @@ def _size(text: str) -> tuple[int, int]:
 
 def _expected_bytes(spec: dict) -> int:
     """A pessimistic guess of the process's peak, to skip runs this machine cannot hold."""
-    from .tiling import canvas_memory_estimate, tile_memory_estimate
+    from .tiling.memory import canvas_memory_estimate, tile_memory_estimate
 
     cfg = _config(spec)
     H, W = spec["size"]
@@ -325,7 +377,8 @@ def seam(args) -> list[dict]:
     from .precision import psnr
     from .sampling import initial_noise, sample
     from .testing import narrow_config, random_model
-    from .tiling import TileOptions, make_velocity, plan_decode, seam_figure
+    from .tiling import TileOptions, plan_tiling
+    from .velocity import network_velocity
 
     cfg = narrow_config(layout=args.layout, latent_channels=args.latent_channels)
     model = random_model(cfg, seed=0, dtype=torch.float32)
@@ -338,12 +391,12 @@ def seam(args) -> list[dict]:
         text = torch.randn(1, cfg.text_max_tokens, cfg.text_dim, generator=g)
         latent = torch.randn(1, cfg.latent_channels, H // cfg.scale, W // cfg.scale, generator=g)
         sigma = torch.tensor([0.3])
-        plan = plan_decode(cfg, (H, W), TileOptions(mode="manual", tile_px=args.seam_tile,
+        plan = plan_tiling(cfg, (H, W), TileOptions(mode="manual", tile_px=args.seam_tile,
                                                     overlap_px=args.overlap, max_batch_tiles=args.batch_tiles))
         start = time.perf_counter()
         noise, gen = initial_noise((1, 3, H, W), seed=0)
         with torch.no_grad():
-            tiled = sample(make_velocity(model, text, latent, sigma, plan=plan), noise, steps=args.seam_steps,
+            tiled = sample(network_velocity(model, text, latent, sigma, plan), noise, steps=args.seam_steps,
                            generator=gen)
         seconds = time.perf_counter() - start
         figure = seam_figure(tiled, plan.tiles, cfg.patch_size)
@@ -351,7 +404,8 @@ def seam(args) -> list[dict]:
         if max(H, W) <= args.seam_untiled_max:
             noise, gen = initial_noise((1, 3, H, W), seed=0)
             with torch.no_grad():
-                whole = sample(make_velocity(model, text, latent, sigma, plan=None), noise, steps=args.seam_steps,
+                untiled = plan_tiling(cfg, (H, W), TileOptions(mode="off"))
+                whole = sample(network_velocity(model, text, latent, sigma, untiled), noise, steps=args.seam_steps,
                                generator=gen)
             base = seam_figure(whole, plan.tiles, cfg.patch_size)
             db = psnr(tiled, whole)

@@ -22,35 +22,6 @@ from .precision import DTYPES
 GEMMA_REPO = "Efficient-Large-Model/gemma-2-2b-it"  # the text encoder the reference loads (spec 4)
 
 
-def load_latent_file(path: str) -> tuple[torch.Tensor, dict]:
-    """A latent from .safetensors / ComfyUI .latent (key latent_tensor), .pt/.pth (weights only) or .npy.
-    Optional scalar/vector tensors `pid_sigma` travel along as metadata."""
-    if not os.path.exists(path):
-        raise PidError(f"Latent file not found: {path}")
-    try:
-        if path.endswith((".safetensors", ".latent")):
-            from safetensors.torch import load_file
-
-            tensors = load_file(path)
-        elif path.endswith(".npy"):
-            import numpy as np
-
-            tensors = {"latent": torch.from_numpy(np.load(path, allow_pickle=False))}
-        else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-            tensors = loaded if isinstance(loaded, dict) else {"latent": loaded}
-    except Exception as exc:
-        raise PidError(f"Could not read the latent file {path}: {exc}") from None
-    meta = {k: v for k, v in tensors.items() if k.startswith("pid_")}
-    for key in ("latent_tensor", "samples", "latent"):
-        if isinstance(tensors.get(key), torch.Tensor):
-            return tensors[key], meta
-    candidates = [v for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.ndim >= 4 and not k.startswith("pid_")]
-    if len(candidates) != 1:
-        raise PidError(f"{path} should hold one latent tensor (key 'latent' or 'samples'); found keys {list(tensors)}.")
-    return candidates[0], meta
-
-
 class ProgressBar:
     def __init__(self, total: int):
         self.total, self.start = total, time.perf_counter()
@@ -72,10 +43,23 @@ def peak_memory_text(device: torch.device) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
 
 
+def tile_options(args, device: torch.device):
+    """--tile off | auto | a tile side in pixels, within the device's free memory."""
+    from .tiling import TileOptions, device_memory_budget
+
+    if args.tile not in ("off", "auto") and not args.tile.isdigit():
+        raise PidError(f"--tile takes off, auto or a tile size in pixels, not {args.tile!r}.")
+    mode = args.tile if args.tile in ("off", "auto") else "manual"
+    return TileOptions(mode=mode, tile_px=int(args.tile) if mode == "manual" else 0, overlap_px=args.overlap or 0,
+                       memory_budget_bytes=device_memory_budget(device))
+
+
 def cmd_decode(args) -> int:
     from .checkpoint import describe, load_pid
-    from .decode import decode, resolve_latent_format
+    from .decode import encode_text, run_plan
+    from .files import load_latent_file, load_text_embedding
     from .images import save_png
+    from .plan import plan_decode
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.perf_counter()
@@ -84,31 +68,17 @@ def cmd_decode(args) -> int:
         dtype = torch.float32  # CPUs run bf16 matmuls far slower than fp32; on GPUs the file's bf16 is kept
     model = load_pid(args.checkpoint, device=device, dtype=dtype)
     latent, meta = load_latent_file(args.latent)
-    sigma = args.sigma if args.sigma is not None else meta.get("pid_sigma", 0.0)
     if args.text_embedding:
-        from .text import load_text_embedding
-
-        text, encoder = load_text_embedding(args.text_embedding), None
+        text = load_text_embedding(args.text_embedding)
     else:
         from .text import GemmaTextEncoder
 
-        encoder = GemmaTextEncoder.from_pretrained(args.text_encoder, device=device)
-        text = args.prompt
-    fmt = resolve_latent_format(args.latent_format, model, latent)
-    tiling = None
-    if args.tile != "off":
-        from .tiling import TileOptions, device_memory_budget
-
-        if args.tile != "auto" and not args.tile.isdigit():
-            raise PidError(f"--tile takes off, auto or a tile size in pixels, not {args.tile!r}.")
-        manual = args.tile != "auto"
-        tiling = TileOptions(mode="manual" if manual else "auto", tile_px=int(args.tile) if manual else 0,
-                             overlap_px=args.overlap or 0, memory_budget_bytes=device_memory_budget(device))
+        text = encode_text(args.prompt, GemmaTextEncoder.from_pretrained(args.text_encoder, device=device))
+    plan = plan_decode(model, latent, text, meta=meta, latent_format=args.latent_format, sigma=args.sigma,
+                       leftover_noise=args.leftover_noise, tiling=tile_options(args, device))
     loaded = time.perf_counter()
-    image = decode(
-        model, latent, text=text, text_encoder=encoder, latent_format=fmt, sigma=sigma, seed=args.seed,
-        steps=args.steps, callback=ProgressBar(args.steps), tiling=tiling, leftover_noise=args.leftover_noise,
-    )
+    image = run_plan(model, plan, seed=args.seed, steps=args.steps, callback=ProgressBar(args.steps),
+                     compile=args.compile)
     finished = time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     outputs = []
@@ -117,8 +87,11 @@ def cmd_decode(args) -> int:
         save_png(image[i], path)
         outputs.append(path)
     print(f"checkpoint : {describe(model)}")
+    sigma = args.sigma if args.sigma is not None else (meta.sigma if meta.sigma is not None else 0.0)
     sigmas = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).tolist()
-    print(f"latent     : {list(latent.shape)} as {fmt}, sigma {', '.join(f'{s:.3g}' for s in sigmas)}")
+    print(f"latent     : {list(latent.shape)} as {plan.latent_format}, sigma {', '.join(f'{s:.3g}' for s in sigmas)} "
+          f"({plan.sigma_source})")
+    print(f"tiling     : {plan.tiles.reason}")
     print(f"output     : {image.shape[0]} x {image.shape[-1]}x{image.shape[-2]} px -> {', '.join(outputs)}")
     print(f"time       : load {loaded - started:.1f}s, decode {finished - loaded:.1f}s ({args.steps} steps, {device.type})")
     print(f"peak memory: {peak_memory_text(device)}")
@@ -211,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", default="auto", choices=list(DTYPES), help="weight dtype (auto: the file's on GPU, fp32 on CPU)")
     d.add_argument("--tile", default="auto", help="auto (tiles only beyond the trained size or free memory), off, or a tile size in output pixels (e.g. 2048)")
     d.add_argument("--overlap", type=int, default=None, help="tile overlap in output pixels")
+    d.add_argument("--compile", action="store_true", help="torch.compile the network (pays off for many decodes of one size on a GPU)")
     d.add_argument("--out", required=True, help="output PNG (numbered when the batch has several images)")
     d.set_defaults(func=cmd_decode)
 

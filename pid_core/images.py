@@ -1,4 +1,4 @@
-"""Image I/O without extra dependencies: [0, 1] tensors <-> 8-bit RGB, PNG written with zlib."""
+"""Images without extra dependencies: [0, 1] tensors -> 8-bit RGB, PNG written with zlib, previews."""
 
 from __future__ import annotations
 
@@ -34,17 +34,13 @@ def save_png(image: torch.Tensor, path: str) -> None:
         f.write(encode_png(to_uint8(image)))
 
 
-def read_png(path: str) -> np.ndarray:
-    """Read back a PNG written by encode_png (8-bit RGB, filter 0): for tests and tools."""
-    data = open(path, "rb").read()
-    pos, idat, width, height = 8, b"", 0, 0
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        if kind == b"IHDR":
-            width, height = struct.unpack(">II", body[:8])
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + width * 3)
-    return rows[:, 1:].reshape(height, width, 3)
+def preview_uint8(x0: torch.Tensor, max_side: int = 512) -> np.ndarray:
+    """x0 [B, 3, H, W] in [-1, 1] -> the first sample as uint8 [h, w, 3], longest side <= max_side (for
+    progress previews)."""
+    img = x0[0:1].detach().float()
+    h, w = img.shape[-2:]
+    scale = max(h, w) / max_side
+    if scale > 1:
+        img = torch.nn.functional.interpolate(img, size=(max(1, int(h / scale)), max(1, int(w / scale))),
+                                              mode="area")
+    return to_uint8((img[0].clamp(-1, 1) + 1) / 2)

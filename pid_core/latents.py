@@ -15,13 +15,14 @@ brings it into the frame PiD was trained on (comfyui-integration 3, spec 7):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from .errors import CheckpointError, LatentError, SizeError
+from .errors import CheckpointError, LatentError
 from .variants import VARIANTS, Variant
 
 # Wan 2.1 VAE per-channel statistics, which Qwen-Image's VAE shares: ComfyUI
@@ -194,7 +195,7 @@ LATENT_FORMATS: dict[str, LatentFormat] = {
         # ComfyUI's FLUX.2 VAE already packs 2x2 and applies the BatchNorm: identity.
         LatentFormat("flux2", "FLUX.2 / Klein", 128, 16, 128, "flow"),
         # The raw VAE latent (diffusers Flux2KleinPipeline): pack and normalize as PiD does (spec 7).
-        LatentFormat("flux2_raw", "raw FLUX.2 VAE latent", 32, 8, 128, "flow", patchify=2),
+        LatentFormat("flux2_raw", "raw FLUX.2 VAE", 32, 8, 128, "flow", patchify=2),
         LatentFormat("qwenimage", "Qwen-Image", 16, 8, 16, "flow",
                      mean=WAN21_MEAN, std=WAN21_STD, video=True),
         # The RAE encoders already normalize their tokens (spec 7).
@@ -204,7 +205,6 @@ LATENT_FORMATS: dict[str, LatentFormat] = {
         LatentFormat("pid", "already in PiD's input space", None, None, None, "pid"),
     )
 }
-LATENT_FORMAT_CHOICES: tuple[str, ...] = ("auto", *LATENT_FORMATS)
 
 
 def get_latent_format(latent_format: str | LatentFormat) -> LatentFormat:
@@ -218,22 +218,21 @@ def get_latent_format(latent_format: str | LatentFormat) -> LatentFormat:
     return found
 
 
-# What a latent with this many channels most likely is (spec 7 table); for messages only.
-_LOOKS_LIKE = {
-    4: "SDXL",
-    16: "FLUX.1 / Z-Image / SD3 / Qwen-Image",
-    32: "raw FLUX.2 VAE",
-    128: "FLUX.2",
-    768: "DINOv2-RAE",
-    1152: "SigLIP-2 Scale-RAE",
-}
+def _formats_with_channels(channels: int) -> list[LatentFormat]:
+    return [f for f in LATENT_FORMATS.values() if f.channels == channels]
+
+
+# What a latent with this many channels most likely is; for messages only.
+_LOOKS_LIKE = {c: " / ".join(f.label for f in _formats_with_channels(c))
+               for c in {f.channels for f in LATENT_FORMATS.values() if f.channels}}
 # The format a latent can only be in, given its channel count (16 channels: three formats).
-_FORMAT_BY_CHANNELS = {4: "sdxl", 32: "flux2_raw", 128: "flux2", 768: "dinov2", 1152: "siglip"}
+_FORMAT_BY_CHANNELS = {c: fs[0].name for c in _LOOKS_LIKE if len(fs := _formats_with_channels(c)) == 1}
 
 
 def _pid_channels(channels: int) -> int:
     """Channels of a latent with this many channels once in PiD space (raw FLUX.2 gets packed)."""
-    return 128 if channels == 32 else channels
+    fits = _formats_with_channels(channels)
+    return fits[0].pid_channels if len(fits) == 1 else channels
 
 
 def _checkpoint_mismatch(channels: int, expected: int) -> str:
@@ -451,20 +450,32 @@ def noise_latent(
     return torch.where(s4 == 0, z, noised)
 
 
-def output_size(latent_hw: tuple[int, int], spec: Variant | tuple[int, int]) -> tuple[int, int]:
-    """(H, W) of PiD's output: PiD-space latent size x VAE factor x sr_scale (spec 8).
+def convert_state_frame(x, sigma: float, from_frame: str | None, to_frame: str | None):
+    """A sampler state at noise level sigma, from one noise frame to another: (x, sigma).
 
-    spec: a Variant, or (down_factor, sr_scale). latent_hw is the size after prepare_latent (a raw
-    32-channel FLUX.2 latent halves its size when packed).
+    flow: x = (1 - s) x0 + s eps (s in [0, 1]); euler: x = x0 + s eps (s >= 0). Both describe the same
+    point: x_flow / (1 - s) = x0 + s / (1 - s) eps. Works in model space (after process_in), where
+    the scaling is linear. Unknown frames (None) pass through.
     """
-    if isinstance(spec, Variant):
-        factor = spec.pixels_per_latent
-    else:
-        down_factor, sr_scale = spec
-        factor = int(down_factor) * int(sr_scale)
-    h, w = (int(n) for n in latent_hw)
-    if h <= 0 or w <= 0 or factor <= 0:
-        raise SizeError(
-            f"Latent size {h}x{w} with {factor} pixels per cell gives no image; give a non-empty latent."
-        )
-    return h * factor, w * factor
+    if from_frame == to_frame or from_frame is None or to_frame is None:
+        return x, float(sigma)
+    s = float(sigma)
+    if from_frame == "flow" and to_frame == "euler":
+        if s >= 1.0:
+            raise LatentError("A state at sigma 1 (pure noise) has no Euler-frame equivalent; stop later.")
+        return x / (1.0 - s), s / (1.0 - s)
+    if from_frame == "euler" and to_frame == "flow":
+        return x / (1.0 + s), s / (1.0 + s)
+    raise LatentError(f"Unknown noise frames {from_frame!r} -> {to_frame!r}.")
+
+
+def vp_to_euler(x, sigma: float):
+    """A VP-frame state sqrt(1 - s^2) x0 + s eps -> the Euler frame x0 + s_eu eps: (x, s_eu).
+
+    SDXL latents are noised in PiD's VP frame; a latent with format 'sdxl' holds the Euler frame (what
+    an SDXL sampler's state is), which prepare_latent converts back exactly."""
+    s = float(sigma)
+    if not 0.0 <= s < 1.0:
+        raise LatentError(f"An SDXL latent can be noised to a sigma in [0, 1), got {s:g}.")
+    keep = math.sqrt(1.0 - s * s)
+    return x / keep, s / keep

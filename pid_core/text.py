@@ -128,59 +128,6 @@ def validate_text_embedding(emb: Any, *, text_dim: int = TEXT_DIM, max_tokens: i
     return emb
 
 
-def load_text_embedding(path: str | os.PathLike) -> torch.Tensor:
-    """Read a precomputed text embedding: .safetensors, .pt/.pth (tensors only) or .npy.
-
-    A file with several tensors must name the one to use "text_embedding". The result is not
-    validated: pass it to validate_text_embedding() with the network's width.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise TextEmbeddingError(f"Text embedding file not found: {path}. Check the path.")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data: Any = load_file(str(path), device="cpu")
-        elif suffix in (".pt", ".pth"):
-            # weights_only: a pickle can run code on load; a text embedding never needs more than tensors.
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
-        elif suffix == ".npy":
-            import numpy as np
-
-            data = torch.from_numpy(np.load(str(path), allow_pickle=False))
-        else:
-            raise TextEmbeddingError(
-                f"{path.name}: unsupported text embedding file type '{suffix}'. Use .safetensors, .pt/.pth or .npy."
-            )
-    except TextEmbeddingError:
-        raise
-    except Exception as e:  # corrupt file, pickled objects, object arrays, ...
-        raise TextEmbeddingError(
-            f"Could not read the text embedding {path.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
-            "The file must hold a plain tensor (no pickled Python objects): re-save it with "
-            "safetensors.torch.save_file({'text_embedding': t}, path) or numpy.save."
-        ) from e
-
-    if isinstance(data, dict):
-        tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
-        if "text_embedding" in tensors:
-            data = tensors["text_embedding"]
-        elif len(tensors) == 1:
-            data = next(iter(tensors.values()))
-        else:
-            raise TextEmbeddingError(
-                f"{path.name} holds {len(tensors)} tensors ({', '.join(sorted(tensors)[:5])}); name the text "
-                "embedding 'text_embedding' or save it alone."
-            )
-    if not isinstance(data, torch.Tensor):
-        raise TextEmbeddingError(
-            f"{path.name} holds a {type(data).__name__}, not a tensor. Save the embedding tensor itself."
-        )
-    return data
-
-
 # --------------------------------------------------------------------------------------------------
 # Gemma-2 encoder
 # --------------------------------------------------------------------------------------------------

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import save_file
 
 from pid_core.cli import main
-from pid_core.images import read_png
+from images_helper import read_png
 from pid_core.testing import make_random_checkpoint
 
-from test_decode import BACKBONES, _text
+from test_decode import BACKBONES
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,14 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from pid_core.network import layers
+from pid_core.network.layers import attention_backend, heads_merged_backend
 from pid_core.precision import compute_context, psnr
 from pid_core.testing import narrow_config, random_model
+
+SMALL = dict(text_dim=32, text_tokens=12)
 
 
 def _inputs(config, h=4, w=6, batch=2, seed=0):
@@ -52,3 +57,65 @@ def test_text_longer_than_the_table_is_truncated():
         a = model(x, t, long_text, latent, sigma)
         b = model(x, t, torch.cat([long_text, torch.randn(2, 5, 32)], dim=1), latent, sigma)
     assert torch.equal(a, b)
+
+
+def test_chunked_network_paths_equal_whole():
+    """Chunked pixel blocks, embedding and read-out (bands of patch rows) against the reference order."""
+    cfg = narrow_config(layout="v1.5", **SMALL)
+    model = random_model(cfg)
+    H, W = 96, 160
+    g = torch.Generator().manual_seed(1)
+    args = (torch.randn(2, 3, H, W, generator=g), torch.tensor([0.9, 0.3]), torch.randn(2, 7, 32, generator=g),
+            torch.randn(2, cfg.latent_channels, H // cfg.scale, W // cfg.scale, generator=g), torch.tensor([0.0, 0.5]))
+    with torch.no_grad():
+        whole = model(*args)
+        for chunk in (1, 7, 10, 25, 10_000):
+            assert (model(*args, chunk_tokens=chunk) - whole).abs().max().item() < 1e-5
+
+
+def test_chunked_bf16_under_autocast_matches_whole():
+    cfg = narrow_config(**SMALL)
+    model = random_model(cfg, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    H, W = 96, 160
+    args = (torch.randn(1, 3, H, W, generator=g), torch.tensor([0.9]), torch.randn(1, 7, 32, generator=g),
+            torch.randn(1, 16, H // 32, W // 32, generator=g), torch.tensor([0.3]))
+    with torch.no_grad(), compute_context(model, "cpu"):
+        whole = model(*args)
+        chunked = model(*args, chunk_tokens=7)
+    assert chunked.dtype == whole.dtype == torch.bfloat16
+    assert (whole.float() - chunked.float()).abs().max() <= 1e-2
+
+
+def test_attention_backend_is_used_and_restored():
+    cfg = narrow_config(**SMALL)
+    model = random_model(cfg)
+    H, W = 64, 96
+    g = torch.Generator().manual_seed(0)
+    text, latent = torch.randn(1, 7, cfg.text_dim, generator=g), torch.randn(1, 16, H // 32, W // 32, generator=g)
+    sigma = torch.tensor([0.3])
+    x = torch.randn(1, 3, H, W)
+    calls = []
+
+    def counting(q, k, v):
+        calls.append(q.shape)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def comfy_like(q, k, v, heads, skip_reshape=False):  # ComfyUI's optimized_attention contract
+        assert skip_reshape and q.shape[1] == heads
+        calls.append("comfy")
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(q.shape[0], -1, heads * q.shape[-1])
+
+    with torch.no_grad():
+        ref = model(x, torch.tensor([0.9]), text, latent, sigma)
+        with attention_backend(counting):
+            out = model(x, torch.tensor([0.9]), text, latent, sigma)
+        assert len(calls) == cfg.patch_depth + cfg.pixel_depth
+        assert layers._attention_backend is None
+        with attention_backend(heads_merged_backend(comfy_like)):
+            out2 = model(x, torch.tensor([0.9]), text, latent, sigma)
+        assert calls.count("comfy") == cfg.patch_depth + cfg.pixel_depth
+    assert layers._attention_backend is None
+    assert torch.equal(ref, out)
+    assert (ref - out2).abs().max() < 1e-5

@@ -1,6 +1,7 @@
-import torch
 import pytest
+import torch
 
+from pid_core import sampling
 from pid_core.sampling import initial_noise, sample, student_schedule, velocity_to_x0
 
 
@@ -63,3 +64,14 @@ def test_callback_exception_cancels():
 
     with pytest.raises(Cancelled):
         sample(lambda x, t: torch.zeros_like(x), torch.randn(1, 3, 4, 4), callback=cancel)
+
+
+def test_chunked_x0_update_equals_whole(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 37, 41, generator=g)
+    v = torch.randn(2, 3, 37, 41, generator=g).to(torch.bfloat16)
+    t = torch.tensor([0.999, 0.342])
+    whole = velocity_to_x0(x, v, t)
+    monkeypatch.setattr(sampling, "X0_SLICE_ELEMENTS", 500)
+    sliced = velocity_to_x0(x, v, t)
+    assert torch.equal(whole, sliced) and sliced.dtype == x.dtype

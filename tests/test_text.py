@@ -19,7 +19,6 @@ from pid_core.text import (
     TEXT_DIM,
     TEXT_TOKENS,
     GemmaTextEncoder,
-    load_text_embedding,
     validate_text_embedding,
 )
 
@@ -446,43 +445,3 @@ def test_validate_rejects_bad_embeddings():
         validate_text_embedding(torch.zeros(1, 0, HIDDEN), text_dim=HIDDEN)
     with pytest.raises(TextEmbeddingError, match="not a tensor"):
         validate_text_embedding([[0.0] * HIDDEN], text_dim=HIDDEN)
-
-
-# ------------------------------------------------------------------------------------------ load
-
-class _NotATensor:  # pickled by torch.save; weights_only loading must refuse it
-    pass
-
-
-def test_load_text_embedding_round_trips(tmp_path):
-    emb = torch.randn(1, 300, HIDDEN)
-    save_file({"anything": emb}, tmp_path / "a.safetensors")
-    assert torch.equal(load_text_embedding(tmp_path / "a.safetensors"), emb)
-    save_file({"text_embedding": emb, "mask": torch.ones(1, 300)}, tmp_path / "b.safetensors")
-    assert torch.equal(load_text_embedding(tmp_path / "b.safetensors"), emb)
-    np.save(tmp_path / "c.npy", emb.numpy())
-    assert torch.equal(load_text_embedding(tmp_path / "c.npy"), emb)
-    torch.save(emb, tmp_path / "d.pt")
-    assert torch.equal(load_text_embedding(tmp_path / "d.pt"), emb)
-    torch.save({"text_embedding": emb}, tmp_path / "e.pth")
-    assert torch.equal(load_text_embedding(tmp_path / "e.pth"), emb)
-
-
-def test_load_text_embedding_errors(tmp_path):
-    torch.save({"text_embedding": _NotATensor()}, tmp_path / "evil.pt")
-    with pytest.raises(TextEmbeddingError, match="pickled"):
-        load_text_embedding(tmp_path / "evil.pt")
-    np.save(tmp_path / "obj.npy", np.array([_NotATensor()], dtype=object), allow_pickle=True)
-    with pytest.raises(TextEmbeddingError):
-        load_text_embedding(tmp_path / "obj.npy")
-    save_file({"a": torch.zeros(2), "b": torch.zeros(2)}, tmp_path / "two.safetensors")
-    with pytest.raises(TextEmbeddingError, match="text_embedding"):
-        load_text_embedding(tmp_path / "two.safetensors")
-    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(TextEmbeddingError, match="Could not read"):
-        load_text_embedding(tmp_path / "junk.safetensors")
-    (tmp_path / "x.txt").write_text("1 2 3")
-    with pytest.raises(TextEmbeddingError, match="unsupported"):
-        load_text_embedding(tmp_path / "x.txt")
-    with pytest.raises(TextEmbeddingError, match="not found"):
-        load_text_embedding(tmp_path / "missing.pt")

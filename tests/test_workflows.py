@@ -12,20 +12,20 @@ import ast
 import json
 import pathlib
 import re
+import sys
 from urllib.parse import urlparse
 
 import pytest
 
-from nodes import _common
+from pid_core.precision import DTYPES
 from workflow_checks import check_value
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 NODE_FILES = ("early_stop.py", "loader.py", "decode.py", "encode_degrade.py")
+sys.path.insert(0, str(ROOT / "nodes"))
+import comfy_models  # noqa: E402  (plain tables, no ComfyUI import)
 
-OUR_IDS = {
-    _common.NODE_ID_EARLY_STOP, _common.NODE_ID_LOADER, _common.NODE_ID_DECODE, _common.NODE_ID_ENCODE_DEGRADE,
-}
 # ComfyUI core node types the workflows may use (all present in ComfyUI v0.33.0; checked against a real
 # server by the integration test). Widen deliberately: a workflow must load on a plain ComfyUI + this pack.
 CORE_TYPES = {
@@ -88,12 +88,9 @@ def _socket_type(func, customs):
     raise AssertionError(f"unknown input/output kind {ast.dump(func)[:80]}")
 
 
-def read_node_schema(path: pathlib.Path) -> dict:
-    """{node_id, inputs: [{name, type, optional, default, min, max, options, control}], outputs: [(name, type)]}."""
-    tree = ast.parse(path.read_text())
-    env = {k: getattr(_common, k) for k in dir(_common) if not k.startswith("_")}
-    customs = {}
-    for stmt in tree.body:  # module-level constants and io.Custom(...) socket types
+def _module_names(path: pathlib.Path, env: dict, customs: dict) -> None:
+    """Module-level constants and io.Custom(...) socket types of a node file, into env and customs."""
+    for stmt in ast.parse(path.read_text()).body:
         if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
             name, value = stmt.targets[0].id, stmt.value
             if isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute) and value.func.attr == "Custom":
@@ -103,6 +100,24 @@ def read_node_schema(path: pathlib.Path) -> dict:
                 env[name] = _evaluate(value, env)
             except Unknown:
                 pass
+
+
+# What the node files import: the shared constants (nodes/common.py), the ComfyUI tables, the dtype names.
+COMMON, COMMON_CUSTOMS = {}, {}
+_module_names(ROOT / "nodes" / "common.py", COMMON, COMMON_CUSTOMS)
+COMMON.update({k: v for k, v in vars(comfy_models).items() if k.isupper()}, DTYPES=DTYPES)
+
+
+OUR_IDS = {
+    COMMON["NODE_ID_EARLY_STOP"], COMMON["NODE_ID_LOADER"], COMMON["NODE_ID_DECODE"], COMMON["NODE_ID_ENCODE_DEGRADE"],
+}
+
+
+def read_node_schema(path: pathlib.Path) -> dict:
+    """{node_id, inputs: [{name, type, optional, default, min, max, options, control}], outputs: [(name, type)]}."""
+    tree = ast.parse(path.read_text())
+    env, customs = dict(COMMON), dict(COMMON_CUSTOMS)
+    _module_names(path, env, customs)
     schemas = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
                and n.func.attr == "Schema"]
     assert len(schemas) == 1, f"{path.name}: expected one io.Schema(...)"
@@ -165,12 +180,12 @@ def ids(paths):
 
 def test_schema_reader_finds_all_our_nodes():
     assert set(OUR_SCHEMAS) == OUR_IDS
-    decode = OUR_SCHEMAS[_common.NODE_ID_DECODE]
+    decode = OUR_SCHEMAS[COMMON["NODE_ID_DECODE"]]
     assert [s["name"] for s in decode["inputs"]][:3] == ["pid_model", "latent", "conditioning"]
-    assert decode["inputs"][0]["type"] == _common.PID_MODEL_TYPE
-    assert OUR_SCHEMAS[_common.NODE_ID_LOADER]["outputs"] == [("pid_model", _common.PID_MODEL_TYPE)]
+    assert decode["inputs"][0]["type"] == COMMON["PID_MODEL_TYPE"]
+    assert OUR_SCHEMAS[COMMON["NODE_ID_LOADER"]]["outputs"] == [("pid_model", COMMON["PID_MODEL_TYPE"])]
     fmt = next(s for s in decode["inputs"] if s["name"] == "latent_format")
-    assert fmt["options"] == ["auto", *_common.LATENT_FORMAT_NAMES]
+    assert fmt["options"] == ["auto", *comfy_models.LATENT_FORMAT_NAMES]
     seed = next(s for s in decode["inputs"] if s["name"] == "seed")
     assert seed["control"] and seed["min"] == 0
     for schema in OUR_SCHEMAS.values():
@@ -296,7 +311,7 @@ def test_model_links(workflow):
     # every loader of a model file says where to get it
     for n in wf["nodes"]:
         if n["type"] in ("UNETLoader", "CLIPLoader", "DualCLIPLoader", "VAELoader", "CheckpointLoaderSimple",
-                         _common.NODE_ID_LOADER):
+                         COMMON["NODE_ID_LOADER"]):
             assert n["properties"].get("models"), f"{path.name} node {n['id']} ({n['type']}) has no properties.models"
 
 
@@ -305,13 +320,13 @@ def test_pid_files_and_text_encoder(workflow):
     path, wf = workflow
     nodes = nodes_by_id(wf)
     for n in wf["nodes"]:
-        if n["type"] == _common.NODE_ID_LOADER:
+        if n["type"] == COMMON["NODE_ID_LOADER"]:
             name = n["widgets_values"][0]
             assert re.fullmatch(r"pid_(flux1|flux2|sd3|sdxl|qwenimage)_(512_to_2048|1024_to_4096)_4step_bf16\.safetensors",
                                 name), name
             assert n["properties"]["models"] == [
                 {"name": name, "url": PID_REPO + "diffusion_models/" + name, "directory": "diffusion_models"}]
-        if n["type"] == _common.NODE_ID_DECODE:
+        if n["type"] == COMMON["NODE_ID_DECODE"]:
             cond = nodes[wf_link(wf, n, "conditioning")[1]]
             assert cond["type"] == "CLIPTextEncode"
             clip = nodes[wf_link(wf, cond, "clip")[1]]

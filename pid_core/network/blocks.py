@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .layers import GeluMLP, RMSNorm, SwiGLU, attention, modulate
 from .rope import apply_rope

@@ -1,0 +1,225 @@
+"""The tiling policy: which tile size and how many tiles per forward, for a canvas, a checkpoint and a
+memory budget (docs/DESIGN.md §9)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+
+from ..network import PidConfig
+from ..variants import MAX_TRAINED_ASPECT, TOO_LARGE, TOO_WIDE
+from .geometry import MIN_TILE_PX, Tile, tile_shape, batch_tiles, default_overlap, plan_tiles
+from .memory import auto_chunk_tokens, canvas_memory_estimate, tile_memory_estimate
+
+DEFAULT_MAX_BATCH_TILES = 4
+
+
+def trained_tile_range(config: PidConfig, variant=None) -> tuple[int, int]:
+    """(smallest, largest) tile side in px inside the checkpoint's training range, as sqrt(h*w).
+
+    The 2K-to-4K students were trained up to 3840 px and are released for 1024 -> 4096 decodes
+    (their Comfy-Org names say 1024_to_4096), so 4096 counts as trained; 2K students: 2048. Unknown
+    models (custom or test checkpoints): by layout, v1.5 as 2K-to-4K, v1 as 2K."""
+    if variant is not None:
+        low, high = variant.trained_px
+        if high > 2048:
+            high = max(high, 4096)
+        return low, high
+    return (2048, 4096) if config.layout == "v1.5" else (2048, 2048)
+
+
+@dataclass(frozen=True)
+class TileOptions:
+    """How PiD Decode tiles. mode "auto": tile only when the canvas is larger than the checkpoint's
+    trained size or the working memory would not fit `memory_budget_bytes` (None: no memory limit),
+    with the largest tile that fits; "off": never tile; "manual": tiles of `tile_px` (square, output
+    px). overlap_px 0 = automatic (`default_overlap`: an eighth of the tile, at least the adapter's
+    reach of 160 px, at most a quarter of the tile). memory_budget_bytes: the free memory of the
+    compute device beyond the loaded weights (None: no limit); what is left of it after the sampler's
+    canvas state (`canvas_memory_estimate`, when the state is on that device) bounds the working memory
+    of one forward (`tile_memory_estimate`). canvas_on_device: where the sampler's state lives; None
+    (auto) keeps it with the network unless it would take more than a quarter of the budget, then on
+    the CPU (tiles travel to the device and their v back: a few MB per tile and step)."""
+
+    mode: str = "auto"
+    tile_px: int = 0
+    overlap_px: int = 0
+    memory_budget_bytes: Optional[int] = None
+    max_batch_tiles: int = DEFAULT_MAX_BATCH_TILES
+    pixel_chunk_tokens: Optional[int] | str = "auto"  # None: unchunked pixel blocks
+    canvas_on_device: Optional[bool] = None
+
+    def __post_init__(self):
+        if self.mode not in ("auto", "off", "manual"):
+            raise ValueError(f"tiling mode must be auto, off or manual, got {self.mode!r}")
+        if self.mode == "manual" and self.tile_px <= 0:
+            raise ValueError("manual tiling needs tile_px > 0")
+        if self.tile_px < 0 or self.overlap_px < 0:
+            raise ValueError("tile_px and overlap_px must not be negative")
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """What `plan_tiling` decided. tiled False: run the network on the whole canvas."""
+
+    canvas_hw: tuple[int, int]
+    tile_hw: tuple[int, int]
+    overlap: int
+    batch_tiles: int
+    align: int
+    tiles: tuple = field(repr=False, default=())
+    estimate_bytes: int = 0
+    below_trained: bool = False
+    fits_budget: bool = True
+    pixel_chunk_tokens: Optional[int] = None
+    reason: str = ""
+    canvas_on_device: bool = True  # the sampler's state on the compute device (False: on the CPU)
+    batch: int = 1  # samples decoded together
+
+    @property
+    def tiled(self) -> bool:
+        return len(self.tiles) > 1
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return len({t.y0 for t in self.tiles}), len({t.x0 for t in self.tiles})
+
+    @property
+    def memory_bytes(self) -> int:
+        """Working memory of the decode on the compute device: one forward, plus the sampler's state
+        when it lives there."""
+        state = canvas_memory_estimate(self.canvas_hw, self.batch) if self.canvas_on_device else 0
+        return self.estimate_bytes + state
+
+
+def choose_tile(
+    config: PidConfig,
+    canvas_hw: tuple[int, int],
+    *,
+    memory_budget_bytes: Optional[int],
+    dtype=torch.float32,
+    variant=None,
+    batch: int = 1,
+    overlap: int = 0,
+    max_batch_tiles: int = DEFAULT_MAX_BATCH_TILES,
+    chunk_tokens: Optional[int] | str = "auto",
+    tile_px: Optional[int] = None,
+) -> TilePlan:
+    """The largest tile inside the checkpoint's trained range whose working memory (for `batch`
+    samples, `tile_memory_estimate`) fits the budget, then as many tiles per forward as still fit.
+
+    A canvas inside the trained range that fits is one tile (untiled). When even the smallest trained
+    tile does not fit, smaller tiles down to MIN_TILE_PX are tried (below_trained=True); when nothing
+    fits, the smallest trained tile is returned with fits_budget=False. tile_px forces the tile side
+    (manual)."""
+    H, W = canvas_hw
+    align = math.lcm(config.scale, config.patch_size)
+    low, high = trained_tile_range(config, variant)
+    budget = math.inf if memory_budget_bytes is None else memory_budget_bytes
+    chunk = auto_chunk_tokens(config, dtype) if chunk_tokens == "auto" else chunk_tokens
+
+    def estimate(shape, n=1):
+        return tile_memory_estimate(config, shape, dtype=dtype, batch=n * batch, chunk_tokens=chunk)
+
+    if tile_px:
+        sides = [max(align, tile_px // align * align)]
+    else:
+        top = max(align, high // align * align)
+        sides = list(range(top, max(align, low // align * align) - 1, -align))
+        sides += list(range(sides[-1] - align, max(align, MIN_TILE_PX // align * align) - 1, -align))
+    chosen = None
+    whole_fits = (
+        not tile_px
+        and math.sqrt(H * W) <= high * TOO_LARGE
+        and max(H, W) / min(H, W) <= MAX_TRAINED_ASPECT * TOO_WIDE
+        and estimate((H, W)) <= budget
+    )
+    if whole_fits:
+        chosen = max(H, W), (H, W)
+    def shape_for(side):
+        if tile_px:  # by hand: square, clamped to the canvas
+            return tuple(n if side >= n else side for n in (H, W))
+        return tile_shape((H, W), side, align, MAX_TRAINED_ASPECT)
+
+    for side in ([] if whole_fits else sides):
+        if estimate(shape_for(side)) <= budget:
+            chosen = side, shape_for(side)
+            break
+    if chosen is None:  # nothing fits: smaller tiles would only cost quality; keep the trained size
+        side = sides[0] if tile_px else max(align, low // align * align)
+        chosen = side, shape_for(side)
+    side, shape = chosen
+    fits = estimate(shape) <= budget
+    ov = overlap or default_overlap(min(shape), align, config.patch_size)
+    ov = math.ceil(ov / align) * align
+    tiles = tuple(plan_tiles((H, W), shape, ov, align))
+    n = 1
+    while n < min(max_batch_tiles, len(tiles)) and estimate(shape, n + 1) <= budget:
+        n += 1
+    n = len(batch_tiles(tiles, n)[0])  # balanced: 9 tiles at most 4 a batch run as 3 x 3
+    below = (side < low) and len(tiles) > 1
+    if len(tiles) == 1:
+        reason = f"untiled: {W}x{H} fits in one pass"
+    else:
+        gy, gx = len({t.y0 for t in tiles}), len({t.x0 for t in tiles})
+        if tile_px:
+            why = "tile size set by hand"
+        elif side < sides[0]:
+            why = "largest tile inside the memory budget" + ("; below the trained size" if below else "")
+        else:
+            why = f"the checkpoint's trained size ({high} px)"
+        reason = f"{gx}x{gy} tiles of {shape[1]}x{shape[0]} px, overlap {ov} px, {n} per forward: {why}"
+        if not fits:
+            reason += f"; no tile down to {MIN_TILE_PX} px fits the memory budget"
+    return TilePlan(
+        canvas_hw=(H, W), tile_hw=shape, overlap=ov, batch_tiles=n, align=align, tiles=tiles,
+        estimate_bytes=estimate(shape, n), below_trained=below, fits_budget=fits,
+        pixel_chunk_tokens=chunk, reason=reason, batch=batch,
+    )
+
+
+def plan_tiling(
+    config: PidConfig,
+    canvas_hw: tuple[int, int],
+    options: Optional[TileOptions] = None,
+    *,
+    dtype=torch.float32,
+    variant=None,
+    batch: int = 1,
+) -> TilePlan:
+    """The tiles a decode of `canvas_hw` runs for `options` (None = TileOptions(), i.e. auto)."""
+    options = options or TileOptions()
+    H, W = canvas_hw
+    align = math.lcm(config.scale, config.patch_size)
+    chunk = auto_chunk_tokens(config, dtype) if options.pixel_chunk_tokens == "auto" else options.pixel_chunk_tokens
+    budget = options.memory_budget_bytes
+    if options.mode == "off":
+        plan = TilePlan(
+            canvas_hw=(H, W), tile_hw=(H, W), overlap=0, batch_tiles=1, align=align,
+            tiles=(Tile(0, 0, H, W, 0, 0),), pixel_chunk_tokens=chunk,
+            estimate_bytes=tile_memory_estimate(config, (H, W), dtype=dtype, batch=batch, chunk_tokens=chunk),
+            reason="untiled: tiling off", canvas_on_device=options.canvas_on_device is not False, batch=batch,
+        )
+        return replace(plan, fits_budget=budget is None or plan.memory_bytes <= budget)
+    canvas = canvas_memory_estimate((H, W), batch)
+    on_device = options.canvas_on_device
+    if on_device is None:
+        on_device = budget is None or canvas <= budget / 4
+    if budget is not None and on_device:
+        budget = max(0, budget - canvas)
+    plan = choose_tile(
+        config, (H, W), memory_budget_bytes=budget, dtype=dtype, variant=variant,
+        batch=batch, overlap=options.overlap_px, max_batch_tiles=options.max_batch_tiles,
+        chunk_tokens=chunk, tile_px=options.tile_px if options.mode == "manual" else None,
+    )
+    reason = plan.reason
+    if not on_device:
+        reason += f"; sampler state (~{canvas / 2**30:.1f} GB) kept on the CPU"
+    elif not plan.fits_budget:
+        reason += (f"; the sampler's canvas state alone takes ~{canvas / 2**30:.1f} GB: keep it on the CPU "
+                   "(canvas_on_device=False)")
+    return replace(plan, reason=reason, canvas_on_device=on_device)
+

@@ -1,0 +1,65 @@
+"""The benchmark: its measurement worker and the seam figure."""
+
+import torch
+
+from pid_core import bench
+from pid_core.bench import seam_figure
+from pid_core.sampling import initial_noise, sample
+from pid_core.testing import narrow_config, random_model
+from pid_core.tiling import TileOptions, plan_tiling
+from pid_core.tiling.geometry import plan_tiles
+from pid_core.velocity import network_velocity
+
+SMALL = dict(text_dim=32, text_tokens=12)
+
+
+def _inputs(cfg, H, W, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(batch, 7, cfg.text_dim, generator=g)
+    latent = torch.randn(batch, cfg.latent_channels, H // cfg.scale, W // cfg.scale, generator=g)
+    sigma = torch.tensor([0.3, 0.0])[:batch]
+    return text, latent, sigma
+
+
+def _decode(model, cfg, H, W, steps, plan, batch=1, seed=0, **kw):
+    text, latent, sigma = _inputs(cfg, H, W, batch)
+    plan = plan or plan_tiling(cfg, (H, W), TileOptions(mode="off"))
+    noise, gen = initial_noise((batch, 3, H, W), seed=seed)
+    with torch.no_grad():
+        return sample(network_velocity(model, text, latent, sigma, plan, **kw), noise, steps=steps, generator=gen)
+
+
+def test_seam_figure_small_scale():
+    """The small analogue of the 2K/4K seam check: 3x3 tiles of 192 px on a 448 px canvas, 4 steps."""
+    cfg = narrow_config(**SMALL)
+    model = random_model(cfg)
+    H = W = 448
+    plan = plan_tiling(cfg, (H, W), TileOptions(mode="manual", tile_px=192, overlap_px=64, max_batch_tiles=4))
+    assert plan.grid == (3, 3)
+    tiled = _decode(model, cfg, H, W, 4, plan)
+    whole = _decode(model, cfg, H, W, 4, None)
+    figure = seam_figure(tiled, plan.tiles, cfg.patch_size)
+    assert figure <= 1.2
+    assert abs(seam_figure(whole, plan.tiles, cfg.patch_size) - 1) < 0.2  # the statistic itself is unbiased
+
+
+def test_seam_figure_sees_a_seam():
+    img = torch.zeros(1, 3, 256, 256)
+    img[..., :, 128:] = 1.0
+    img += 0.01 * torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    tiles = plan_tiles((256, 256), (256, 128), 0, 32)
+    assert seam_figure(img, tiles) > 10
+
+
+def test_bench_worker_and_seam_in_process(capsys):
+    """The benchmark's measurement and seam paths, on a narrow model at a tiny size (the real runs
+    use the full-size model in subprocesses: python -m pid_core.bench)."""
+
+    row = bench.worker(dict(mode="tiled", chunk="on", dtype="fp32", device="cpu", size=[128, 192], tile=128,
+                            overlap=32, steps=2, batch_tiles=1, narrow=True, max_tile_batches=1))
+    assert row["tiles"] == 2 and row["cut"] and row["forwards"] == 2 and row["working"] >= 0 and "forward" in row
+    assert "cut: 2 of 4 forwards" in bench._format_row(dict(row, mode="tiled", chunk="on", dtype="fp32", device="cpu",
+                                                            size=[128, 192], steps=2))
+    bench.main(["--seam-only", "--seam-sizes", "192", "--seam-tile", "128", "--seam-steps", "1", "--overlap", "32"])
+    out = capsys.readouterr().out
+    assert "192x192" in out

@@ -1,0 +1,101 @@
+"""The decode plan: each fact resolved once, the same way for the command line, the API and the nodes."""
+
+import pytest
+import torch
+
+from pid_core.errors import LatentError, TextEmbeddingError
+from pid_core.plan import LatentMeta, match_text_batch, plan_decode, resolve_latent_format, resolve_sigma
+from pid_core.testing import narrow_config, random_model
+from pid_core.tiling import TileOptions
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(narrow_config(layout="v1", latent_channels=16, text_dim=32, text_tokens=12))
+
+
+def _text(batch=1):
+    return torch.randn(batch, 7, 32, generator=torch.Generator().manual_seed(0))
+
+
+def test_sigma_explicit_then_the_latents_own_then_clean():
+    meta = LatentMeta(sigma=3.5, latent_format="sdxl", source="the LATENT")
+    assert resolve_sigma(None, meta) == (3.5, "pid_sigma of the LATENT")
+    assert resolve_sigma(-1.0, meta)[0] == 3.5  # a negative number means "not given" (the node's auto)
+    assert resolve_sigma(0.1, meta)[0] == 0.1
+    assert resolve_sigma(0.0, meta)[0] == 0.0  # 0 means clean, not auto
+    assert resolve_sigma(None, LatentMeta()) == (0.0, "none given: taken as clean")
+    per_sample = torch.tensor([0.1, 0.2])
+    assert resolve_sigma(per_sample, meta)[0] is per_sample
+
+
+def test_format_explicit_then_the_latents_own_then_detected(model):
+    samples = torch.randn(1, 16, 2, 2)
+    meta = LatentMeta(latent_format="sd3")
+    assert resolve_latent_format("auto", meta, model, samples) == "sd3"
+    assert resolve_latent_format("flux", meta, model, samples) == "flux"
+    assert resolve_latent_format("zimage", LatentMeta(), model, samples) == "flux"  # a backbone name
+    assert resolve_latent_format(None, LatentMeta(latent_format="SDXL"), model, torch.randn(1, 4, 2, 2)) == "sdxl"
+    with pytest.raises(LatentError, match="16-channel"):  # no variant, no meta: the user must say
+        resolve_latent_format("auto", LatentMeta(), model, samples)
+    with pytest.raises(LatentError, match="(?i)unknown latent format 'wan'"):
+        resolve_latent_format("wan", LatentMeta(), model, samples)
+
+
+def test_text_batch():
+    assert match_text_batch(_text(1), 3).shape[0] == 3
+    assert match_text_batch(_text(3), 3).shape[0] == 3
+    with pytest.raises(TextEmbeddingError, match="2 text embeddings for 3 latents"):
+        match_text_batch(_text(2), 3)
+
+
+def test_plan_holds_every_resolved_fact(model):
+    samples = torch.randn(2, 16, 3, 4)
+    plan = plan_decode(model, samples, _text(1), meta=LatentMeta(sigma=0.3, latent_format="flux"))
+    assert plan.latent_format == "flux" and plan.sigma.tolist() == pytest.approx([0.3, 0.3])
+    assert plan.sigma_source == "pid_sigma of the latent"
+    assert plan.output_hw == (96, 128) and plan.batch == 2 and plan.text.shape == (2, 7, 32)
+    # the latent in PiD space, rounded to bf16 like the reference's hand-over
+    z = ((samples - 0.1159) * 0.3611).to(torch.bfloat16).float()
+    assert torch.equal(plan.latent, z)
+    assert not plan.tiles.tiled
+
+
+def test_a_bad_sigma_from_the_latent_says_so(model):
+    with pytest.raises(LatentError, match="pid_sigma of latent.safetensors"):
+        plan_decode(model, torch.randn(1, 16, 2, 2), _text(),
+                    meta=LatentMeta(sigma=1.5, latent_format="flux", source="latent.safetensors"))
+
+
+def test_one_untiled_path(model):
+    """No tiling options (the API's and the command line's --tile off) is PiD Decode's tiling off: the
+    same chunked plan, so the same memory."""
+    samples = torch.randn(1, 16, 16, 16)
+    default = plan_decode(model, samples, _text(), latent_format="flux").tiles
+    off = plan_decode(model, samples, _text(), latent_format="flux", tiling=TileOptions(mode="off")).tiles
+    assert default == off and default.pixel_chunk_tokens
+
+
+def test_memory_follows_the_plan(model):
+    """What PiD Decode asks ComfyUI to free: the plan's working memory (forward + the sampler's state)."""
+
+    def memory(batch, side, options):
+        samples = torch.randn(batch, 16, side // 32, side // 32)
+        return plan_decode(model, samples, _text(), latent_format="flux", tiling=options).memory_bytes
+
+    auto = TileOptions()
+    small = memory(1, 512, auto)
+    assert memory(1, 1024, auto) > small
+    assert memory(2, 512, auto) > small
+    # tiles bound the network's part: a small manual tile asks for less than one pass at 4K
+    whole = memory(1, 4096, TileOptions(mode="off"))
+    tiled = memory(1, 4096, TileOptions(mode="manual", tile_px=512, max_batch_tiles=1))
+    assert tiled < whole
+
+
+def test_within_a_budget_tiles_again(model):
+    samples = torch.randn(1, 16, 128, 128)  # 4096 px
+    plan = plan_decode(model, samples, _text(), latent_format="flux", tiling=TileOptions())
+    tight = plan.within(model, plan.memory_bytes // 4)
+    assert tight.memory_bytes <= plan.memory_bytes // 4 or not tight.tiles.fits_budget
+    assert tight.latent is plan.latent and tight.output_hw == plan.output_hw

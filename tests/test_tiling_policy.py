@@ -1,0 +1,106 @@
+"""The memory model and the tiling policy: estimates grow as designed; plans fit the budget and the
+trained range; the tiled path's memory is bounded by the tile."""
+
+import pytest
+import torch
+
+from pid_core.sampling import velocity_to_x0
+from pid_core.testing import narrow_config, random_model, released_config
+from pid_core.tiling import TileOptions, plan_tiling
+from pid_core.tiling.memory import tile_memory_estimate
+from pid_core.tiling.policy import choose_tile
+from pid_core.variants import VARIANTS
+from pid_core.velocity import network_velocity
+
+SMALL = dict(text_dim=32, text_tokens=12)
+
+
+def _inputs(cfg, H, W, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(batch, 7, cfg.text_dim, generator=g)
+    latent = torch.randn(batch, cfg.latent_channels, H // cfg.scale, W // cfg.scale, generator=g)
+    sigma = torch.tensor([0.3, 0.0])[:batch]
+    return text, latent, sigma
+
+
+def test_estimates_follow_the_design():
+    cfg = released_config()
+    est = lambda side, **kw: tile_memory_estimate(cfg, side, dtype=torch.bfloat16, **kw)  # noqa: E731
+    assert est(1024) < est(2048) < est(4096)
+    assert est(2048) < 0.5 * est(2048, chunk_tokens=None)  # chunking removes the per-pixel modulation
+    assert 1.5 * est(2048) < est(2048, batch=2) < 2 * est(2048)
+    # No budget: a 2K decode on a 2K checkpoint is one pass; 4K and 8K are tiled at the trained size.
+    flux2k = VARIANTS["flux-2k"]
+    assert not choose_tile(cfg, (2048, 2048), memory_budget_bytes=None, variant=flux2k).tiled
+    plan = choose_tile(cfg, (4096, 4096), memory_budget_bytes=None, variant=flux2k)
+    assert plan.tiled and plan.tile_hw == (2048, 2048) and not plan.below_trained
+    plan8 = choose_tile(cfg, (8192, 8192), memory_budget_bytes=2 << 30, dtype=torch.bfloat16, variant=flux2k)
+    assert plan8.tile_hw == (2048, 2048) and plan8.estimate_bytes <= 2 << 30
+    # A 4K checkpoint decodes 4096 px in one pass when memory allows, tiles under a small budget.
+    c15 = released_config("v1.5", 16)
+    v15 = VARIANTS["flux-2kto4k-v1.5"]
+    assert not choose_tile(c15, (4096, 4096), memory_budget_bytes=None, variant=v15).tiled
+    mid = choose_tile(c15, (4096, 4096), memory_budget_bytes=1 << 30, dtype=torch.bfloat16, variant=v15)
+    assert mid.tiled and mid.estimate_bytes <= 1 << 30 and not mid.below_trained
+    small = choose_tile(c15, (4096, 4096), memory_budget_bytes=1 << 29, dtype=torch.bfloat16, variant=v15)
+    assert small.tiled and small.estimate_bytes <= 1 << 29 and small.below_trained
+    # Nothing fits: the smallest trained tile, flagged; the canvas state counts against the budget.
+    none = choose_tile(cfg, (8192, 8192), memory_budget_bytes=1 << 20, variant=flux2k)
+    assert none.tile_hw == (2048, 2048) and not none.fits_budget
+    on_device = plan_tiling(cfg, (8192, 8192), TileOptions(memory_budget_bytes=2 << 30, canvas_on_device=True),
+                            dtype=torch.bfloat16, variant=flux2k)
+    off_device = plan_tiling(cfg, (8192, 8192), TileOptions(memory_budget_bytes=2 << 30, canvas_on_device=False),
+                             dtype=torch.bfloat16, variant=flux2k)
+    auto = plan_tiling(cfg, (8192, 8192), TileOptions(memory_budget_bytes=2 << 30), dtype=torch.bfloat16,
+                       variant=flux2k)
+    # the 1.6 GB state on the GPU leaves room only for tiles below the trained size; on the CPU it does not
+    assert on_device.canvas_on_device and on_device.below_trained and on_device.tile_hw[0] < 2048
+    assert off_device.fits_budget and off_device.tile_hw == (2048, 2048) and not off_device.canvas_on_device
+    assert auto == off_device  # the 1.6 GB state is over a quarter of 2 GB: auto keeps it on the CPU
+    assert plan_tiling(cfg, (4096, 4096), TileOptions(memory_budget_bytes=4 << 30), dtype=torch.bfloat16,
+                       variant=flux2k).canvas_on_device
+    # Manual and off.
+    assert plan_tiling(cfg, (4096, 4096), TileOptions(mode="off")).tiled is False
+    manual = plan_tiling(cfg, (4096, 4096), TileOptions(mode="manual", tile_px=1024, overlap_px=100))
+    assert manual.tile_hw == (1024, 1024) and manual.overlap == 128
+    with pytest.raises(ValueError):
+        TileOptions(mode="manual")
+
+
+def test_tiled_memory_is_bounded_by_the_tile():
+    """Peak bytes allocated by one step's x0 (profiler), beyond the state x: as the canvas grows 4x, the
+    streamed tiled path grows only by its band of rows (one tile high, the canvas wide), the untiled
+    path with the canvas."""
+    cfg = narrow_config(**SMALL)
+    model = random_model(cfg)
+
+    def peak(H, W, plan):
+        text, latent, sigma = _inputs(cfg, H, W)
+        velocity = network_velocity(model, text, latent, sigma, plan or plan_tiling(cfg, (H, W), TileOptions(mode="off")))
+        x = torch.randn(1, 3, H, W)
+        t = torch.tensor([0.9])
+        with torch.no_grad(), torch.profiler.profile(profile_memory=True) as prof:
+            if hasattr(velocity, "denoise_in_place"):
+                velocity.denoise_in_place(x, t)
+            else:
+                velocity_to_x0(x, velocity(x, t), t)
+        events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+        current = top = 0
+        for e in events:
+            current += e.self_cpu_memory_usage
+            top = max(top, current)
+        return top, 3 * H * W * 4
+
+    def tiled(H, W):
+        return plan_tiling(cfg, (H, W), TileOptions(mode="manual", tile_px=128, overlap_px=32, max_batch_tiles=1,
+                                                    pixel_chunk_tokens=None))
+
+    small_t, canvas_small = peak(256, 256, tiled(256, 256))
+    large_t, canvas_large = peak(512, 512, tiled(512, 512))
+    small_u, _ = peak(256, 256, None)
+    large_u, _ = peak(512, 512, None)
+    band_growth = 3 * 128 * (512 - 256) * 4  # the band: 128 rows, 256 columns more
+    assert large_t - small_t <= 1.5 * band_growth <= 0.25 * (canvas_large - canvas_small), (large_t, small_t)
+    # untiled, the network's activations grow with the canvas (chunking bounds only the per-pixel part)
+    assert large_u - small_u > 10 * (canvas_large - canvas_small)
+    assert large_t < 0.4 * large_u
