@@ -311,6 +311,91 @@ def _load_tokenizer(tokenizer_path: str | os.PathLike):
         ) from e
 
 
+def _load_folder(path: Path, tokenizer_path, backend: str, dtype: torch.dtype, text_dim: int):
+    """(Gemma2Model, tokenizer) from a Hugging Face folder."""
+    from transformers import AutoConfig, Gemma2Model
+
+    if not (path / "config.json").is_file():
+        raise TextEmbeddingError(
+            f"{path} has no config.json. Give the google/gemma-2-2b-it folder (config.json, weights, "
+            "tokenizer files) or a single Gemma-2-2b-it .safetensors file."
+        )
+    try:
+        cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        raise TextEmbeddingError(
+            f"Could not read {path / 'config.json'} ({type(e).__name__}: {e}). PiD needs Gemma-2-2b-it."
+        ) from e
+    _check_gemma2_config(cfg, text_dim, str(path))
+    tokenizer = _load_tokenizer(tokenizer_path or path)
+    if backend != "eager":
+        cfg.attn_logit_softcapping = None  # see _attention_backend
+    try:
+        # Gemma2Model loads the trunk of a Gemma2ForCausalLM checkpoint; the LM head is never built.
+        model = Gemma2Model.from_pretrained(
+            str(path), config=cfg, local_files_only=True, attn_implementation=backend, **_dtype_kwargs(dtype)
+        )
+    except Exception as e:
+        raise TextEmbeddingError(f"Could not load the Gemma-2 weights from {path} ({type(e).__name__}: {e}).") from e
+    return model, tokenizer
+
+
+def _single_file_tokenizer(path: Path, tokenizer_path, spiece):
+    """The tokenizer for a single weights file: a folder given by the user, or the one it embeds."""
+    if tokenizer_path is not None:
+        return _load_tokenizer(tokenizer_path)
+    if spiece is None:
+        raise TextEmbeddingError(
+            f"{path.name} holds no tokenizer. Pass tokenizer_path= a folder with the google/gemma-2-2b-it "
+            "tokenizer files (tokenizer.json, tokenizer_config.json)."
+        )
+    try:
+        return _SentencePieceTokenizer(spiece.numpy().tobytes())
+    except ImportError as e:
+        raise TextEmbeddingError(
+            f"{path.name} embeds a SentencePiece tokenizer, but the sentencepiece package is not "
+            "installed: `pip install sentencepiece`, or pass tokenizer_path= a folder with the "
+            "google/gemma-2-2b-it tokenizer files."
+        ) from e
+
+
+def _load_single_file(path: Path, tokenizer_path, backend: str, dtype: torch.dtype, text_dim: int, config):
+    """(Gemma2Model, tokenizer) from one .safetensors file (ComfyUI's Gemma file, HF key names)."""
+    from safetensors.torch import load_file
+    from transformers import Gemma2Model
+
+    if path.suffix.lower() != ".safetensors":
+        raise TextEmbeddingError(
+            f"{path.name}: a single Gemma file must be .safetensors (or give the Hugging Face folder)."
+        )
+    try:
+        raw = load_file(str(path), device="cpu")
+    except Exception as e:
+        raise TextEmbeddingError(f"Could not read {path.name} ({type(e).__name__}: {e}).") from e
+    spiece = raw.get("spiece_model")
+    sd = _gemma_state_dict(raw, path.name)
+    del raw
+    cfg = config if config is not None else _config_from_state_dict(sd)
+    _check_gemma2_config(cfg, text_dim, path.name)
+    tokenizer = _single_file_tokenizer(path, tokenizer_path, spiece)
+    if backend != "eager":
+        cfg.attn_logit_softcapping = None
+    try:
+        model, info = Gemma2Model.from_pretrained(
+            None, config=cfg, state_dict=sd, attn_implementation=backend, output_loading_info=True,
+            **_dtype_kwargs(dtype),
+        )
+    except Exception as e:
+        raise TextEmbeddingError(f"{path.name} does not fit the Gemma-2-2b architecture ({type(e).__name__}: {e}).") from e
+    problems = {k: sorted(map(str, info.get(k) or [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        detail = "; ".join(f"{k.replace('_', ' ')}: {v[:3]}" for k, v in problems.items() if v)
+        raise TextEmbeddingError(
+            f"{path.name} does not match the Gemma-2-2b architecture ({detail}). Use an unmodified Gemma-2-2b-it file."
+        )
+    return model, tokenizer
+
+
 class GemmaTextEncoder:
     """Gemma-2-2b-it trunk + tokenizer implementing the PiD text contract, with a per-prompt cache.
 
@@ -360,87 +445,14 @@ class GemmaTextEncoder:
         Never downloads (local_files_only). A single file needs `tokenizer_path` unless it embeds a
         SentencePiece tokenizer (ComfyUI's file; needs the sentencepiece package, which ComfyUI has).
         `config` (a Gemma2Config) overrides the Gemma-2-2b config assumed for a single file.
-        Gemma runs in bf16 by default, like the reference (§10.8).
+        Gemma runs in bf16 by default, like the reference (docs/DESIGN.md §6).
         """
-        from transformers import AutoConfig, Gemma2Model
-
         path = Path(path)
         backend = _attention_backend(attn_implementation)
         if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise TextEmbeddingError(
-                    f"{path} has no config.json. Give the google/gemma-2-2b-it folder (config.json, weights, "
-                    "tokenizer files) or a single Gemma-2-2b-it .safetensors file."
-                )
-            try:
-                cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
-            except Exception as e:
-                raise TextEmbeddingError(
-                    f"Could not read {path / 'config.json'} ({type(e).__name__}: {e}). PiD needs Gemma-2-2b-it."
-                ) from e
-            _check_gemma2_config(cfg, text_dim, str(path))
-            tokenizer = _load_tokenizer(tokenizer_path or path)
-            if backend != "eager":
-                cfg.attn_logit_softcapping = None  # see _attention_backend
-            try:
-                # Gemma2Model loads the trunk of a Gemma2ForCausalLM checkpoint; the LM head is never built.
-                model = Gemma2Model.from_pretrained(
-                    str(path), config=cfg, local_files_only=True, attn_implementation=backend, **_dtype_kwargs(dtype)
-                )
-            except Exception as e:
-                raise TextEmbeddingError(
-                    f"Could not load the Gemma-2 weights from {path} ({type(e).__name__}: {e})."
-                ) from e
+            model, tokenizer = _load_folder(path, tokenizer_path, backend, dtype, text_dim)
         elif path.is_file():
-            if path.suffix.lower() != ".safetensors":
-                raise TextEmbeddingError(
-                    f"{path.name}: a single Gemma file must be .safetensors (or give the Hugging Face folder)."
-                )
-            from safetensors.torch import load_file
-
-            try:
-                raw = load_file(str(path), device="cpu")
-            except Exception as e:
-                raise TextEmbeddingError(f"Could not read {path.name} ({type(e).__name__}: {e}).") from e
-            spiece = raw.get("spiece_model")
-            sd = _gemma_state_dict(raw, path.name)
-            del raw
-            cfg = config if config is not None else _config_from_state_dict(sd)
-            _check_gemma2_config(cfg, text_dim, path.name)
-            if tokenizer_path is not None:
-                tokenizer = _load_tokenizer(tokenizer_path)
-            elif spiece is not None:
-                try:
-                    tokenizer = _SentencePieceTokenizer(spiece.numpy().tobytes())
-                except ImportError as e:
-                    raise TextEmbeddingError(
-                        f"{path.name} embeds a SentencePiece tokenizer, but the sentencepiece package is not "
-                        "installed: `pip install sentencepiece`, or pass tokenizer_path= a folder with the "
-                        "google/gemma-2-2b-it tokenizer files."
-                    ) from e
-            else:
-                raise TextEmbeddingError(
-                    f"{path.name} holds no tokenizer. Pass tokenizer_path= a folder with the google/gemma-2-2b-it "
-                    "tokenizer files (tokenizer.json, tokenizer_config.json)."
-                )
-            if backend != "eager":
-                cfg.attn_logit_softcapping = None
-            try:
-                model, info = Gemma2Model.from_pretrained(
-                    None, config=cfg, state_dict=sd, attn_implementation=backend,
-                    output_loading_info=True, **_dtype_kwargs(dtype),
-                )
-            except Exception as e:
-                raise TextEmbeddingError(
-                    f"{path.name} does not fit the Gemma-2-2b architecture ({type(e).__name__}: {e})."
-                ) from e
-            problems = {k: sorted(map(str, info.get(k) or [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-            if any(problems.values()):
-                detail = "; ".join(f"{k.replace('_', ' ')}: {v[:3]}" for k, v in problems.items() if v)
-                raise TextEmbeddingError(
-                    f"{path.name} does not match the Gemma-2-2b architecture ({detail}). "
-                    "Use an unmodified Gemma-2-2b-it file."
-                )
+            model, tokenizer = _load_single_file(path, tokenizer_path, backend, dtype, text_dim, config)
         else:
             raise TextEmbeddingError(f"Gemma text encoder not found: {path}. Check the path.")
         return cls(model.to(device), tokenizer, cache_size=cache_size)
