@@ -1,4 +1,4 @@
-"""Checkpoint files -> state dict -> detected config -> PidNet, strictly and safely (spec 4, 10.1).
+"""Checkpoint files -> state dict -> detected config -> PidNet, strictly and safely (docs/DESIGN.md §11).
 
 Accepted layouts: the official `.pth` (flat dict, keys prefixed `net.`), the repackaged `.safetensors`
 (no prefix) and ComfyUI-style `model.diffusion_model.` prefixes. `.pth` files are read with
@@ -128,7 +128,7 @@ def _count_indexed(sd: dict, prefix: str) -> int:
 
 
 def detect_config(sd: dict, name: str = "checkpoint") -> PidConfig:
-    """Read every size from the tensors (spec 2.2). Raises CheckpointError for a file that is not PiD."""
+    """Read every size from the tensors (docs/DESIGN.md §3.1). Raises CheckpointError for a file that is not PiD."""
     if "s_embedder.proj.weight" not in sd or "lq_proj.latent_proj.0.weight" not in sd:
         raise CheckpointError(describe_foreign(sd, name))
     try:

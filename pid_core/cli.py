@@ -19,7 +19,7 @@ import torch
 from .errors import PidError
 from .precision import DTYPES
 
-GEMMA_REPO = "Efficient-Large-Model/gemma-2-2b-it"  # the text encoder the reference loads (spec 4)
+GEMMA_REPO = "Efficient-Large-Model/gemma-2-2b-it"  # the text encoder the reference loads
 
 
 class ProgressBar:

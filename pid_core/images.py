@@ -10,7 +10,7 @@ import torch
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """[3, H, W] in [0, 1] -> [H, W, 3] uint8. Truncates like the reference ((x+1)*127.5 cast, spec 1.5)."""
+    """[3, H, W] in [0, 1] -> [H, W, 3] uint8. Truncates like the reference ((x+1)*127.5 cast, docs/DESIGN.md §10)."""
     x = image.detach().float().clamp(0, 1).mul(255.0).to(torch.uint8)
     return x.permute(1, 2, 0).contiguous().cpu().numpy()
 

@@ -1,12 +1,12 @@
 """Each backbone's latent space <-> PiD's input space, noising, and the SDXL frame change.
 
-PiD takes the *normalized diffusion-space* latent: what the LDM denoises (spec 7). A ComfyUI LATENT
+PiD takes the *normalized diffusion-space* latent: what the LDM denoises (docs/DESIGN.md §5). A ComfyUI LATENT
 holds raw VAE space; ComfyUI's `latent_format.process_in` maps it to the diffusion space, and for
-every backbone that is exactly PiD's input space (comfyui-integration 2). So `to_pid` here is
+every backbone that is exactly PiD's input space. So `to_pid` here is
 `process_in` and `from_pid` is `process_out`, with the same constants and the same operation order.
 
 A latent taken from a sampler stopped early also carries noise at level sigma; `prepare_latent`
-brings it into the frame PiD was trained on (comfyui-integration 3, spec 7):
+brings it into the frame PiD was trained on (docs/DESIGN.md §5):
 * flow models (FLUX.1, SD3, FLUX.2, Qwen-Image, Z-Image): x_t = (1-s) x0 + s eps, s in [0, 1];
   ComfyUI's stopped sampler returns x_t / (1-s), which is undone here;
 * SDXL (EPS, Euler frame): x_eu = x0 + s_eu eps; PiD wants the VP frame
@@ -37,7 +37,7 @@ WAN21_STD = (
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )
 
-# FLUX.2 VAE BatchNorm epsilon used by PiD's normalization (spec 7, upstream flux2_vae.py:303-322).
+# FLUX.2 VAE BatchNorm epsilon used by PiD's normalization of raw FLUX.2 latents.
 FLUX2_BN_EPS = 1e-4
 
 
@@ -74,7 +74,7 @@ def flux2_bn_stats_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Fl
 def flux2_patchify(z: torch.Tensor) -> torch.Tensor:
     """[B, 32, H, W] -> [B, 128, H/2, W/2]: channel c*4 + pi*2 + pj takes pixel (2h+pi, 2w+pj) of c.
 
-    The FLUX.2 "(c pi pj)" packing (spec 7); the v1.5 adapter's un-packing (spec 2.3a.1) is its inverse.
+    The FLUX.2 "(c pi pj)" packing; the v1.5 adapter's un-packing is its inverse.
     """
     b, c, h, w = z.shape
     z = z.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
@@ -183,7 +183,7 @@ class LatentFormat:
         return samples
 
 
-# The formats of spec 7, with ComfyUI's constants (comfy/latent_formats.py: SDXL, SD3, Flux, Flux2,
+# The formats of docs/DESIGN.md §5, with ComfyUI's constants (comfy/latent_formats.py: SDXL, SD3, Flux, Flux2,
 # Wan21).
 LATENT_FORMATS: dict[str, LatentFormat] = {
     f.name: f
@@ -194,11 +194,11 @@ LATENT_FORMATS: dict[str, LatentFormat] = {
         LatentFormat("sdxl", "SDXL", 4, 8, 4, "euler", scale=0.13025),
         # ComfyUI's FLUX.2 VAE already packs 2x2 and applies the BatchNorm: identity.
         LatentFormat("flux2", "FLUX.2 / Klein", 128, 16, 128, "flow"),
-        # The raw VAE latent (diffusers Flux2KleinPipeline): pack and normalize as PiD does (spec 7).
+        # The raw VAE latent (diffusers Flux2KleinPipeline): pack and normalize as PiD does.
         LatentFormat("flux2_raw", "raw FLUX.2 VAE", 32, 8, 128, "flow", patchify=2),
         LatentFormat("qwenimage", "Qwen-Image", 16, 8, 16, "flow",
                      mean=WAN21_MEAN, std=WAN21_STD, video=True),
-        # The RAE encoders already normalize their tokens (spec 7).
+        # The RAE encoders already normalize their tokens.
         LatentFormat("dinov2", "DINOv2-RAE", 768, 16, 768, "flow"),
         LatentFormat("siglip", "SigLIP-2 Scale-RAE", 1152, 16, 1152, "flow"),
         # A latent already in PiD's input space and frame (e.g. from noise_latent).
@@ -342,9 +342,9 @@ def prepare_latent(
     a latent already in PiD's space and frame. sigma: the noise level the latent carries, 0 if clean.
     expected_channels: the checkpoint's latent channels (Variant.latent_channels).
     undo_noise_scaling: the samples come from a ComfyUI sampler stopped at sigma, which returns
-    x_t / (1 - sigma) for flow models (comfyui-integration 3); multiply it back. Set False when the
+    x_t / (1 - sigma) for flow models; multiply it back. Set False when the
     samples already hold x_t itself. No effect at sigma 0, for SDXL (EPS: nothing to undo) or "pid".
-    The bf16 rounding of the reference (spec 2.5) is left to the sampler.
+    The bf16 rounding of the reference (docs/DESIGN.md §10) is left to the plan.
     """
     fmt = get_latent_format(latent_format)
     _check_samples(samples)
@@ -363,7 +363,7 @@ def prepare_latent(
         z = z * (1 - s4)
     elif fmt.frame == "euler":
         # The EPS sampler's state is x_eu = x0 + s_eu * eps in model space, i.e. after process_in
-        # (ComfyUI applies process_out to it unchanged). PiD's SDXL frame is VP (spec 7):
+        # (ComfyUI applies process_out to it unchanged). PiD's SDXL frame is VP (docs/DESIGN.md §5):
         # x_vp = x_eu / sqrt(s_eu^2 + 1) = sqrt(1 - s_vp^2) x0 + s_vp eps.
         z = z / torch.sqrt(s4 * s4 + 1)
         s = sigma_to_pid(s, fmt)
@@ -418,7 +418,7 @@ def noise_latent(
     *,
     latent_format: str | LatentFormat,
 ) -> torch.Tensor:
-    """Forward-noise a clean PiD-space latent to level sigma (spec 7, "from_clean noising").
+    """Forward-noise a clean PiD-space latent to level sigma (docs/DESIGN.md §5).
 
     Flow formats: (1 - s) z + s eps. SDXL (VP frame): sqrt(max(0, 1 - s^2)) z + s eps.
     s = 0 gives z unchanged. `noise` is eps, drawn by the caller from a seeded generator.

@@ -1,4 +1,4 @@
-"""Compute precision: fp32, or the reference's bf16 autocast semantics (spec 2.5) on any device."""
+"""Compute precision: fp32, or the reference's bf16 autocast semantics (docs/DESIGN.md §4) on any device."""
 
 from __future__ import annotations
 

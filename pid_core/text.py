@@ -1,4 +1,4 @@
-"""Text conditioning: prompt -> Gemma-2-2b-it hidden states [B, 300, 2304] (spec pid-inference.md §5).
+"""Text conditioning: prompt -> Gemma-2-2b-it hidden states [B, 300, 2304] (docs/DESIGN.md §6).
 
 The PiD text contract, all of it part of the model's input:
   text    = CHI_PROMPT + caption                       (no separator: the prompt ends with "User Prompt: ")
@@ -6,7 +6,7 @@ The PiD text contract, all of it part of the model's input:
   ids     = tokenize(text, right padding and right truncation to num_chi + 300 - 2 tokens)
   h       = Gemma2Model(ids, attention_mask).last_hidden_state   (after the final RMSNorm)
   y       = h[:, [0, -299, ..., -1]]                   (BOS + last 299 = 300 tokens, pads included)
-The mask is not returned: PiD runs its network without a text mask (§5.7), so the pad states matter.
+The mask is not returned: PiD runs its network without a text mask, so the pad states matter.
 
 Also here: checks for precomputed embeddings (a ComfyUI CONDITIONING tensor or a file), so that a
 wrong encoder (T5, CLIP, ...) fails with a message instead of a shape error deep in the network.
@@ -33,7 +33,7 @@ _CHI_PROMPT_FILE = Path(__file__).with_name("chi_prompt.txt")
 
 
 def _read_chi_prompt() -> str:
-    # Read bytes, not text mode: the prompt must be byte exact (no trailing newline, §5.2). A CRLF
+    # Read bytes, not text mode: the prompt must be byte exact (no trailing newline). A CRLF
     # checkout (git autocrlf) is the one harmless corruption, so undo it; anything else is caught by
     # the checksum in _check_chi_prompt().
     return _CHI_PROMPT_FILE.read_bytes().decode("utf-8").replace("\r\n", "\n")
@@ -133,7 +133,7 @@ def validate_text_embedding(emb: Any, *, text_dim: int = TEXT_DIM, max_tokens: i
 # --------------------------------------------------------------------------------------------------
 
 # Attention without the logit soft-cap by default. The reference runs transformers 4.57 with its
-# default "sdpa" path, which silently ignores Gemma-2's attn_logit_softcapping=50 (§5.8, §12), so
+# default "sdpa" path, which silently ignores Gemma-2's attn_logit_softcapping=50 (docs/DESIGN.md §6), so
 # the reference embeddings are the no-softcap ones (ComfyUI's Gemma-2 has no soft-cap either). We set
 # the soft-cap to None in the config, so no backend applies it. transformers >= 5 refuses "sdpa" for
 # Gemma-2, so plain SDPA is registered under our own name (which must not contain "sdpa": transformers
@@ -407,7 +407,7 @@ class GemmaTextEncoder:
         _check_chi_prompt()
         self.model = model.eval()
         self.tokenizer = tokenizer
-        # §5.1: right padding; truncation keeps the start (BOS, instruction prompt).
+        # right padding; truncation keeps the start (BOS, instruction prompt).
         tokenizer.padding_side = "right"
         tokenizer.truncation_side = "right"
         if getattr(tokenizer, "pad_token_id", None) is None:
@@ -420,8 +420,8 @@ class GemmaTextEncoder:
                 "The tokenizer does not add a BOS token; PiD's text contract counts it. Use the Gemma-2-2b-it "
                 "tokenizer files from google/gemma-2-2b-it."
             )
-        self.num_chi = len(chi_ids)  # §5.3: counts BOS
-        self.max_length = self.num_chi + max_tokens - 2  # §5.4
+        self.num_chi = len(chi_ids)  # counts BOS
+        self.max_length = self.num_chi + max_tokens - 2  # docs/DESIGN.md §6, step 2
         self.cache_size = cache_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
@@ -489,7 +489,7 @@ class GemmaTextEncoder:
         return torch.stack([results[p] for p in prompts])  # a copy: callers cannot alter the cache
 
     def tokenize(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """§5.4: CHI prompt + caption, right-padded/truncated to num_chi + 300 - 2 tokens."""
+        """CHI prompt + caption, right-padded/truncated to num_chi + 300 - 2 tokens."""
         return self.tokenizer(
             [CHI_PROMPT + p for p in prompts],
             max_length=self.max_length,
@@ -505,8 +505,8 @@ class GemmaTextEncoder:
         hidden = self.model(
             input_ids=tokens["input_ids"].to(device),
             attention_mask=tokens["attention_mask"].to(device),
-        ).last_hidden_state  # §5.5: after the final norm
+        ).last_hidden_state  # after the final norm
         n = self.max_tokens
         index = torch.tensor([0, *range(hidden.shape[1] - (n - 1), hidden.shape[1])], device=hidden.device)
-        selected = hidden.index_select(1, index)  # §5.6: BOS + last 299; no mask kept (§5.7)
+        selected = hidden.index_select(1, index)  # BOS + last 299; no mask kept
         return list(selected.float().cpu().unbind(0))

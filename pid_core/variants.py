@@ -1,11 +1,11 @@
 """The released PiD checkpoints, as data.
 
-One `Variant` per released 4-step student (spec section 3): what latent it takes, how its network is
-shaped, what sizes it was trained for and where its file lives. Everything else in the pack asks this
-table instead of hard-coding a backbone; nothing here loads a file or imports ComfyUI.
+One `Variant` per released 4-step student: what latent it takes, how its network is shaped, what sizes
+it was trained for and where its file lives. Everything else in the pack asks this table instead of
+hard-coding a backbone; nothing here loads a file or imports ComfyUI (docs/DESIGN.md §11).
 
-Names: a short id ("flux-2k"), the official experiment name (the folder on the Hub and in
-`spec/keys/`), and the Comfy-Org repackaged file stem ("pid_flux1_512_to_2048_4step_bf16").
+Names: a short id ("flux-2k"), the official experiment name (the folder on the Hub), and the Comfy-Org
+repackaged file stem ("pid_flux1_512_to_2048_4step_bf16").
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ class HubFile:
 class Variant:
     name: str  # short id used by the nodes and the command line
     label: str  # human name for menus and messages
-    experiment: str  # official experiment name (spec section 3, keys/<experiment>.txt)
-    backbones: tuple[str, ...]  # the LDMs whose latents it decodes (spec 3, registry keys and aliases)
+    experiment: str  # official experiment name (the folder on the Hub)
+    backbones: tuple[str, ...]  # the LDMs whose latents it decodes (names and aliases)
     layout: str  # "v1" (hidden 512, per-dim gate) or "v1.5" (hidden 1024, per-token gate, PiT gate)
     latent_format: str  # name of the format in latents.py that this checkpoint takes
     latent_channels: int  # channels of the PiD-space latent it takes (lq_latent_channels)
@@ -57,18 +57,18 @@ class Variant:
     unpatchify: int  # lq_latent_unpatchify_factor (2 only for FLUX.2 v1.5)
     sr_scale: int  # output pixels per VAE-decoded pixel
     rope_ref_px: int  # rope_ref_h = rope_ref_w
-    num_tensors: int  # tensors in the state dict (spec 2.2)
-    num_params: int  # parameters (spec 2.2)
-    trained_px: tuple[int, int]  # min and max of sqrt(W*H) of the training outputs (spec 3, 8)
+    num_tensors: int  # tensors in the state dict
+    num_params: int  # parameters
+    trained_px: tuple[int, int]  # min and max of sqrt(W*H) of the training outputs
     official_file: HubFile
     repackaged_file: HubFile | None  # Comfy-Org bf16 safetensors, where one exists
     repackaged_stems: tuple[str, ...] = ()  # Comfy-Org stems (no precision suffix) that may hold it
-    deprecated: bool = False  # moved to checkpoints_deprecated/ upstream (spec 12)
+    deprecated: bool = False  # moved to checkpoints_deprecated/ upstream
     license: str = field(default=LICENSE_NOTE, repr=False)
 
     @property
     def pixels_per_latent(self) -> int:
-        """Output pixels per latent cell: VAE factor x super-resolution scale (spec 8)."""
+        """Output pixels per latent cell: VAE factor x super-resolution scale (docs/DESIGN.md §8)."""
         return self.latent_down_factor * self.sr_scale
 
 
@@ -92,7 +92,7 @@ _QWEN_BACKBONES = ("qwenimage", "qwenimage-2512")
 
 def _v1(name, label, experiment, backbones, latent_format, channels, down, *, sr=4, params,
         size="2k", repackaged=None, deprecated=False) -> Variant:
-    """A v1-layout student (preset pid_sr4x: hidden 512, zeros padding, RoPE ref 1024; spec 3)."""
+    """A v1-layout student (preset pid_sr4x: hidden 512, zeros padding, RoPE ref 1024)."""
     stems = (repackaged,) if isinstance(repackaged, str) else tuple(repackaged or ())
     return Variant(
         name=name, label=label, experiment=experiment, backbones=backbones, layout="v1",
@@ -121,7 +121,7 @@ def _v15(name, label, experiment, backbones, latent_format, channels, down, *, u
     )
 
 
-# The registry of spec section 3 (upstream checkpoint_registry.py:66-140). Parameter counts: spec 2.2.
+# The released students (the upstream checkpoint registry), with their parameter counts.
 _CURRENT = (
     _v1("flux-2k", "FLUX.1 / Z-Image 2K", "PiD_res2k_sr4x_official_flux_distill_4step",
         _FLUX_BACKBONES, "flux", 16, 8, params=1_362_348_170,
@@ -159,7 +159,7 @@ _CURRENT = (
 )
 
 # The first 2K-to-4K students of FLUX.1, FLUX.2 and Qwen-Image, replaced by v1.5 and moved to
-# checkpoints_deprecated/ (spec 12). Upstream no longer configures them; the v1 layout with the
+# checkpoints_deprecated/. Upstream no longer configures them; the v1 layout with the
 # 2kto4k settings is presumed. Kept so that such a file (and the Comfy-Org 1024_to_4096 files made
 # before v1.5, which the structure tells apart) is recognised instead of misread.
 _DEPRECATED = (
@@ -203,7 +203,7 @@ BACKBONE_LABELS: dict[str, str] = {
 BACKBONES: tuple[str, ...] = tuple(BACKBONE_LABELS)
 
 # Where to stop the LDM before handing its latent to PiD: (stop step, total steps), from the
-# reference README (spec 7, comfyui-integration 3). None: decode the final x0 - the few-step
+# reference README. None: decode the final x0 - the few-step
 # distilled models (turbo, klein), and the RAE models, for which the README gives no stop point.
 RECOMMENDED_STOP: dict[str, tuple[int, int] | None] = {
     "flux": (24, 28),
@@ -245,8 +245,8 @@ def get_variant(name: str) -> Variant:
     )
 
 
-# Comfy-Org names: pid_<family>_<512_to_2048|1024_to_4096>_4step[_2606]_<bf16|mxfp8|...>.safetensors
-# (comfyui-integration 4). The stem without the precision suffix is what names the checkpoint.
+# Comfy-Org names: pid_<family>_<512_to_2048|1024_to_4096>_4step[_2606]_<bf16|mxfp8|...>.safetensors.
+# The stem without the precision suffix is what names the checkpoint.
 _REPACKAGED_STEM = re.compile(
     r"pid_(?:flux1|flux2|sd3|sdxl|qwenimage)_(?:512_to_2048|1024_to_4096)_4step(?:_2606)?"
 )
@@ -375,7 +375,7 @@ TOO_WIDE = 1.2  # aspect above the widest trained one * this
 def check_output_size(variant: Variant, height: int, width: int) -> str | None:
     """A warning when height x width is outside what the checkpoint was trained for, else None.
 
-    PiD accepts any size (spec 8), so this never refuses: it says what to use instead.
+    PiD accepts any size (docs/DESIGN.md §8), so this never refuses: it says what to use instead.
     """
     if height <= 0 or width <= 0:
         raise SizeError(

@@ -92,7 +92,7 @@ def test_flux2_patchify_order():
 
 
 def _unpack_as_spec_says(z, f=2):
-    """spec 2.3(a)1: channel c*f^2 + i*f + j goes to spatial offset (i, j), i the row offset."""
+    """channel c*f^2 + i*f + j goes to spatial offset (i, j), i the row offset."""
     b, ch, h, w = z.shape
     out = torch.empty(b, ch // f**2, h * f, w * f)
     for c in range(ch // f**2):
@@ -192,7 +192,7 @@ def test_5d_latent_in_a_4d_format_is_refused():
 
 def test_sdxl_euler_frame_becomes_the_vp_frame():
     # A ComfyUI EPS sampler stopped at sigma_eu holds x_eu = x0 + sigma_eu * eps in model space and
-    # returns L = process_out(x_eu) (inverse_noise_scaling is the identity; comfyui-integration 3).
+    # returns L = process_out(x_eu) (inverse_noise_scaling is the identity).
     fmt = LATENT_FORMATS["sdxl"]
     x0, eps = randn(3, 4, 5, 6, seed=1), randn(3, 4, 5, 6, seed=2)
     sigma_eu = torch.tensor([0.0, 0.5, 14.6])
@@ -202,7 +202,7 @@ def test_sdxl_euler_frame_becomes_the_vp_frame():
     root = torch.sqrt(sigma_eu**2 + 1)
     assert close(z, x_eu / root.view(-1, 1, 1, 1), 1e-5)
     assert close(s, sigma_eu / root)
-    # ... which is PiD's VP forward noising of x0 at sigma_vp (spec 7, from_clean for sdxl)
+    # ... which is PiD's VP forward noising of x0 at sigma_vp (docs/DESIGN.md §5)
     assert close(z, noise_latent(x0, s, eps, latent_format="sdxl"), 1e-5)
     assert torch.equal(z[0], fmt.to_pid(latent)[0])  # sigma 0: process_in only
     assert s[0] == 0

@@ -75,7 +75,7 @@ def tiny_model(seed: int = 0, **overrides) -> Gemma2Model:
 
 
 def manual_reference(model, tokenizer, prompts):
-    """The reference computation written out (pid-inference.md §5.3-5.6)."""
+    """The reference computation written out (docs/DESIGN.md §6)."""
     num_chi = len(tokenizer.encode(CHI_PROMPT))
     tokenizer.padding_side = "right"
     tok = tokenizer(

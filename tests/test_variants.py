@@ -43,7 +43,7 @@ def _read_keys_header(path: Path) -> dict:
 
 
 KEY_FILES = sorted(KEYS_DIR.glob("*.txt")) if KEYS_DIR.is_dir() else []
-needs_keys = pytest.mark.skipif(not KEY_FILES, reason="spec keys/ not available")
+needs_keys = pytest.mark.skipif(not KEY_FILES, reason="the key lists of the released checkpoints are not available")
 
 
 @needs_keys
@@ -90,7 +90,7 @@ def test_variant_is_consistent_with_its_latent_format_and_layout(v):
     assert fmt.pid_channels == v.latent_channels
     assert fmt.down_factor == v.latent_down_factor
     assert v.adapter_in_channels * v.unpatchify**2 == v.latent_channels
-    # spec 10.2: the layout fixes hidden width, RoPE reference and tensor count
+    # the layout fixes hidden width, RoPE reference and tensor count
     assert (v.adapter_hidden, v.rope_ref_px, v.num_tensors) == (
         (1024, 2048, 467) if v.layout == "v1.5" else (512, 1024, 456)
     )
@@ -125,7 +125,7 @@ def test_repackaged_files():
 
 
 def test_output_scale_per_variant():
-    # spec 8: a 512 px LDM image becomes 2048 px; SigLIP's 256 px image becomes 2048 px.
+    # a 512 px LDM image becomes 2048 px; SigLIP's 256 px image becomes 2048 px.
     assert {n: v.pixels_per_latent for n, v in VARIANTS.items()} == {
         "flux-2k": 32, "flux-2kto4k-v1.5": 32, "flux2-2k": 64, "flux2-2kto4k-v1.5": 64, "sd3-2k": 32,
         "sd3-2kto4k": 32, "sdxl-2kto4k": 32, "qwenimage-2kto4k-v1.5": 32, "dinov2-2k": 64,
@@ -177,7 +177,7 @@ def test_unknown_backbone_lists_the_choices():
 
 
 def test_recommended_stop_steps():
-    # Reference README (spec 7): the stop step and the run length; None = decode the final x0.
+    # Reference README: the stop step and the run length; None = decode the final x0.
     assert recommended_stop_step("flux") == (24, 28)
     assert recommended_stop_step("sd3") == (24, 28)
     assert recommended_stop_step("sdxl") == (26, 30)
@@ -277,7 +277,7 @@ def test_variant_from_filename_says_nothing(path):
 
 
 def test_repackaged_4k_names_are_ambiguous_until_the_weights_speak():
-    # Comfy-Org's 1024_to_4096 files may hold the v1.5 student or the v1 one it replaced (spec 12).
+    # Comfy-Org's 1024_to_4096 files may hold the v1.5 student or the v1 one it replaced.
     names = [v.name for v in variants_from_filename("pid_flux1_1024_to_4096_4step_bf16.safetensors")]
     assert names == ["flux-2kto4k-v1.5", "flux-2kto4k-v1"]
     name = "pid_flux1_1024_to_4096_4step_bf16.safetensors"

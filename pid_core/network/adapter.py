@@ -1,4 +1,4 @@
-"""The latent adapter: conv stack on the low-resolution latent, output heads, sigma-aware gates (spec 2.2, 2.3a, 2.3f)."""
+"""The latent adapter: conv stack on the low-resolution latent, output heads, sigma-aware gates (docs/DESIGN.md §3.2)."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ class LatentAdapter(nn.Module):
         return z.reshape(B, C // (f * f), h * f, w * f)
 
     def align(self, z: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-        """Bring the (un-packed) latent onto the patch grid (spec 2.3a.2)."""
+        """Bring the (un-packed) latent onto the patch grid (docs/DESIGN.md §3.2)."""
         cfg = self.cfg
         ratio = cfg.sr_scale * (cfg.latent_down_factor / cfg.latent_unpatchify) / cfg.patch_size
         if ratio > 1:

@@ -1,4 +1,4 @@
-"""The two kinds of transformer block: joint text/image patch blocks and per-pixel PiT blocks (spec 2.3f, 2.3h)."""
+"""The two kinds of transformer block: joint text/image patch blocks and per-pixel PiT blocks (docs/DESIGN.md §3.2)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ class PatchBlock(nn.Module):
         x = x + g1 * attn_x
         x = x + g2 * self.mlp_x(modulate(self.norm_x2(x), sh2, sc2))
         if last:
-            # The text stream of the last block feeds nothing downstream (spec 2.3f).
+            # The text stream of the last block feeds nothing downstream.
             return x, y
         y = y + g1y * attn_y
         y = y + g2y * self.mlp_y(modulate(self.norm_y2(y), sh2y, sc2y))

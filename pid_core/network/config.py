@@ -1,6 +1,6 @@
 """The shape of a PiD network, read from a checkpoint's tensors.
 
-Every size comes from the weights (spec 2.2), so the released 1.4 B models and the narrow random
+Every size comes from the weights (docs/DESIGN.md §3.1), so the released 1.4 B models and the narrow random
 models of the tests run through the same code. The few facts the tensors cannot tell (the latent's
 down factor, the super-resolution scale) come from the variant registry or the caller.
 """
@@ -37,7 +37,7 @@ class PidConfig:
     sr_scale: int = 4
     has_aux_rgb_head: bool = False
 
-    # --- facts fixed by the layout (spec 10.2) ---
+    # --- facts fixed by the layout (docs/DESIGN.md §3.1) ---
     @property
     def gate(self) -> str:
         return "per_token" if self.layout == "v1.5" else "per_token_per_dim"

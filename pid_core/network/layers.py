@@ -1,6 +1,6 @@
 """Small building blocks of the PixelDiT body, written to reproduce the reference numerics.
 
-Mixed precision: the reference runs fp32 weights under bf16 autocast (spec 2.5). We may hold bf16
+Mixed precision: the reference runs fp32 weights under bf16 autocast (docs/DESIGN.md §4). We may hold bf16
 weights instead, so every place where the reference multiplies by an fp32 weight outside a matmul
 (norm weights, gate scalars) upcasts the weight explicitly: the result dtype is then the same as the
 reference's in both the fp32 and the bf16 path.
@@ -62,7 +62,7 @@ class GeluMLP(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Sinusoidal embedding of t*1000 with max_period 10 and [cos, sin] order, then an MLP (spec 2.3c)."""
+    """Sinusoidal embedding of t*1000 with max_period 10 and [cos, sin] order, then an MLP (docs/DESIGN.md §3.2)."""
 
     def __init__(self, hidden: int, freq_dim: int = 256):
         super().__init__()

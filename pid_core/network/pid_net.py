@@ -1,4 +1,4 @@
-"""PidNet: the PixelDiT body plus the latent adapter; one call predicts the velocity v = eps - x0 (spec 2.3)."""
+"""PidNet: the PixelDiT body plus the latent adapter; one call predicts the velocity v = eps - x0 (docs/DESIGN.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Positional encodings: 2-D NTK RoPE for image tokens, 1-D RoPE for text, pixel sin-cos table (spec 2.3e, 2.3g)."""
+"""Positional encodings: 2-D NTK RoPE for image tokens, 1-D RoPE for text, pixel sin-cos table (docs/DESIGN.md §3.3)."""
 
 from __future__ import annotations
 
