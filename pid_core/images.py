@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import struct
+import tempfile
 import zlib
 
 import numpy as np
@@ -30,8 +33,24 @@ def encode_png(rgb: np.ndarray) -> bytes:
 
 
 def save_png(image: torch.Tensor, path: str) -> None:
-    with open(path, "wb") as f:
-        f.write(encode_png(to_uint8(image)))
+    """Write atomically: the bytes go to a temporary file in the target folder, which then replaces
+    `path` in one step, so a failed write never leaves a truncated file where a good one was."""
+    write_atomically(path, encode_png(to_uint8(image)))
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".pid-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def preview_uint8(x0: torch.Tensor, max_side: int = 512) -> np.ndarray:

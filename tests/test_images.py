@@ -1,5 +1,6 @@
 """Images: truncation to 8 bits like the reference, PNG bytes, previews."""
 
+import pytest
 import torch
 from images_helper import read_png
 
@@ -22,3 +23,18 @@ def test_preview():
     img = preview_uint8(x0, max_side=50)
     assert img.shape == (20, 50, 3) and img.dtype.name == "uint8"
     assert preview_uint8(x0[:, :, :8, :8]).shape == (8, 8, 3)
+
+
+def test_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "a.png"
+    path.write_bytes(b"the good file")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", disk_full)
+    with pytest.raises(OSError):
+        save_png(torch.rand(3, 4, 4), str(path))
+    monkeypatch.undo()
+    assert path.read_bytes() == b"the good file"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no temporary file left behind
