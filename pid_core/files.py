@@ -41,9 +41,6 @@ TEXT_EMBEDDING_FILE = FileRole(
     "text embedding file", TextEmbeddingError,
     "Re-save it with safetensors.torch.save_file({'text_embedding': t}, path) or numpy.save.")
 
-TENSOR_FILE_KINDS = ("safetensors", "torch", "torch-legacy", "numpy", "numpy-archive")
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else ""
@@ -51,7 +48,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def sniff(path, role: FileRole) -> str:
-    """The kind of a tensor file, from its content: one of TENSOR_FILE_KINDS.
+    """The kind of a tensor file, from its content: "safetensors", "torch" (zip), "torch-legacy" (a pickle),
+    "numpy" (.npy) or "numpy-archive" (.npz).
 
     Raises the role's error naming the real cause for anything else: a missing path, a folder, an empty or
     unreadable file, a GGUF file, a Git LFS pointer, a web page saved by a failed download, or content
