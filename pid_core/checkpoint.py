@@ -14,8 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CheckpointError
+from .checks import nonfinite_names, require_device
+from .errors import ArgumentError, CheckpointError
+from .files import CHECKPOINT_FILE, read_tensor_file
 from .network import PidConfig, PidNet
+from .precision import DTYPES
 from .variants import latent_geometry, resolve_variant, variants_matching
 
 PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.", "model.")
@@ -60,43 +63,10 @@ def describe(model: PidNet) -> str:
 
 
 def read_state_dict(path: str, device="cpu") -> dict:
-    """Read a flat {name: tensor} dict from .safetensors or .pth/.pt/.ckpt without running pickled code."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"Checkpoint not found: {path}")
-    if os.path.isdir(path):
-        raise CheckpointError(
-            f"{path} is a folder. Point at the checkpoint file itself (for the official release: "
-            f"checkpoints/<experiment>/model_ema_bf16.pth)."
-        )
-    name = os.path.basename(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path, device=str(device))
-        except Exception as exc:  # safetensors raises its own error types for bad headers and short files
-            raise CheckpointError(
-                f"{name} could not be read as safetensors ({exc}). The file is truncated or corrupt: download it again."
-            ) from None
-    try:
-        try:  # mmap avoids a second copy in memory; only zip-format files support it
-            obj = torch.load(path, map_location=device, weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            obj = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:
-        text = str(exc)
-        if "Weights only load failed" in text or "Unsupported global" in text or "UnpicklingError" in type(exc).__name__:
-            raise CheckpointError(
-                f"{name} holds pickled Python objects, not only tensors, so it was not loaded: unpickling it "
-                f"could run arbitrary code. Use the official model_ema_bf16.pth or a .safetensors file."
-            ) from None
-        raise CheckpointError(
-            f"{name} could not be read as a PyTorch file ({text.splitlines()[0] if text else type(exc).__name__}). "
-            f"The file is truncated or corrupt: download it again."
-        ) from None
-    return _flat_tensor_dict(obj, name)
+    """Read a flat {name: tensor} dict from a safetensors or PyTorch file (recognised by content, not
+    name) without running pickled code."""
+    obj = read_tensor_file(path, CHECKPOINT_FILE, device=device)
+    return _flat_tensor_dict(obj, os.path.basename(str(path)))
 
 
 def _flat_tensor_dict(obj, name: str) -> dict:
@@ -219,14 +189,23 @@ def build_model(sd: dict, config: PidConfig, *, dtype: torch.dtype | None = None
     return model.eval().requires_grad_(False)
 
 
-def load_pid(path: str, *, device="cpu", dtype: torch.dtype | None = None, **overrides) -> PidNet:
-    """Load a PiD checkpoint. dtype None keeps the file's (bf16 stays bf16). `overrides` set config fields
-    the tensors cannot tell (latent_down_factor, sr_scale, latent_unpatchify) when the file name does not.
-    The model's `variant` is the released checkpoint it is (None for other structures or unclear names)."""
+def load_pid(path: str, *, device="cpu", dtype: torch.dtype | str | None = None, **overrides) -> PidNet:
+    """Load a PiD checkpoint. dtype None keeps the file's (bf16 stays bf16); torch.float32 / bfloat16 /
+    float16 or their names in precision.DTYPES. `overrides` set config fields the tensors cannot tell
+    (latent_down_factor, sr_scale, latent_unpatchify) when the file name does not.
+    The model's `variant` is the released checkpoint it is (None for other structures or unclear names).
+    Refused with a CheckpointError: files that are not PiD, integer (quantized) weights, NaN or infinite
+    weights (docs/DESIGN.md §13)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentError(f"load_pid takes the checkpoint's path, got {path!r}.")
+    path = os.fspath(path)
+    device = require_device(device)
+    dtype = _weight_dtype_argument(dtype)
     name = os.path.basename(path)
     sd, key_layout = strip_prefix(read_state_dict(path, device=device))
     config = detect_config(sd, name)
     variant = _variant_for(path, config)
+    check_weight_values(sd, name, variant)
     if variant is not None:
         config = config.with_(
             latent_down_factor=variant.latent_down_factor, sr_scale=variant.sr_scale, latent_unpatchify=variant.unpatchify
@@ -235,9 +214,46 @@ def load_pid(path: str, *, device="cpu", dtype: torch.dtype | None = None, **ove
         config = config.with_(**overrides)
     file_dtype = next(iter(sd.values())).dtype
     model = build_model(sd, config, dtype=dtype, name=name)
+    if dtype == torch.float16 and file_dtype != torch.float16:
+        overflowed = nonfinite_names(dict(model.named_parameters()))
+        if overflowed:
+            raise CheckpointError(
+                f"{name}: {len(overflowed)} weight tensor(s) (first {overflowed[0]}) exceed float16's range "
+                "(65504). Load the weights as bf16 or fp32."
+            )
     model.variant = variant
     model.checkpoint = CheckpointInfo(path=path, key_layout=key_layout, file_dtype=file_dtype)
     return model
+
+
+def _weight_dtype_argument(dtype) -> torch.dtype | None:
+    if isinstance(dtype, str) and dtype.strip().lower() in DTYPES:
+        return DTYPES[dtype.strip().lower()]
+    if dtype is None or dtype in DTYPES.values():
+        return dtype
+    raise ArgumentError(
+        f"dtype must be None (the file's), torch.bfloat16, torch.float16, torch.float32 or one of "
+        f"{', '.join(repr(k) for k in DTYPES)}; got {dtype!r}."
+    )
+
+
+def check_weight_values(sd: dict, name: str, variant=None) -> None:
+    """A PiD checkpoint holds finite floating-point weights. Integer tensors mean a quantized file (or no
+    weights at all), NaN or infinity a damaged one; both would decode to a black or wrong image."""
+    bf16_file = "a bf16 file" if variant is None or variant.repackaged_file is None else variant.repackaged_file.filename
+    integers = [k for k, v in sd.items() if not v.is_floating_point()]
+    if integers:
+        raise CheckpointError(
+            f"{name} holds {sd[integers[0]].dtype} weights ({len(integers)} tensor(s), first {integers[0]}), "
+            f"but a PiD checkpoint holds floating-point weights; quantized files are not read here. "
+            f"Use {bf16_file} (or the official model_ema_bf16.pth)."
+        )
+    bad = nonfinite_names(sd)
+    if bad:
+        raise CheckpointError(
+            f"{name} holds NaN or infinite weights ({len(bad)} tensor(s), first {bad[0]}): the file is damaged. "
+            "Download it again."
+        )
 
 
 def _variant_for(path: str, config: PidConfig):

@@ -9,12 +9,15 @@ canvas or tiles fused at every step); the result is clamped and mapped to [0, 1]
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .errors import PidError, TextEmbeddingError
+from .checks import all_finite, check_seed, whole_number
+from .errors import ArgumentError, DecodeError, TextEmbeddingError
 from .plan import NO_META, DecodePlan, LatentMeta, Sigma, plan_decode
+from .precision import weight_dtype
 from .sampling import initial_noise, sample
 from .velocity import network_velocity
 
@@ -60,7 +63,9 @@ def decode(
     tile_callback(done, total): after each batch of tiles (progress, cancel).
     compile: torch.compile the network (static shapes; worth it for many decodes of one size on a GPU).
     """
-    if isinstance(model, str):
+    whole_number(steps, "steps", 1, 4, "PiD students run 1 to 4 steps; 4 is the released quality.")
+    check_seed(seed)  # both checked again by run_plan; here before a text encoder or checkpoint loads
+    if isinstance(model, (str, os.PathLike)):
         from .checkpoint import load_pid
 
         model = load_pid(model)
@@ -82,28 +87,143 @@ def run_plan(
     tile_callback: Optional[Callable[[int, int], None]] = None,
     compile: bool = False,
 ) -> torch.Tensor:
-    """Run the student sampler over a plan; RGB [B, 3, H, W] in [0, 1] (arguments as decode())."""
-    if not 1 <= int(steps) <= 4:
-        raise PidError(f"PiD students run 1 to 4 steps; got {steps}. Use 4 for the released quality.")
+    """Run the student sampler over a plan; RGB [B, 3, H, W] in [0, 1] (arguments as decode()).
+
+    Before anything runs: the arguments are checked and the plan's memory against what is free
+    (refused when it cannot fit). While it runs: every step's x0 is checked for NaN and infinity, and
+    running out of memory becomes a DecodeError; so a result is never black or lost silently
+    (docs/DESIGN.md §13)."""
+    steps = whole_number(steps, "steps", 1, 4, "PiD students run 1 to 4 steps; 4 is the released quality.")
+    seed = check_seed(seed)
     device = plan.device
     shape = (plan.batch, 3, *plan.output_hw)
+    noise = _check_noise(noise, shape, "noise")
+    if renoise is not None:
+        if not isinstance(renoise, (list, tuple)) or len(renoise) != steps - 1:
+            count = len(renoise) if isinstance(renoise, (list, tuple)) else type(renoise).__name__
+            raise ArgumentError(f"renoise takes {steps - 1} tensors for {steps} steps (one per re-noise), got {count}.")
+        renoise = [_check_noise(eps, shape, f"renoise[{i}]") for i, eps in enumerate(renoise)]
+    check_memory(plan)
     canvas_device = device if plan.tiles.canvas_on_device else torch.device("cpu")
     velocity = network_velocity(model, plan.text, plan.latent, plan.sigma, plan.tiles, device=device,
                                 callback_per_tile=tile_callback, compile=compile)
+
+    def checked(step, total, x0):
+        # x0 before the final clamp: infinities are still visible (clamping would make them white)
+        if not all_finite(x0):
+            raise DecodeError(nonfinite_message(model, plan, step, total))
+        if callback is not None:
+            callback(step, total, x0)
+
     generator = None
     if noise is None:
         # drawn on the network's device (the reference's stream there), kept where the plan puts the state
         noise, generator = initial_noise(shape, seed=seed, device=canvas_device, generator_device=device)
         owned = True
-    elif tuple(noise.shape) != shape:
-        raise PidError(f"noise has shape {tuple(noise.shape)}, the output needs {shape}.")
     else:
         owned = False  # the caller's tensor is left as it is
         if renoise is None:  # the re-noise draws still follow the seed
-            generator = torch.Generator(device=device).manual_seed(int(seed))
-    x0 = sample(velocity, noise.to(canvas_device), steps=int(steps), renoise=renoise, generator=generator,
-                callback=callback, overwrite_noise=owned)
+            generator = torch.Generator(device=device).manual_seed(seed)
+    failure = None
+    try:
+        x0 = sample(velocity, noise.to(canvas_device), steps=steps, renoise=renoise, generator=generator,
+                    callback=checked, overwrite_noise=owned)
+    except Exception as exc:  # only running out of memory is translated
+        if not is_out_of_memory(exc):
+            raise
+        failure = out_of_memory_message(plan, exc)
+    if failure is not None:  # raised outside the handler, so the failed run's tensors are freed first
+        raise DecodeError(failure)
     return x0.add_(1).div_(2)
+
+
+def _check_noise(noise, shape, name: str):
+    if noise is None:
+        return None
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+        raise ArgumentError(f"{name} must be a floating-point tensor of shape {shape}, got {type(noise).__name__}"
+                            f"{' ' + str(noise.dtype) if isinstance(noise, torch.Tensor) else ''}.")
+    if tuple(noise.shape) != shape:
+        raise ArgumentError(f"{name} has shape {tuple(noise.shape)}, the output needs {shape}.")
+    if not all_finite(noise):
+        raise ArgumentError(f"{name} holds NaN or infinite values: draw it with torch.randn, or pass none and a seed.")
+    return noise
+
+
+# The Gemma-2 hidden states PiD was trained on stay far below this; larger values name the text as the cause.
+LARGE_TEXT_VALUE = 1e4
+# PiD-space latents are a few units (latents.MAX_PID_LATENT refuses the absurd); beyond this, name the latent.
+LARGE_LATENT_VALUE = 100.0
+
+
+def nonfinite_message(model, plan: DecodePlan, step: int, steps: int) -> str:
+    """Why a decode gave NaN or infinity, most likely cause first: float16 overflow, text or latent values
+    far out of their range, else damaged weights or inputs."""
+    text_peak = plan.text.abs().amax().item()
+    latent_peak = plan.latent.abs().amax().item()
+    if weight_dtype(model) == torch.float16:
+        cause = ("the network overflowed float16 (its largest value is 65504): load the weights as bf16 or fp32 "
+                 "(--dtype bf16, or weight_dtype bf16 in PiD Loader)")
+    elif text_peak > LARGE_TEXT_VALUE:
+        cause = (f"the text embedding reaches {text_peak:.3g}, far beyond Gemma-2 hidden states: encode the prompt "
+                 "with the Gemma-2-2b-it text encoder (CLIPLoader type 'pixeldit')")
+    elif latent_peak > LARGE_LATENT_VALUE:
+        cause = (f"the latent reaches {latent_peak:.3g} in PiD's input space, where latents are a few units: check "
+                 "the latent and its format")
+    else:
+        cause = "the checkpoint or the inputs are damaged: check the checkpoint (python -m pid_core info) and the latent"
+    return f"The decode gave NaN or infinite values at step {step} of {steps}, so no image was made: {cause}."
+
+
+def check_memory(plan: DecodePlan) -> None:
+    """Refuse, before anything is allocated, a decode whose working memory (tiling.memory's estimate, the
+    plan's memory_bytes) exceeds what the device has free: the plan's budget, or for an untiled plan
+    without one the device's free memory now. The sampler's state kept on the CPU is checked against
+    free CPU memory."""
+    from .tiling import device_memory_budget
+
+    tiles, options = plan.tiles, plan.tile_options
+    gib = 2**30
+    budget, fits = options.memory_budget_bytes, tiles.fits_budget
+    if budget is None and options.mode == "off":
+        budget = device_memory_budget(plan.device)
+        fits = budget is None or tiles.memory_bytes <= budget
+    H, W = plan.output_hw
+    what = f"{W}x{H} px" + (f" x {plan.batch} images" if plan.batch > 1 else "")
+    if not fits:
+        need, free = tiles.memory_bytes / gib, budget / gib
+        if options.mode == "off":
+            fix = ("Use tiling (--tile auto on the command line, tiling auto in PiD Decode, TileOptions() in Python), "
+                   "which fits any size, or decode fewer images at once.")
+        elif options.mode == "manual":
+            fix = "Use a smaller tile, or tiling auto, which picks one that fits."
+        else:
+            fix = "Free memory (other programs or models), decode fewer images at once, or use another device."
+        raise DecodeError(f"Decoding {what} needs about {need:.1f} GiB of working memory on {plan.device}, and about "
+                          f"{free:.1f} GiB are free. {fix}")
+    if not tiles.canvas_on_device or plan.device.type == "cpu":
+        from .tiling.memory import canvas_memory_estimate
+
+        cpu_free = device_memory_budget("cpu")
+        state = canvas_memory_estimate(plan.output_hw, plan.batch)
+        if cpu_free is not None and state > cpu_free:
+            raise DecodeError(f"The sampler's state for {what} takes about {state / gib:.1f} GiB of CPU memory, and "
+                              f"about {cpu_free / gib:.1f} GiB are free. Decode fewer images at once or a smaller latent.")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def out_of_memory_message(plan: DecodePlan, exc: BaseException) -> str:
+    H, W = plan.output_hw
+    tiled = "tiles of {}x{} px".format(*plan.tiles.tile_hw[::-1]) if plan.tiles.tiled else "one pass"
+    return (f"Out of memory on {plan.device} while decoding {W}x{H} px in {tiled} ({type(exc).__name__}). "
+            "Use tiling (--tile auto, or a smaller --tile; tiling auto or a smaller tile_size in PiD Decode), decode "
+            "fewer images at once, or free memory.")
 
 
 def encode_text(text, text_encoder):

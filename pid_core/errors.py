@@ -17,9 +17,29 @@ class LatentError(PidError):
     """The latent does not fit the checkpoint (channels, format, size, batch)."""
 
 
+class SigmaError(LatentError):
+    """The noise level given for the latent (or stored with it) is not one it can carry."""
+
+
 class TextEmbeddingError(PidError):
     """The text embedding or text encoder does not fit PiD (width, length, encoder)."""
 
 
 class SizeError(PidError):
     """The requested output size cannot be produced."""
+
+
+class ArgumentError(PidError, ValueError):
+    """An argument of a call or a command-line option is of the wrong type or out of range."""
+
+
+class DeviceError(PidError):
+    """The requested device does not exist on this machine or in this PyTorch build."""
+
+
+class OutputError(PidError):
+    """The output file cannot be written where it was asked for."""
+
+
+class DecodeError(PidError):
+    """The decode itself failed: non-finite values, or not enough memory."""

@@ -1,86 +1,191 @@
-"""Reading what a user gives the command line: latent files and precomputed text embeddings.
+"""Reading what a user gives: checkpoints, latent files and precomputed text embeddings.
 
-Only tensors are read: `.pt`/`.pth` files load with weights_only=True and `.npy` without pickles, so a
-file can never run code.
+A file's kind is read from its first bytes, never from its name (`sniff`): a .safetensors file named
+.pth loads, and a download that saved a web page or a Git LFS pointer is named as such. Only tensors
+are read: PyTorch files load with weights_only=True and numpy files without pickles, so a file can
+never run code (docs/DESIGN.md §13).
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import LatentError, TextEmbeddingError
+from .errors import CheckpointError, LatentError, PidError, TextEmbeddingError
 from .plan import LatentMeta
 
 
-def load_latent_file(path: str) -> tuple[torch.Tensor, LatentMeta]:
-    """A latent from .safetensors / ComfyUI .latent (key latent_tensor), .pt/.pth (weights only) or .npy,
-    and what travels with it: optional `pid_sigma` (a scalar or one value per sample) and
-    `pid_latent_format` tensors."""
+@dataclass(frozen=True)
+class FileRole:
+    """What a file is for, for messages: its name, the error to raise, how to re-save it with tensors
+    only, and where to look when given a folder."""
+
+    what: str
+    error: type = PidError
+    resave: str = ""
+    folder_hint: str = ""
+
+
+CHECKPOINT_FILE = FileRole(
+    "checkpoint", CheckpointError, "Use the official model_ema_bf16.pth or a repackaged .safetensors file.",
+    " (for the official release: checkpoints/<experiment>/model_ema_bf16.pth)")
+LATENT_FILE = FileRole(
+    "latent file", LatentError,
+    "Save the latent as a tensor: safetensors.torch.save_file({'latent': t}, path), torch.save(t, path) or numpy.save.")
+TEXT_EMBEDDING_FILE = FileRole(
+    "text embedding file", TextEmbeddingError,
+    "Re-save it with safetensors.torch.save_file({'text_embedding': t}, path) or numpy.save.")
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    return line if line and "weights_only" not in line else type(exc).__name__  # never torch's unsafe advice
+
+
+def sniff(path, role: FileRole) -> str:
+    """The kind of a tensor file, from its content: "safetensors", "torch" (zip), "torch-legacy" (a pickle),
+    "numpy" (.npy) or "numpy-archive" (.npz).
+
+    Raises the role's error naming the real cause for anything else: a missing path, a folder, an empty or
+    unreadable file, a GGUF file, a Git LFS pointer, a web page saved by a failed download, or content
+    of no known kind, each message naming the file by its role."""
+    what, error = role.what, role.error
+    if path is None or str(path) == "":
+        raise error(f"No {what} was given: pass the path of the file.")
+    path = str(path)
+    name = os.path.basename(path) or path
     if not os.path.exists(path):
-        raise LatentError(f"Latent file not found: {path}")
+        raise error(f"{what[0].upper()}{what[1:]} not found: {path}. Check the path.")
+    if os.path.isdir(path):
+        raise error(f"{path} is a folder, not a {what}. Give the file itself{role.folder_hint}.")
     try:
-        if path.endswith((".safetensors", ".latent")):
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        raise error(f"The {what} {name} cannot be read ({exc.strerror or exc}). Check its permissions.") from None
+    if not head:
+        raise error(f"{name} is empty (0 bytes), an interrupted download or copy: get the {what} again.")
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30:
+        return "safetensors"  # an 8-byte header length, then the JSON header
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "torch"  # a damaged archive: the loader names it
+        if names and all(n.endswith(".npy") for n in names):
+            return "numpy-archive"
+        return "torch"
+    if head.startswith(b"\x93NUMPY"):
+        return "numpy"
+    if head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "torch-legacy"  # a pickle: PyTorch's format before zip files
+    if head.startswith(b"GGUF"):
+        raise error(f"{name} is a GGUF file (quantized weights for ComfyUI-GGUF), not a {what} this pack reads. "
+                    "Use the .safetensors or .pth file.")
+    if head.startswith(b"version https://git-lfs"):
+        raise error(f"{name} is a Git LFS pointer (a small text file standing in for the real one), not the {what}: "
+                    "fetch the real file (git lfs pull, or download it from its Hugging Face page).")
+    if head.lstrip()[:14].lower().startswith((b"<!doctype html", b"<html")):
+        raise error(f"{name} is a web page, not a {what}: the download saved an error or login page. "
+                    "Download the file again (gated files need a Hugging Face login).")
+    raise error(f"{name} is not a {what}: its content is neither safetensors, PyTorch nor numpy "
+                f"(it starts with {head[:12]!r}).")
+
+
+def read_tensor_file(path, role: FileRole, *, device="cpu") -> Any:
+    """The tensors of a file of any kind `sniff` knows: a dict of tensors (safetensors, PyTorch dicts,
+    numpy archives), a tensor (numpy arrays, PyTorch tensors), or what else a PyTorch file holds.
+
+    Never runs code: a PyTorch file that needs more than tensors to unpickle is refused, with the role's
+    way to re-save it as the fix. A damaged file of a known kind is called truncated or corrupt."""
+    kind = sniff(path, role)
+    error, resave = role.error, role.resave
+    path = str(path)
+    name = os.path.basename(path)
+    try:
+        if kind == "safetensors":
             from safetensors.torch import load_file
 
-            tensors = load_file(path)
-        elif path.endswith(".npy"):
-            import numpy as np
+            return load_file(path, device=str(device))
+        if kind in ("numpy", "numpy-archive"):
+            return _read_numpy(path, name, role)
+        return _read_torch(path, device, mmap=kind == "torch")
+    except PidError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every library error becomes one message
+        if kind.startswith("torch") and ("Weights only load failed" in str(exc) or "Unsupported global" in str(exc)):
+            # The advice in torch's own message (weights_only=False) would run the file's code: never passed on.
+            raise error(f"{name} holds pickled Python objects, not only tensors, so it was not loaded: unpickling "
+                        f"it could run arbitrary code. {resave}".rstrip()) from None
+        fmt = {"safetensors": "safetensors", "numpy": "numpy", "numpy-archive": "numpy"}.get(kind, "a PyTorch file")
+        raise error(f"{name} could not be read as {fmt} ({_first_line(exc)}). The file is truncated or corrupt: "
+                    "download or save it again.") from None
 
-            tensors = {"latent": torch.from_numpy(np.load(path, allow_pickle=False))}
-        else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-            tensors = loaded if isinstance(loaded, dict) else {"latent": loaded}
-    except Exception as exc:
-        raise LatentError(f"Could not read the latent file {path}: {exc}") from None
-    meta = LatentMeta(sigma=tensors.get("pid_sigma"), source=os.path.basename(path))
+
+def _read_torch(path: str, device, *, mmap: bool):
+    if path.lower().endswith(".safetensors"):  # torch.load reads such a name as safetensors, whatever it holds
+        with open(path, "rb") as f:
+            return torch.load(f, map_location=device, weights_only=True)
+    if mmap:  # zip files map into memory instead of being copied
+        try:
+            return torch.load(path, map_location=device, weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def _read_numpy(path: str, name: str, role: FileRole):
+    import numpy as np
+
+    error, resave = role.error, role.resave
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise error(f"{name} holds Python objects, not numbers, so it was not loaded: unpickling them could "
+                        f"run arbitrary code. {resave}".rstrip()) from None
+        raise
+    arrays = {k: loaded[k] for k in loaded.files} if hasattr(loaded, "files") else {None: loaded}
+    out = {}
+    for key, array in arrays.items():
+        if array.dtype.kind not in "fiub":
+            raise error(f"{name} holds {array.dtype} values, not real numbers. {resave}".rstrip())
+        out[key] = torch.from_numpy(np.ascontiguousarray(array))
+    return out.get(None, out)
+
+
+def load_latent_file(path: str) -> tuple[torch.Tensor, LatentMeta]:
+    """A latent from a safetensors file (also ComfyUI's .latent, key latent_tensor), a PyTorch file
+    (weights only) or a numpy file, and what travels with it: an optional `pid_sigma` (a scalar or one
+    value per sample)."""
+    loaded = read_tensor_file(path, LATENT_FILE)
+    tensors = loaded if isinstance(loaded, dict) else {"latent": loaded}
+    meta = LatentMeta(sigma=tensors.get("pid_sigma"), source=f"the latent file {os.path.basename(str(path))}")
     for key in ("latent_tensor", "samples", "latent"):
         if isinstance(tensors.get(key), torch.Tensor):
             return tensors[key], meta
-    candidates = [v for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.ndim >= 4 and not k.startswith("pid_")]
+    candidates = [v for k, v in tensors.items()
+                  if isinstance(v, torch.Tensor) and v.ndim >= 4 and not str(k).startswith("pid_")]
     if len(candidates) != 1:
         raise LatentError(f"{path} should hold one latent tensor (key 'latent' or 'samples'); found keys {list(tensors)}.")
     return candidates[0], meta
 
 
 def load_text_embedding(path: str | os.PathLike) -> torch.Tensor:
-    """Read a precomputed text embedding: .safetensors, .pt/.pth (tensors only) or .npy.
+    """Read a precomputed text embedding: a safetensors, PyTorch (tensors only) or numpy file.
 
     A file with several tensors must name the one to use "text_embedding". The result is not
     validated: pass it to validate_text_embedding() with the network's width.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise TextEmbeddingError(f"Text embedding file not found: {path}. Check the path.")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data: Any = load_file(str(path), device="cpu")
-        elif suffix in (".pt", ".pth"):
-            # weights_only: a pickle can run code on load; a text embedding never needs more than tensors.
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
-        elif suffix == ".npy":
-            import numpy as np
-
-            data = torch.from_numpy(np.load(str(path), allow_pickle=False))
-        else:
-            raise TextEmbeddingError(
-                f"{path.name}: unsupported text embedding file type '{suffix}'. Use .safetensors, .pt/.pth or .npy."
-            )
-    except TextEmbeddingError:
-        raise
-    except Exception as e:  # corrupt file, pickled objects, object arrays, ...
-        raise TextEmbeddingError(
-            f"Could not read the text embedding {path.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
-            "The file must hold a plain tensor (no pickled Python objects): re-save it with "
-            "safetensors.torch.save_file({'text_embedding': t}, path) or numpy.save."
-        ) from e
-
+    data = read_tensor_file(path, TEXT_EMBEDDING_FILE)
+    name = Path(path).name
     if isinstance(data, dict):
         tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
         if "text_embedding" in tensors:
@@ -89,11 +194,11 @@ def load_text_embedding(path: str | os.PathLike) -> torch.Tensor:
             data = next(iter(tensors.values()))
         else:
             raise TextEmbeddingError(
-                f"{path.name} holds {len(tensors)} tensors ({', '.join(sorted(tensors)[:5])}); name the text "
+                f"{name} holds {len(tensors)} tensors ({', '.join(sorted(map(str, tensors))[:5])}); name the text "
                 "embedding 'text_embedding' or save it alone."
             )
     if not isinstance(data, torch.Tensor):
         raise TextEmbeddingError(
-            f"{path.name} holds a {type(data).__name__}, not a tensor. Save the embedding tensor itself."
+            f"{name} holds a {type(data).__name__}, not a tensor. Save the embedding tensor itself."
         )
     return data

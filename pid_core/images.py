@@ -1,15 +1,21 @@
-"""Images without extra dependencies: [0, 1] tensors -> 8-bit RGB, PNG written with zlib, previews."""
+"""Images: [0, 1] tensors -> 8-bit RGB -> PNG (written with zlib, no dependency) or JPEG / WebP (Pillow, when
+present); atomic writes and the checks of an output path (docs/DESIGN.md §13); previews."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import secrets
+import stat
 import struct
 import tempfile
 import zlib
 
 import numpy as np
 import torch
+
+from .errors import OutputError
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -38,19 +44,143 @@ def save_png(image: torch.Tensor, path: str) -> None:
     write_atomically(path, encode_png(to_uint8(image)))
 
 
+# Output formats by extension: (Pillow's format name, or None for our own PNG writer; the largest side
+# the format can hold; Pillow's save options).
+IMAGE_FORMATS = {
+    ".png": (None, 2**31 - 1, {}),
+    ".jpg": ("JPEG", 65535, {"quality": 95}),
+    ".jpeg": ("JPEG", 65535, {"quality": 95}),
+    ".webp": ("WEBP", 16383, {"quality": 95}),
+}
+
+
+def image_format(path: str) -> str:
+    """The extension of an output path, if this pack can write it (.png always; .jpg, .jpeg, .webp with
+    Pillow, which every ComfyUI has). Raises OutputError naming what to use instead."""
+    ext = os.path.splitext(str(path))[1].lower()
+    if ext not in IMAGE_FORMATS:
+        raise OutputError(
+            f"{os.path.basename(str(path)) or path!r} has {'the extension ' + repr(ext) if ext else 'no extension'}; "
+            f"images are written as {', '.join(IMAGE_FORMATS)}. Name the output e.g. out.png."
+        )
+    if IMAGE_FORMATS[ext][0] is not None:
+        try:
+            import PIL.Image  # noqa: F401
+        except ImportError:
+            raise OutputError(f"Writing {ext} needs Pillow (pip install pillow); or write .png, which needs nothing.") from None
+    return ext
+
+
+def check_image_size(path: str, height: int, width: int) -> None:
+    ext = image_format(path)
+    limit = IMAGE_FORMATS[ext][1]
+    if max(height, width) > limit:
+        raise OutputError(f"A {width}x{height} image is too large for {ext} (at most {limit} px a side). Write .png.")
+
+
+def encode_image(rgb: np.ndarray, ext: str) -> bytes:
+    """[H, W, 3] uint8 -> the bytes of an image file of the format `ext` names."""
+    name, _, options = IMAGE_FORMATS[ext]
+    if name is None:
+        return encode_png(rgb)
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    try:
+        Image.fromarray(rgb, "RGB").save(buffer, format=name, **options)
+    except (OSError, KeyError, ValueError) as exc:  # e.g. a Pillow built without WebP
+        raise OutputError(f"Pillow could not write {ext} ({exc}). Write .png instead.") from None
+    return buffer.getvalue()
+
+
+def save_image(image: torch.Tensor, path: str) -> None:
+    """[3, H, W] in [0, 1] -> the file `path` (its format from the extension), written atomically."""
+    write_atomically(path, encode_image(to_uint8(image), image_format(path)))
+
+
 def write_atomically(path: str, data: bytes) -> None:
+    """Write `data` to a temporary file in the target's folder, then rename it over `path` in one step:
+    `path` holds either its old content or all of the new, never part of it. A new file gets the usual
+    permissions (0o666 less the umask); a replaced file keeps its own."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".pid-", suffix=".tmp")
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = None
+    tmp = None
+    for _ in range(100):
+        candidate = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        tmp = candidate
+        break
+    if tmp is None:
+        raise FileExistsError(f"no free temporary name in {folder}")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def numbered_path(path: str, index: int) -> str:
+    """The file of image `index` when a batch of several is written to `path`: name_00.png, name_01.png ..."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}_{index:02d}{ext}"
+
+
+def check_output_path(path, inputs=()) -> str:
+    """Refuse, before anything is loaded, an output that cannot be written: no name, a folder, a known
+    extension missing, a folder that cannot be created or written, an existing file that is read-only,
+    or one of the inputs (also as a numbered batch file: name_00.png). Returns the path."""
+    if path is None or not str(path).strip():
+        raise OutputError("The output path is empty: give a file name such as out.png.")
+    path = str(path)
+    if os.path.isdir(path) or path.endswith((os.sep, "/")):
+        raise OutputError(f"The output {path} is a folder: give a file name inside it, such as {os.path.join(path, 'out.png')}.")
+    target = os.path.realpath(path)
+    stem, ext = os.path.splitext(target)
+    batch_file = re.compile(re.escape(stem) + r"_\d{2,}" + re.escape(ext) + "$")
+    for given in inputs:
+        if given is None:
+            continue
+        source = os.path.realpath(str(given))
+        if source == target or batch_file.match(source) or _same_file(source, target):
+            raise OutputError(f"The output {path} is the input {given}: writing it would replace the input. "
+                              "Choose another output name.")
+    image_format(path)
+    folder = os.path.dirname(target)
+    existing = folder
+    while not os.path.exists(existing):  # a folder to be made: its nearest existing parent must take it
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise OutputError(f"Cannot write {path}: {existing} is a file, not a folder.")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".pid-write-test-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"Cannot write to the folder {existing} ({exc.strerror or exc}). Choose another folder.") from None
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise OutputError(f"The output {path} exists and is read-only. Choose another name or make it writable.")
+    return path
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def preview_uint8(x0: torch.Tensor, max_side: int = 512) -> np.ndarray:

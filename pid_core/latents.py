@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import CheckpointError, LatentError
+from .errors import CheckpointError, LatentError, SigmaError
 from .variants import VARIANTS, Variant
 
 # Wan 2.1 VAE per-channel statistics, which Qwen-Image's VAE shares: ComfyUI
@@ -275,6 +275,11 @@ def _check_samples(samples: torch.Tensor) -> None:
         )
     if samples.shape[0] == 0 or samples.numel() == 0:
         raise LatentError(f"The latent {list(samples.shape)} is empty; give at least one sample.")
+    if samples.ndim == 5 and samples.shape[2] != 1:
+        raise LatentError(
+            f"This latent has {samples.shape[2]} frames ({list(samples.shape)}, [B, C, frames, H, W]); PiD decodes "
+            "single images. Pass a single-frame latent [B, C, 1, H, W], e.g. samples[:, :, :1]."
+        )
     if not torch.isfinite(samples).all():
         raise LatentError(
             "The latent holds NaN or infinite values: the sampler or VAE that made it failed "
@@ -284,16 +289,21 @@ def _check_samples(samples: torch.Tensor) -> None:
 
 def _sigma_vector(sigma, batch: int, device: torch.device) -> torch.Tensor:
     """sigma as float32 [B]: one value for the batch, or one per sample."""
+    if isinstance(sigma, (list, tuple)) or type(sigma).__module__ == "numpy":
+        try:  # one value per sample, as a list or a numpy array
+            sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise SigmaError(f"sigma must be a number or a list of numbers, got {sigma!r}.") from None
     if isinstance(sigma, torch.Tensor):
         if sigma.ndim > 1:
-            raise LatentError(
+            raise SigmaError(
                 f"sigma must be a number or a 1-D tensor [B], got shape {list(sigma.shape)}."
             )
         s = sigma.detach().to(device=device, dtype=torch.float32).reshape(-1)
         if s.numel() == 1:
             s = s.expand(batch).clone()
         elif s.numel() != batch:
-            raise LatentError(
+            raise SigmaError(
                 f"sigma has {s.numel()} values but the latent batch has {batch} samples; give one "
                 "sigma for the whole batch or one per sample."
             )
@@ -301,26 +311,37 @@ def _sigma_vector(sigma, batch: int, device: torch.device) -> torch.Tensor:
         try:
             value = float(sigma)
         except (TypeError, ValueError):
-            raise LatentError(f"sigma must be a number or a tensor, got {sigma!r}.") from None
+            raise SigmaError(f"sigma must be a number or a tensor, got {sigma!r}.") from None
         s = torch.full((batch,), value, dtype=torch.float32, device=device)
     if not torch.isfinite(s).all():
-        raise LatentError(
+        raise SigmaError(
             "sigma is NaN or infinite; give the noise level the latent carries (0 for clean)."
         )
     return s
 
 
+# The largest SDXL (Euler-frame) sigma taken: SDXL's schedule ends at 14.6, and beyond about 1000 the
+# latent would keep less than a millionth of its content (docs/DESIGN.md §5). Also the node's maximum.
+MAX_EULER_SIGMA = 1000.0
+
+
 def _check_sigma_range(s: torch.Tensor, fmt: LatentFormat) -> None:
     if fmt.frame == "euler":
         if (s < 0).any():
-            raise LatentError(
+            raise SigmaError(
                 f"sigma {s.min().item():g} is negative. For SDXL give the sampler's Euler sigma at "
                 "the step it stopped at (0 for a finished latent)."
+            )
+        if (s > MAX_EULER_SIGMA).any():
+            raise SigmaError(
+                f"sigma {s.max().item():g} is far beyond SDXL's noise schedule (its largest sigma is 14.6; at most "
+                f"{MAX_EULER_SIGMA:g} is taken): such a latent is pure noise. Give the sampler's Euler sigma at the "
+                "step it stopped at, or 0 for a finished latent."
             )
         return
     if (s < 0).any() or (s > 1).any():
         bad = s[(s < 0) | (s > 1)][0].item()
-        raise LatentError(
+        raise SigmaError(
             f"sigma {bad:g} is outside [0, 1]. A flow-matching latent (FLUX.1, SD3, FLUX.2, "
             "Qwen-Image, Z-Image) carries a noise level from 0 (clean) to 1 (pure noise): give the "
             "sigma of the step the sampler stopped at, or 0 for a finished latent."
@@ -367,7 +388,22 @@ def prepare_latent(
         # x_vp = x_eu / sqrt(s_eu^2 + 1) = sqrt(1 - s_vp^2) x0 + s_vp eps.
         z = z / torch.sqrt(s4 * s4 + 1)
         s = sigma_to_pid(s, fmt)
+    _check_pid_range(z, fmt)
     return z.contiguous(), s
+
+
+# Latents in PiD's input space are a few units in size (the formats normalise them, noisy states
+# included); far larger values mean a wrong format or a scaled tensor, and only give a wrong image.
+MAX_PID_LATENT = 1e4
+
+
+def _check_pid_range(z: torch.Tensor, fmt: LatentFormat) -> None:
+    peak = z.detach().abs().amax().item()  # NaN propagates: a NaN peak fails the test below too
+    if not peak <= MAX_PID_LATENT:
+        raise LatentError(
+            f"The latent reaches {peak:.3g} in PiD's input space, where latents are a few units: it is not a "
+            f"'{fmt.name}' ({fmt.label}) latent, or it was scaled. Check the latent and its format."
+        )
 
 
 def sigma_to_pid(sigma, latent_format: str | LatentFormat):

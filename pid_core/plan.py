@@ -22,7 +22,8 @@ from typing import Optional, Union
 
 import torch
 
-from .errors import LatentError, TextEmbeddingError
+from .checks import require_device
+from .errors import ArgumentError, LatentError, SigmaError, TextEmbeddingError
 from .latents import LATENT_FORMATS, detect_latent_format, prepare_latent
 from .precision import weight_dtype
 from .text import validate_text_embedding
@@ -53,7 +54,7 @@ def resolve_latent_format(choice: Optional[str], meta: LatentMeta, model, sample
     """The latent format to decode with: an explicit choice (a format or a backbone name such as
     zimage or flux2-klein-4b), else the format that travels with the latent, else the one the channels
     and the checkpoint's variant tell ("auto")."""
-    name = (choice or "auto").strip().lower()
+    name = check_latent_format_name(choice)
     if name == "auto" and meta.latent_format:
         name = meta.latent_format.strip().lower()
     if name == "auto":
@@ -73,12 +74,48 @@ def resolve_latent_format(choice: Optional[str], meta: LatentMeta, model, sample
 def resolve_sigma(explicit: Optional[Sigma], meta: LatentMeta) -> tuple[Sigma, str]:
     """(sigma, where it came from): an explicit value (None or a negative number: not given), else the
     latent's own, else 0 (a clean latent)."""
-    given = explicit is not None and (isinstance(explicit, torch.Tensor) or float(explicit) >= 0)
-    if given:
+    if _given(explicit):
         return explicit, "given"
     if meta.sigma is not None:
         return meta.sigma, f"pid_sigma of {meta.source}"
     return 0.0, "none given: taken as clean"
+
+
+def _given(explicit) -> bool:
+    """A negative number means "not given" (PiD Decode's -1 = auto); NaN, lists and tensors count as given
+    (and are then checked as values)."""
+    if explicit is None or isinstance(explicit, torch.Tensor):
+        return explicit is not None
+    try:
+        return not float(explicit) < 0
+    except (TypeError, ValueError):
+        return True
+
+
+def check_latent_format_name(choice: Optional[str]) -> str:
+    """The lower-case name of a latent format choice: auto, a format or a backbone; anything else is an
+    error (checked before anything is loaded)."""
+    if choice is not None and not isinstance(choice, str):
+        raise LatentError(f"latent_format must be a name such as 'auto' or 'flux', got {choice!r}.")
+    name = (choice or "auto").strip().lower()
+    if name != "auto" and name not in LATENT_FORMATS and name not in BACKBONES:
+        raise LatentError(
+            f"Unknown latent format {name!r}. Choose auto, one of {', '.join(LATENT_FORMATS)}, "
+            f"or a backbone name ({', '.join(BACKBONES)})."
+        )
+    return name
+
+
+def format_contradiction(fmt: str, variant, how: str) -> Optional[str]:
+    """A warning when a latent format that was chosen (not detected) is not the one the checkpoint's
+    variant takes: the channels may still match (16-channel FLUX.1, SD3, Qwen-Image), the image not."""
+    if variant is None or fmt in (variant.latent_format, "pid") or (fmt, variant.latent_format) == ("flux2_raw", "flux2"):
+        return None
+    return (
+        f"The latent format '{fmt}' ({LATENT_FORMATS[fmt].label}) was {how}, but the checkpoint is {variant.name}, "
+        f"made for '{variant.latent_format}' latents ({LATENT_FORMATS[variant.latent_format].label}): the image will be wrong "
+        "unless the latent really is one the checkpoint takes."
+    )
 
 
 def output_hw(config, pid_latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -153,7 +190,15 @@ def plan_decode(
     leftover_noise: the samples are a stock ComfyUI leftover latent x_t / (1 - sigma).
     tiling: None (one pass over the whole canvas, the same as TileOptions(mode="off")) or TileOptions.
     device: where the network runs (default: the model's)."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise ArgumentError(f"model must be a PiD model loaded with checkpoint.load_pid, got {type(model).__name__}.")
+    device = require_device(device) if device is not None else next(model.parameters()).device
+    if tiling is not None and not isinstance(tiling, TileOptions):
+        raise ArgumentError(f"tiling must be None or a TileOptions, got {type(tiling).__name__}.")
+    if not isinstance(meta, LatentMeta):
+        raise ArgumentError(f"meta must be a LatentMeta, got {type(meta).__name__}.")
+    if not isinstance(samples, torch.Tensor):
+        raise LatentError(f"The latent must be a torch tensor, got {type(samples).__name__}.")
     config = model.config
     fmt = resolve_latent_format(latent_format, meta, model, samples)
     sigma_value, sigma_source = resolve_sigma(sigma, meta)
@@ -162,9 +207,9 @@ def plan_decode(
             samples.to(device), fmt, sigma_value, expected_channels=config.latent_channels, bn_stats=bn_stats,
             undo_noise_scaling=leftover_noise,
         )
-    except LatentError as e:
-        if sigma_source.startswith("pid_sigma") and "sigma" in str(e):
-            raise LatentError(f"{e} (The sigma came from the {sigma_source}.)") from None
+    except SigmaError as e:
+        if sigma_source.startswith("pid_sigma"):
+            raise SigmaError(f"{e} (This sigma is the {sigma_source}; give a sigma to override it.)") from None
         raise
     # The reference hands the latent to the network as bf16 (docs/DESIGN.md §10): keep that rounding.
     z = z.to(torch.bfloat16).float()
@@ -173,6 +218,12 @@ def plan_decode(
 
     height, width = output_hw(config, z.shape[-2:])
     warnings = []
+    chosen = check_latent_format_name(latent_format) != "auto"
+    if chosen or meta.latent_format:
+        contradiction = format_contradiction(fmt, model.variant, "given" if chosen else f"stored with {meta.source}")
+        if contradiction:
+            log.warning(contradiction)
+            warnings.append(contradiction)
     if model.variant is not None:
         size_warning = check_output_size(model.variant, height, width)
         if size_warning:

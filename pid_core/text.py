@@ -83,6 +83,11 @@ def validate_text_embedding(emb: Any, *, text_dim: int = TEXT_DIM, max_tokens: i
             import numpy as np
 
             if isinstance(emb, np.ndarray):
+                if emb.dtype.kind != "f":
+                    raise TextEmbeddingError(
+                        f"The text embedding is a numpy array of {emb.dtype}, not floating-point hidden states. "
+                        f"{_HOW_TO_ENCODE}."
+                    )
                 emb = torch.from_numpy(emb)
         except ImportError:  # pragma: no cover - numpy is a requirement
             pass

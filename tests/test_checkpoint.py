@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pid_core.checkpoint import load_pid, read_state_dict
-from pid_core.errors import CheckpointError
+from pid_core.errors import ArgumentError, CheckpointError, DeviceError
 from pid_core.testing import config_shapes, make_random_checkpoint, narrow_config, random_state_dict, save_checkpoint
 
 
@@ -117,3 +117,56 @@ def test_missing_file_and_folder(tmp_path):
         load_pid(str(tmp_path / "nope.pth"))
     with pytest.raises(CheckpointError, match="is a folder"):
         read_state_dict(str(tmp_path))
+
+
+@pytest.mark.parametrize("saved_as,named", [("x.safetensors", "x.pth"), ("x.safetensors", "x.bin"),
+                                           ("x.safetensors", "model"), ("x.pth", "x.safetensors")])
+def test_checkpoints_are_read_by_content(tmp_path, saved_as, named):
+    written = str(tmp_path / saved_as)
+    config = make_random_checkpoint(written)
+    os.rename(written, tmp_path / named)
+    assert load_pid(str(tmp_path / named)).config == config
+
+
+def _state_dict(**changes):
+    sd = random_state_dict(config_shapes(narrow_config()))
+    sd.update(changes)
+    return sd
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    weight = _state_dict()["final_layer.linear.weight"].clone()
+    weight.view(-1)[7] = float("nan")
+    path = save_checkpoint(_state_dict(**{"final_layer.linear.weight": weight}), str(tmp_path / "nan.safetensors"))
+    with pytest.raises(CheckpointError, match="NaN or infinite weights.*final_layer.linear.weight.*damaged"):
+        load_pid(path)
+
+
+def test_integer_weights_are_refused(tmp_path):
+    sd = {k: (v * 100).to(torch.int8) for k, v in _state_dict().items()}
+    path = save_checkpoint(sd, str(tmp_path / "pid_flux1_512_to_2048_4step_int8.safetensors"))
+    with pytest.raises(CheckpointError, match="int8 weights.*floating-point.*pid_flux1_512_to_2048_4step_bf16.safetensors"):
+        load_pid(path)
+
+
+def test_fp16_overflow_of_the_weights_is_named(tmp_path):
+    big = _state_dict()["final_layer.linear.bias"].float() + 1e6  # finite in fp32, beyond float16
+    path = save_checkpoint({k: v.float() for k, v in _state_dict(**{"final_layer.linear.bias": big}).items()},
+                           str(tmp_path / "big.safetensors"))
+    assert load_pid(path, dtype=torch.bfloat16) is not None
+    with pytest.raises(CheckpointError, match="exceed float16's range.*bf16 or fp32"):
+        load_pid(path, dtype="fp16")
+
+
+def test_load_arguments_are_checked(tmp_path):
+    path = str(tmp_path / "x.safetensors")
+    make_random_checkpoint(path)
+    assert load_pid(path, dtype="fp32").config is not None
+    with pytest.raises(ArgumentError, match="dtype must be"):
+        load_pid(path, dtype=torch.int8)
+    with pytest.raises(ArgumentError, match="dtype must be"):
+        load_pid(path, dtype="half-ish")
+    with pytest.raises(ArgumentError, match="checkpoint's path"):
+        load_pid(None)
+    with pytest.raises(DeviceError, match="gpu0"):
+        load_pid(path, device="gpu0")

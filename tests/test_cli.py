@@ -105,3 +105,15 @@ def test_module_entry_point(files, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert read_png(str(out)).shape == (96, 128, 3)
+
+
+def test_progress_per_tile_batch(files, tmp_path, capsys):
+    ckpt, _, _ = files["flux"]
+    latent = tmp_path / "wide.safetensors"
+    save_file({"latent": torch.randn(1, 16, 16, 24)}, str(latent))  # 768 x 512 px
+    out = tmp_path / "tiled.png"
+    assert main(["decode", "--checkpoint", ckpt, "--latent", str(latent), "--text-embedding", files["text"],
+                 "--steps", "1", "--tile", "512", "--overlap", "128", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "step 1/1 tiles 2/2" in err  # two tiles, one forward
+    assert read_png(str(out)).shape == (512, 768, 3)

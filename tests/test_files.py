@@ -14,7 +14,7 @@ def test_latent_file_and_its_sigma(tmp_path):
     save_file({"latent": latent, "pid_sigma": torch.tensor([0.2, 0.4])}, tmp_path / "l.safetensors")
     got, meta = load_latent_file(str(tmp_path / "l.safetensors"))
     assert torch.equal(got, latent) and meta.sigma.tolist() == pytest.approx([0.2, 0.4])
-    assert meta.source == "l.safetensors"
+    assert meta.source == "the latent file l.safetensors"
     save_file({"latent_tensor": latent}, tmp_path / "c.latent")  # ComfyUI's Save Latent
     got, meta = load_latent_file(str(tmp_path / "c.latent"))
     assert torch.equal(got, latent) and meta.sigma is None
@@ -56,10 +56,77 @@ def test_load_text_embedding_errors(tmp_path):
     with pytest.raises(TextEmbeddingError, match="text_embedding"):
         load_text_embedding(tmp_path / "two.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(TextEmbeddingError, match="Could not read"):
+    with pytest.raises(TextEmbeddingError, match="not a text embedding file.*neither safetensors"):
         load_text_embedding(tmp_path / "junk.safetensors")
     (tmp_path / "x.txt").write_text("1 2 3")
-    with pytest.raises(TextEmbeddingError, match="unsupported"):
+    with pytest.raises(TextEmbeddingError, match="not a text embedding file"):
         load_text_embedding(tmp_path / "x.txt")
     with pytest.raises(TextEmbeddingError, match="not found"):
         load_text_embedding(tmp_path / "missing.pt")
+    with pytest.raises(TextEmbeddingError, match="is a folder"):
+        load_text_embedding(tmp_path)
+
+
+def _write_each_kind(tmp_path, tensor):
+    """The same tensor in every kind of file we read, each under a misleading name."""
+    made = {}
+    save_file({"latent": tensor}, tmp_path / "safetensors.pth")
+    made["safetensors"] = tmp_path / "safetensors.pth"
+    save_file({"latent": tensor}, tmp_path / "no_extension")
+    made["no extension"] = tmp_path / "no_extension"
+    torch.save({"latent": tensor}, tmp_path / "torch.safetensors")
+    made["torch zip"] = tmp_path / "torch.safetensors"
+    torch.save({"latent": tensor}, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+    made["torch legacy"] = tmp_path / "legacy.bin"
+    with open(tmp_path / "array.safetensors", "wb") as f:
+        np.save(f, tensor.numpy())
+    made["numpy"] = tmp_path / "array.safetensors"
+    with open(tmp_path / "archive.pt", "wb") as f:
+        np.savez(f, latent=tensor.numpy())
+    made["numpy archive"] = tmp_path / "archive.pt"
+    return made
+
+
+def test_files_are_read_by_content_not_by_name(tmp_path):
+    latent = torch.randn(1, 16, 3, 4)
+    for kind, path in _write_each_kind(tmp_path, latent).items():
+        assert torch.equal(load_latent_file(str(path))[0], latent), kind
+        assert torch.equal(load_text_embedding(path), latent), kind
+
+
+@pytest.mark.parametrize("content,cause", [
+    (b"", "empty"),
+    (b"GGUF\x03\x00\x00\x00" + bytes(40), "GGUF"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n", "Git LFS pointer"),
+    (b"<!DOCTYPE html><html><body>Access denied</body></html>", "web page"),
+    (b"\x00\x01 random bytes of no kind", "neither safetensors, PyTorch nor numpy"),
+])
+def test_foreign_content_is_named(tmp_path, content, cause):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(LatentError, match=cause):
+        load_latent_file(str(path))
+    with pytest.raises(TextEmbeddingError, match=cause):
+        load_text_embedding(path)
+
+
+def test_refusals_never_advise_unsafe_loading(tmp_path):
+    torch.save({"latent": _NotATensor()}, tmp_path / "evil.pt")
+    with pytest.raises(LatentError) as err:
+        load_latent_file(str(tmp_path / "evil.pt"))
+    assert "pickled Python objects" in str(err.value) and "weights_only" not in str(err.value)
+    np.save(tmp_path / "obj.npy", np.array([_NotATensor()], dtype=object), allow_pickle=True)
+    with pytest.raises(LatentError) as err:
+        load_latent_file(str(tmp_path / "obj.npy"))
+    assert "Python objects" in str(err.value) and "allow_pickle" not in str(err.value)
+    np.save(tmp_path / "words.npy", np.array(["a fox", "snow"]))
+    with pytest.raises(TextEmbeddingError, match="not real numbers"):
+        load_text_embedding(tmp_path / "words.npy")
+
+
+def test_truncated_files_are_called_truncated(tmp_path):
+    for path in _write_each_kind(tmp_path, torch.randn(1, 16, 30, 40)).values():
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        with pytest.raises(LatentError, match="truncated or corrupt"):
+            load_latent_file(str(path))

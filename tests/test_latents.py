@@ -377,6 +377,34 @@ def test_sdxl_sigma_may_exceed_1_but_not_be_negative():
         prepare_latent(randn(1, 4, 4, 4), "sdxl", -1.0, expected_channels=4)
 
 
+@pytest.mark.parametrize("sigma", [1001.0, 1e30, 3e38])
+def test_an_absurd_sdxl_sigma_is_refused_not_decoded_as_clean(sigma):
+    # in fp32, 1e30 squared overflows: the latent would become 0 with sigma 0, a "clean" decode of nothing
+    with pytest.raises(LatentError, match="far beyond SDXL's noise schedule"):
+        prepare_latent(randn(1, 4, 4, 4), "sdxl", sigma, expected_channels=4)
+    z, s = prepare_latent(randn(1, 4, 4, 4), "sdxl", 1000.0, expected_channels=4)
+    assert torch.isfinite(z).all() and 0.99 < s.item() <= 1.0
+
+
+def test_per_sample_sigmas_as_a_list():
+    _, s = prepare_latent(randn(2, 16, 4, 4), "flux", [0.1, 0.4], expected_channels=16)
+    assert s.tolist() == pytest.approx([0.1, 0.4])
+    with pytest.raises(LatentError, match="3 values but the latent batch has 2"):
+        prepare_latent(randn(2, 16, 4, 4), "flux", [0.1, 0.2, 0.3], expected_channels=16)
+
+
+@pytest.mark.parametrize("scale", [1e5, 1e30, 1e37])
+def test_latents_far_outside_any_latent_space_are_refused(scale):
+    with pytest.raises(LatentError, match="in PiD's input space, where latents are a few units"):
+        prepare_latent(randn(1, 16, 4, 4, scale=scale), "sd3", 0.0, expected_channels=16)
+
+
+def test_several_frames_are_named_before_the_format():
+    with pytest.raises(LatentError, match="2 frames.*single images"):
+        detect_latent_format(randn(1, 16, 2, 4, 4), adapter_in_channels=16, unpatchify=1,
+                             variant=VARIANTS["flux-2k"])
+
+
 @pytest.mark.parametrize(
     "latent, sigma, message",
     [

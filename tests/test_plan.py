@@ -61,10 +61,50 @@ def test_plan_holds_every_resolved_fact(model):
     assert not plan.tiles.tiled
 
 
-def test_a_bad_sigma_from_the_latent_says_so(model):
-    with pytest.raises(LatentError, match="pid_sigma of latent.safetensors"):
+@pytest.mark.parametrize("stored", [1.5, float("nan"), torch.tensor([[0.1]]), torch.tensor([0.1, 0.2]), "high"])
+def test_a_bad_sigma_from_the_latent_says_so(model, stored):
+    with pytest.raises(LatentError, match="pid_sigma of latent.safetensors; give a sigma to override it"):
         plan_decode(model, torch.randn(1, 16, 2, 2), _text(),
-                    meta=LatentMeta(sigma=1.5, latent_format="flux", source="latent.safetensors"))
+                    meta=LatentMeta(sigma=stored, latent_format="flux", source="latent.safetensors"))
+
+
+def test_nan_and_lists_are_given_sigmas():
+    assert resolve_sigma([0.1, 0.2], LatentMeta(sigma=0.5))[1] == "given"
+    nan = float("nan")
+    assert resolve_sigma(nan, LatentMeta(sigma=0.5))[1] == "given"  # then refused as a value, never ignored
+
+
+def test_a_chosen_format_that_contradicts_the_checkpoint_warns(tmp_path, caplog):
+    from pid_core.checkpoint import load_pid
+    from pid_core.testing import make_random_checkpoint
+
+    path = str(tmp_path / "pid_flux1_512_to_2048_4step_bf16.safetensors")
+    make_random_checkpoint(path, text_dim=32, text_tokens=12)
+    flux = load_pid(path, dtype=torch.float32)
+    samples = torch.randn(1, 16, 2, 2)
+    assert not plan_decode(flux, samples, _text(), latent_format="flux").warnings[:-1]
+    plan = plan_decode(flux, samples, _text(), latent_format="sd3")
+    assert "'sd3' (SD3) was given, but the checkpoint is flux-2k" in plan.warnings[0]
+    assert "'sd3' (SD3) was given" in caplog.text
+    stored = plan_decode(flux, samples, _text(), meta=LatentMeta(latent_format="qwenimage", source="the LATENT"))
+    assert "stored with the LATENT" in stored.warnings[0]
+    assert not any("was given" in w for w in plan_decode(flux, samples, _text(), latent_format="zimage").warnings)
+
+
+def test_api_arguments_are_checked(model):
+    from pid_core.errors import ArgumentError, DeviceError
+
+    samples = torch.randn(1, 16, 2, 2)
+    with pytest.raises(ArgumentError, match="tiling must be None or a TileOptions"):
+        plan_decode(model, samples, _text(), latent_format="flux", tiling="auto")
+    with pytest.raises(DeviceError, match="gpu0"):
+        plan_decode(model, samples, _text(), latent_format="flux", device="gpu0")
+    with pytest.raises(ArgumentError, match="loaded with checkpoint.load_pid"):
+        plan_decode("model.safetensors", samples, _text())
+    with pytest.raises(LatentError, match="must be a torch tensor"):
+        plan_decode(model, samples.numpy(), _text(), latent_format="flux")
+    with pytest.raises(ArgumentError, match="overlap_px"):
+        TileOptions(overlap_px=-5)
 
 
 def test_one_untiled_path(model):

@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from ..checks import whole_number
+from ..errors import ArgumentError
 from ..network import PidConfig
 from ..variants import MAX_TRAINED_ASPECT, TOO_LARGE, TOO_WIDE
 from .geometry import MIN_TILE_PX, Tile, tile_shape, batch_tiles, default_overlap, plan_tiles
@@ -54,11 +56,13 @@ class TileOptions:
 
     def __post_init__(self):
         if self.mode not in ("auto", "off", "manual"):
-            raise ValueError(f"tiling mode must be auto, off or manual, got {self.mode!r}")
+            raise ArgumentError(f"The tiling mode must be auto, off or manual, got {self.mode!r}.")
+        for name in ("tile_px", "overlap_px", "max_batch_tiles"):
+            whole_number(getattr(self, name), name, 0, 1 << 20)
         if self.mode == "manual" and self.tile_px <= 0:
-            raise ValueError("manual tiling needs tile_px > 0")
-        if self.tile_px < 0 or self.overlap_px < 0:
-            raise ValueError("tile_px and overlap_px must not be negative")
+            raise ArgumentError("Manual tiling needs a tile size in pixels (tile_px > 0).")
+        if self.max_batch_tiles < 1:
+            raise ArgumentError("max_batch_tiles must be at least 1.")
 
 
 @dataclass(frozen=True)

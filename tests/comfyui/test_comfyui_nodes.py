@@ -239,3 +239,22 @@ def test_encode_degrade_auto_format_asks_for_16_channel_vaes(comfyui, model_file
     with pytest.raises(ComfyError) as err:
         comfyui.run(g)
     assert "'flux' or 'sd3'" in err.value.execution_error.get("exception_message", "")
+
+
+def test_non_finite_decode_fails_with_the_cause(comfyui, model_files):
+    # fp16 weights and text values of 1e5 (above float16's 65504): the network overflows, the result is
+    # NaN; PiD Decode must fail with the cause and the fix, never hand on a black IMAGE
+    g = graph_base(model_files, steps=3, stop=2, finish=False)
+    g["huge"] = {"class_type": "PiDTestConditioning",
+                 "inputs": {"batch": 1, "tokens": 300, "width": 2304, "seed": 0, "scale": 1e5}}
+    add_pid_decode(g, model_files, latent=("early", 0), cond=("huge", 0))
+    g["pid"]["inputs"]["weight_dtype"] = "fp16"
+    save_image(g, "s_img", ["decode", 0], "never_black.safetensors")
+    with pytest.raises(ComfyError) as err:
+        comfyui.run(g)
+    e = err.value.execution_error
+    assert e.get("node_type") == DECODE
+    message = e.get("exception_message", "")
+    assert "NaN or infinite" in message and "float16" in message and "bf16" in message, message
+    assert "Traceback" not in message
+    assert not (comfyui.output_dir / "never_black.safetensors").exists()

@@ -53,7 +53,7 @@ class PiDTestConditioning(io.ComfyNode):
                 io.Int.Input("tokens", default=300, min=1, max=1024),
                 io.Int.Input("width", default=2304, min=1, max=8192),
                 io.Int.Input("seed", default=0, min=0, max=2**31),
-                io.Float.Input("scale", default=1.0, min=0.0, max=100.0),
+                io.Float.Input("scale", default=1.0, min=0.0, max=1e6),
             ],
             outputs=[io.Conditioning.Output()],
         )

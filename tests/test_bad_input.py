@@ -1,0 +1,415 @@
+"""Bad input never yields a wrong image or a lost file (docs/DESIGN.md §13).
+
+Every case, on the command line and in the Python API, ends in a one-line message that names the cause
+(exit code 2 or a PidError, never a traceback), with nothing written and every file that was there
+before byte-identical. Narrow random checkpoints keep each case fast.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import pid_core.checkpoint
+import pid_core.tiling
+from pid_core.checkpoint import load_pid
+from pid_core.cli import main
+from pid_core.decode import decode, run_plan
+from pid_core.errors import (
+    ArgumentError,
+    DecodeError,
+    DeviceError,
+    LatentError,
+    PidError,
+    TextEmbeddingError,
+)
+from pid_core.plan import plan_decode
+from pid_core.testing import (
+    config_shapes,
+    make_random_checkpoint,
+    narrow_config,
+    random_state_dict,
+    save_checkpoint,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT_DIM, TEXT_TOKENS = 64, 16
+FLUX = "pid_flux1_512_to_2048_4step_bf16.safetensors"
+SDXL = "pid_sdxl_1024_to_4096_4step_bf16.safetensors"
+GOOD_IMAGE = b"\x89PNG a good image from an earlier run"
+
+
+class _Code:  # pickled by torch.save: loading it would need code
+    pass
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Checkpoints, latents and text embeddings, good and bad, in one read-only-by-convention folder."""
+    root = tmp_path_factory.mktemp("inputs")
+    files = {}
+
+    def path(name):
+        files[name] = str(root / name)
+        return files[name]
+
+    dims = dict(text_dim=TEXT_DIM, text_tokens=TEXT_TOKENS)
+    make_random_checkpoint(path(FLUX), **dims)
+    make_random_checkpoint(path(SDXL), latent_channels=4, **dims)
+    sd = random_state_dict(config_shapes(narrow_config(**dims)))
+    nan = dict(sd, **{"final_layer.linear.weight": sd["final_layer.linear.weight"].clone()})
+    nan["final_layer.linear.weight"].view(-1)[3] = float("nan")
+    save_checkpoint(nan, path("pid_flux1_512_to_2048_4step_nan.safetensors"))
+    save_checkpoint({k: (v * 100).to(torch.int8) for k, v in sd.items()}, path("pid_flux1_512_to_2048_4step_int8.safetensors"))
+    state = load_file(files[FLUX])
+    for name in ("as_pth.pth", "as_bin.bin", "no_extension"):  # safetensors content under other names
+        save_file(state, path(name))
+    torch.save({"net." + k: v for k, v in state.items()}, path("pth_named.safetensors"))  # and the reverse
+
+    save_file({"latent": torch.randn(1, 16, 3, 4)}, path("latent.safetensors"))
+    save_file({"latent": torch.randn(1, 4, 3, 4)}, path("sdxl_latent.safetensors"))
+    save_file({"latent": torch.randn(1, 16, 3, 4) * 1e30}, path("huge_latent.safetensors"))
+    save_file({"latent": torch.randn(1, 16, 3, 4) * 1e3}, path("large_latent.safetensors"))
+    save_file({"latent": torch.randn(1, 16, 2, 3, 4)}, path("two_frames.safetensors"))
+    save_file({"latent": torch.randn(1, 16, 3, 4), "pid_sigma": torch.tensor(1.5)}, path("bad_sigma.safetensors"))
+    save_file({"latent": torch.randn(1, 16, 512, 512)}, path("giant_latent.safetensors"))
+    torch.save({"latent": torch.randn(1, 16, 3, 4), "note": _Code()}, path("pickled_latent.pt"))
+
+    save_file({"text_embedding": torch.randn(1, TEXT_TOKENS, TEXT_DIM)}, path("text.safetensors"))
+    save_file({"text_embedding": torch.randn(1, TEXT_TOKENS, TEXT_DIM) * 1e5}, path("huge_text.safetensors"))
+    np.save(path("text.npy"), torch.randn(1, TEXT_TOKENS, TEXT_DIM).numpy())
+    torch.save({"text_embedding": torch.randn(1, TEXT_TOKENS, TEXT_DIM), "note": _Code()}, path("pickled_text.pt"))
+    os.makedirs(path("a_folder"))
+    return files
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    """An output folder holding a good image from an earlier run, which no failure may touch."""
+    (tmp_path / "keep.png").write_bytes(GOOD_IMAGE)
+    return tmp_path
+
+
+def _snapshot(*folders):
+    found = {}
+    for folder in folders:
+        for root, dirs, names in os.walk(folder):
+            for name in names + dirs:
+                p = os.path.join(root, name)
+                found[p] = pathlib.Path(p).read_bytes() if os.path.isfile(p) else None
+    return found
+
+
+def decode_args(inputs, out, *extra, checkpoint=FLUX, latent="latent.safetensors", text="text.safetensors"):
+    args = ["decode", "--checkpoint", inputs.get(checkpoint, checkpoint), "--latent", inputs.get(latent, latent),
+            "--text-embedding", inputs.get(text, text), "--out", str(out), "--steps", "1"]
+    return args + list(extra)
+
+
+def refused(capsys, argv, *causes, before_loading=False, monkeypatch=None, touched=()):
+    """Run the command line; it must fail with one line naming every cause, and change no file."""
+    scratch = os.path.realpath(tempfile.gettempdir())  # the tests' own folders (never /proc and the like)
+    folders = {os.path.dirname(os.path.realpath(a)) for a in argv if isinstance(a, str) and os.path.isabs(a)}
+    folders = [f for f in folders if os.path.isdir(f) and f.startswith(scratch + os.sep)]
+    before = _snapshot(*folders)
+    if before_loading:  # refused before the checkpoint is read at all
+        def no_loading(*a, **k):
+            raise AssertionError("the checkpoint was loaded before the arguments were checked")
+
+        monkeypatch.setattr(pid_core.checkpoint, "load_pid", no_loading)
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2, err
+    assert len(message) == 1 and "Traceback" not in err, err
+    for cause in causes:
+        assert cause.lower() in message[0].lower(), message[0]
+    assert "weights_only=False" not in err and "weights_only` set to `False" not in err
+    assert _snapshot(*folders) == before, "a file was written, changed or left behind"
+    return message[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. silent wrong images
+
+def test_nan_weight_is_refused_and_info_reports_it(inputs, out_dir, capsys):
+    name = "pid_flux1_512_to_2048_4step_nan.safetensors"
+    refused(capsys, decode_args(inputs, out_dir / "keep.png", checkpoint=name), "NaN or infinite weights", "damaged")
+    refused(capsys, ["info", inputs[name]], "NaN or infinite weights")
+
+
+def test_integer_weights_are_refused_also_by_info(inputs, out_dir, capsys):
+    name = "pid_flux1_512_to_2048_4step_int8.safetensors"
+    refused(capsys, decode_args(inputs, out_dir / "keep.png", checkpoint=name), "int8", "floating-point", "_bf16")
+    refused(capsys, ["info", inputs[name]], "int8")
+
+
+def test_a_huge_latent_is_refused(inputs, out_dir, capsys):
+    refused(capsys, decode_args(inputs, out_dir / "keep.png", latent="huge_latent.safetensors"), "few units")
+    refused(capsys, decode_args(inputs, out_dir / "keep.png", "--dtype", "fp16", latent="huge_latent.safetensors"),
+            "few units")
+
+
+@pytest.mark.parametrize("latent,text", [("large_latent.safetensors", "text.safetensors"),
+                                         ("latent.safetensors", "huge_text.safetensors")])
+def test_fp16_overflow_names_bf16(inputs, out_dir, capsys, latent, text):
+    refused(capsys, decode_args(inputs, out_dir / "keep.png", "--dtype", "fp16", latent=latent, text=text),
+            "NaN or infinite", "float16", "bf16 or fp32")
+
+
+def test_a_non_finite_result_raises_in_the_api(inputs):
+    model = load_pid(inputs[FLUX], dtype="fp16")
+    with pytest.raises(DecodeError, match="float16.*bf16 or fp32"):
+        decode(model, torch.randn(1, 16, 3, 4), text=torch.randn(1, TEXT_TOKENS, TEXT_DIM) * 1e5, steps=1)
+
+
+def test_non_finite_explicit_noise_is_refused(inputs):
+    model = load_pid(inputs[FLUX], dtype=torch.float32)
+    latent, text = torch.randn(1, 16, 3, 4), torch.randn(1, TEXT_TOKENS, TEXT_DIM)
+    with pytest.raises(ArgumentError, match="noise holds NaN or infinite"):
+        decode(model, latent, text=text, steps=1, noise=torch.full((1, 3, 96, 128), float("nan")))
+    with pytest.raises(ArgumentError, match=r"renoise\[0\] holds NaN"):
+        decode(model, latent, text=text, steps=2, renoise=[torch.full((1, 3, 96, 128), float("inf"))])
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. SDXL sigma overflow
+
+@pytest.mark.parametrize("sigma", ["1e30", "3.4e38", "1001"])
+def test_absurd_sdxl_sigma_is_refused(inputs, out_dir, capsys, sigma):
+    refused(capsys, decode_args(inputs, out_dir / "keep.png", "--latent-format", "sdxl", "--sigma", sigma,
+                                checkpoint=SDXL, latent="sdxl_latent.safetensors"), "far beyond SDXL's noise schedule")
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. lost files
+
+def test_disk_full_leaves_the_old_file(inputs, out_dir, capsys, monkeypatch):
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    refused(capsys, decode_args(inputs, out_dir / "keep.png"), "No space left", "unchanged")
+    assert (out_dir / "keep.png").read_bytes() == GOOD_IMAGE
+
+
+def test_file_size_limit_leaves_the_old_file(inputs, out_dir):
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    result = subprocess.run([sys.executable, "-m", "pid_core", *decode_args(inputs, out_dir / "keep.png")],
+                            capture_output=True, text=True, cwd=REPO, preexec_fn=limit, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "File too large" in result.stderr and "ulimit -f" in result.stderr
+    assert (out_dir / "keep.png").read_bytes() == GOOD_IMAGE
+    assert sorted(os.listdir(out_dir)) == ["keep.png"]
+
+
+@pytest.mark.parametrize("which", ["--latent", "--checkpoint", "--text-embedding"])
+def test_an_input_is_never_the_output(inputs, tmp_path, capsys, monkeypatch, which):
+    # copies named .png, so that only the input check can refuse them (the content is still read by kind)
+    copies = {}
+    for option, name in (("--checkpoint", FLUX), ("--latent", "latent.safetensors"), ("--text-embedding", "text.safetensors")):
+        copies[option] = tmp_path / f"{option.strip('-')}.png"
+        copies[option].write_bytes(pathlib.Path(inputs[name]).read_bytes())
+    argv = ["decode", "--checkpoint", str(copies["--checkpoint"]), "--latent", str(copies["--latent"]),
+            "--text-embedding", str(copies["--text-embedding"]), "--out", str(copies[which])]
+    refused(capsys, argv, "is the input", before_loading=True, monkeypatch=monkeypatch)
+
+
+def test_a_batch_file_is_never_an_input(inputs, tmp_path, capsys, monkeypatch):
+    latent = tmp_path / "x_01.png"
+    latent.write_bytes(pathlib.Path(inputs["latent.safetensors"]).read_bytes())
+    argv = decode_args(inputs, tmp_path / "x.png", latent=str(latent))
+    refused(capsys, argv, "is the input", before_loading=True, monkeypatch=monkeypatch)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. tracebacks -> messages, before anything is loaded
+
+@pytest.mark.parametrize("extra,cause", [
+    (["--seed", str(2**64)], "seed must be a whole number from 0 to 18446744073709551615"),
+    (["--seed", "-1"], "seed must be a whole number"),
+    (["--device", "gpu0"], "Unknown device 'gpu0'"),
+    (["--tile", "0"], "--tile takes off, auto or a tile size"),
+    (["--tile", "big"], "--tile takes off, auto or a tile size"),
+    (["--overlap", "-5"], "--overlap takes 0"),
+    (["--tile", "1024", "--overlap", "600"], "less than half the tile"),
+    (["--sigma", "nan"], "--sigma takes"),
+    (["--sigma", "-0.5"], "--sigma takes"),
+    (["--latent-format", "flux3"], "Unknown latent format 'flux3'"),
+])
+def test_bad_options(inputs, out_dir, capsys, monkeypatch, extra, cause):
+    refused(capsys, decode_args(inputs, out_dir / "keep.png", *extra), cause, before_loading=True,
+            monkeypatch=monkeypatch)
+
+
+def test_missing_devices_are_named(inputs, out_dir, capsys, monkeypatch):
+    if not torch.cuda.is_available():
+        refused(capsys, decode_args(inputs, out_dir / "keep.png", "--device", "cuda"), "'cuda' is not available",
+                "--device cpu", before_loading=True, monkeypatch=monkeypatch)
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_available():
+        message = refused(capsys, decode_args(inputs, out_dir / "keep.png", "--device", "mps"),
+                          "'mps' is not available", before_loading=True, monkeypatch=monkeypatch)
+        assert "corrupt" not in message and "download" not in message
+
+
+@pytest.mark.parametrize("out,cause", [
+    ("{dir}", "is a folder"),
+    ("", "output path is empty"),
+    ("{dir}/keep.png/x.png", "is a file, not a folder"),
+    ("/proc/pid_test.png", "Cannot write to the folder"),
+    ("{dir}/x.gif", "extension '.gif'"),
+    ("{dir}/x", "no extension"),
+])
+def test_bad_outputs_are_refused_before_loading(inputs, out_dir, capsys, monkeypatch, out, cause):
+    refused(capsys, decode_args(inputs, out.format(dir=out_dir)), cause, before_loading=True, monkeypatch=monkeypatch)
+
+
+def test_a_read_only_output_is_not_replaced(inputs, out_dir, capsys, monkeypatch):
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if str(p).endswith("keep.png") else real_access(p, mode))
+    refused(capsys, decode_args(inputs, out_dir / "keep.png"), "read-only", before_loading=True, monkeypatch=monkeypatch)
+
+
+def test_out_of_memory_is_a_message(inputs, out_dir, capsys, monkeypatch):
+    from pid_core.network import PidNet
+
+    def no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 68719476736 bytes.")
+
+    monkeypatch.setattr(PidNet, "forward", no_memory)
+    refused(capsys, decode_args(inputs, out_dir / "keep.png"), "Out of memory", "--tile auto")
+    monkeypatch.setattr(PidNet, "forward", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
+    model = load_pid(inputs[FLUX], dtype=torch.float32)
+    with pytest.raises(DecodeError, match="Out of memory.*tiling"):
+        decode(model, torch.randn(1, 16, 3, 4), text=torch.randn(1, TEXT_TOKENS, TEXT_DIM), steps=1)
+
+
+def test_api_arguments(inputs):
+    with pytest.raises(ArgumentError, match="dtype must be"):
+        load_pid(inputs[FLUX], dtype="float8")
+    with pytest.raises(ArgumentError, match="checkpoint's path"):
+        load_pid(None)
+    with pytest.raises(DeviceError, match="gpu0"):
+        load_pid(inputs[FLUX], device="gpu0")
+    model = load_pid(inputs[FLUX], dtype=torch.float32)
+    latent, text = torch.randn(1, 16, 3, 4), torch.randn(1, TEXT_TOKENS, TEXT_DIM)
+    with pytest.raises(ArgumentError, match="renoise takes 3 tensors for 4 steps"):
+        decode(model, latent, text=text, renoise=[torch.randn(1, 3, 96, 128)])
+    with pytest.raises(ArgumentError, match=r"renoise\[0\] has shape \(1, 3, 9, 12\)"):
+        decode(model, latent, text=text, steps=2, renoise=[torch.randn(1, 3, 9, 12)])
+    with pytest.raises(ArgumentError, match="noise has shape"):
+        decode(model, latent, text=text, noise=torch.randn(1, 3, 8, 8))
+    for steps in (2.7, 0, 5, "4", True):
+        with pytest.raises(ArgumentError, match="steps must be a whole number from 1 to 4"):
+            decode(model, latent, text=text, steps=steps)
+    for seed in (1.5, -1, 2**64, "7"):
+        with pytest.raises(ArgumentError, match="seed must be a whole number"):
+            decode(model, latent, text=text, seed=seed)
+    plan = plan_decode(model, latent, text)
+    with pytest.raises(ArgumentError, match="steps must be a whole number"):
+        run_plan(model, plan, steps=2.7)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. the real cause named
+
+@pytest.mark.parametrize("name", ["as_pth.pth", "as_bin.bin", "no_extension", "pth_named.safetensors"])
+def test_checkpoints_load_by_content(inputs, tmp_path, capsys, name):
+    out = tmp_path / "ok.png"
+    assert main(decode_args(inputs, out, "--latent-format", "flux", checkpoint=name)) == 0
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_pickled_latent_and_text_files_are_refused_safely(inputs, out_dir, capsys):
+    refused(capsys, decode_args(inputs, out_dir / "keep.png", latent="pickled_latent.pt"), "pickled Python objects",
+            "save_file")
+    refused(capsys, decode_args(inputs, out_dir / "keep.png", text="pickled_text.pt"), "pickled Python objects",
+            "save_file")
+
+
+def test_numpy_text_embeddings_are_embeddings(inputs, tmp_path):
+    model = load_pid(inputs[FLUX], dtype=torch.float32)
+    array = np.load(inputs["text.npy"])
+    assert decode(model, torch.randn(1, 16, 3, 4), text=array, steps=1).shape == (1, 3, 96, 128)
+    with pytest.raises(TextEmbeddingError, match="numpy array of <U5"):
+        decode(model, torch.randn(1, 16, 3, 4), text=np.array(["a fox"]), steps=1)
+    assert main(decode_args(inputs, tmp_path / "npy.png", text="text.npy")) == 0
+
+
+def test_a_folder_is_named_a_folder(inputs, out_dir, capsys, monkeypatch):
+    for option in ("checkpoint", "latent", "text"):
+        refused(capsys, decode_args(inputs, out_dir / "keep.png", **{option: "a_folder"}), "is a folder",
+                before_loading=True, monkeypatch=monkeypatch)
+
+
+def test_frames_and_stored_sigmas_are_named(inputs, out_dir, capsys):
+    refused(capsys, decode_args(inputs, out_dir / "keep.png", latent="two_frames.safetensors"), "2 frames",
+            "single images")
+    message = refused(capsys, decode_args(inputs, out_dir / "keep.png", latent="bad_sigma.safetensors"),
+                      "outside [0, 1]", "pid_sigma of the latent file bad_sigma.safetensors")
+    assert "Qwen-Image latent" not in message
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. giant outputs fail fast
+
+def test_a_giant_untiled_decode_is_refused_before_allocating(inputs, out_dir, capsys, monkeypatch):
+    # [1, 16, 512, 512] -> 16384 x 16384 px: untiled, far more than 8 GiB
+    monkeypatch.setattr(pid_core.tiling, "device_memory_budget", lambda device, **k: 8 << 30)
+    refused(capsys, decode_args(inputs, out_dir / "keep.png", "--tile", "off", latent="giant_latent.safetensors"),
+            "16384x16384", "GiB", "--tile auto")
+    model = load_pid(inputs[FLUX], dtype=torch.float32)
+    with pytest.raises(DecodeError, match="16384x16384.*tiling"):
+        decode(model, torch.randn(1, 16, 512, 512), text=torch.randn(1, TEXT_TOKENS, TEXT_DIM), steps=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. minor
+
+def test_other_extensions_get_their_own_format(inputs, tmp_path, capsys, monkeypatch):
+    try:
+        import PIL.Image
+    except ImportError:
+        PIL = None
+    if PIL is not None:
+        assert main(decode_args(inputs, tmp_path / "x.jpg")) == 0
+        assert (tmp_path / "x.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
+        assert main(decode_args(inputs, tmp_path / "x.webp")) == 0
+        assert (tmp_path / "x.webp").read_bytes()[8:12] == b"WEBP"
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    refused(capsys, decode_args(inputs, tmp_path / "y.jpg"), "needs Pillow", "pip install pillow", ".png",
+            before_loading=True, monkeypatch=monkeypatch)
+
+
+def test_per_sample_sigmas_as_a_list(inputs):
+    model = load_pid(inputs[FLUX], dtype=torch.float32)
+    image = decode(model, torch.randn(2, 16, 3, 4), text=torch.randn(1, TEXT_TOKENS, TEXT_DIM), sigma=[0.1, 0.2],
+                   steps=1)
+    assert image.shape[0] == 2
+
+
+def test_a_format_that_contradicts_the_checkpoint_warns(inputs, tmp_path, caplog):
+    assert main(decode_args(inputs, tmp_path / "sd3.png", "--latent-format", "sd3")) == 0
+    assert "The latent format 'sd3' (SD3) was given, but the checkpoint is flux-2k" in caplog.text
+
+
+def test_every_error_is_a_pid_error():
+    # the command line and the nodes turn exactly these into messages
+    for error in (ArgumentError, DecodeError, DeviceError, LatentError, TextEmbeddingError):
+        assert issubclass(error, PidError)

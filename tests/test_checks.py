@@ -1,0 +1,63 @@
+"""Checks of what users pass: devices, whole numbers, finite values."""
+
+import pytest
+import torch
+
+from pid_core.checks import (
+    SEED_MAX,
+    all_finite,
+    check_seed,
+    nonfinite_names,
+    require_device,
+    whole_number,
+)
+from pid_core.errors import ArgumentError, DeviceError
+
+
+def test_devices_are_checked_and_named():
+    assert require_device("cpu") == torch.device("cpu")
+    with pytest.raises(DeviceError, match="Unknown device 'gpu0'"):
+        require_device("gpu0")
+    with pytest.raises(DeviceError, match="not on 'meta'"):
+        require_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="'cuda' is not available.*--device cpu"):
+            require_device("cuda")
+    else:
+        with pytest.raises(DeviceError, match="does not exist"):
+            require_device(f"cuda:{torch.cuda.device_count()}")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_available():
+        with pytest.raises(DeviceError, match="'mps' is not available"):
+            require_device("mps")
+
+
+@pytest.mark.parametrize("value", [2.7, True, "2", None, float("nan"), float("inf"), torch.tensor([1, 2])])
+def test_whole_numbers_refuse_what_would_be_truncated(value):
+    with pytest.raises(ArgumentError, match="whole number from 1 to 4"):
+        whole_number(value, "steps", 1, 4)
+
+
+def test_whole_numbers_accept_int_likes():
+    assert whole_number(2.0, "steps", 1, 4) == 2
+    assert whole_number(torch.tensor(3), "steps", 1, 4) == 3
+    assert check_seed(SEED_MAX) == SEED_MAX
+    for bad in (SEED_MAX + 1, -1):
+        with pytest.raises(ArgumentError, match="seed"):
+            check_seed(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_finite_checks(dtype):
+    x = torch.randn(64, 64).to(dtype)
+    assert all_finite(x) and all_finite(torch.zeros(0, dtype=dtype))
+    big = torch.full((1000,), torch.finfo(dtype).max, dtype=dtype)  # finite, though its sum overflows fp32
+    assert all_finite(big)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[3, 5] = bad
+        assert not all_finite(y)
+    both = x.clone()
+    both[0, 0], both[0, 1] = float("inf"), float("-inf")
+    assert not all_finite(both)
+    assert nonfinite_names({"a": x, "b": both, "c": torch.arange(3)}) == ["b"]
