@@ -170,7 +170,10 @@ class PiDDecode(io.ComfyNode):
 
             from pid_core.network.layers import attention_backend
 
-            with attention_backend(comfy_attention_backend()):
+            attention = comfy_attention_backend()
+            log.info("PiD Decode: attention by %s", f"ComfyUI's {attention.wrapped.__name__} (from its command line)"
+                     if attention is not None else "PyTorch SDPA")
+            with attention_backend(attention):
                 image = decode(model, samples, text=emb, latent_format=fmt, sigma=sigma_value, seed=int(seed),
                                steps=int(steps), callback=callback, tiling=tile_options, tile_callback=tile_callback)
         except PidError as e:
