@@ -45,9 +45,10 @@ def comfyui(tmp_path_factory, comfy_install):
         server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def comfyui_split_attention(tmp_path_factory, comfy_install, comfyui):
-    """A second server, started with --use-split-cross-attention, sharing the first one's models."""
+    """A second server, started with --use-split-cross-attention, sharing the first one's models
+    (stopped after the module that uses it)."""
     server = _start(tmp_path_factory, comfy_install, "comfyui-split-attention", models_from=comfyui.base_dir,
                     extra_args=("--use-split-cross-attention",))
     try:
