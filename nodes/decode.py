@@ -142,7 +142,10 @@ class PiDDecode(io.ComfyNode):
             comfy.model_management.load_models_gpu([patcher], memory_required=plan.memory_bytes, force_full_load=True)
             plan = plan.within(model, int(comfy.model_management.get_free_memory(device) * 0.9))
             step_callback, tile_callback = progress_callbacks(steps)
-            with attention_backend(comfy_attention_backend()):
+            attention = comfy_attention_backend()
+            log.info("PiD Decode: attention by %s", f"ComfyUI's {attention.wrapped.__name__} (from its command line)"
+                     if attention is not None else "PyTorch SDPA")
+            with attention_backend(attention):
                 image = run_plan(model, plan, seed=int(seed), steps=int(steps), callback=step_callback,
                                  tile_callback=tile_callback)
         image = image.permute(0, 2, 3, 1).to(device=comfy.model_management.intermediate_device(),

@@ -1,19 +1,22 @@
 """Integration harness: a real ComfyUI, started headless on CPU with this pack installed (used by conftest.py).
 
-Set two variables to run these tests (see SETUP.md beside this file):
+Set two variables to run these tests (setup_comfyui.sh prints them; see SETUP.md beside this file):
 
-    COMFYUI_PATH  a ComfyUI checkout (the folder with main.py)
+    COMFYUI_PATH  a ComfyUI tree (the folder with main.py)
     COMFYUI_PY    a Python that has ComfyUI's requirements and this pack's
 
-Without them every test here is skipped. The session fixture `comfyui`:
+Without them every test here is skipped; with PID_REQUIRE_COMFYUI=1 (set by .ci/run) they fail
+instead, so a broken setup cannot pass as skipped. The session fixture `comfyui`:
 * makes a temporary base directory (`--base-directory`) whose custom_nodes/ holds a symlink to this
   repository (the pack) and one to tests/comfyui/support_nodes (test-only nodes), and whose models/
-  holds tiny random models made for the run: a FLUX.1-style diffusion model (UNETLoader), a FLUX.1-style
-  VAE (VAELoader), a narrow random PiD checkpoint (models/pid);
+  holds tiny random models made for the run (make_tiny_models.py): a FLUX.1-style diffusion model and an
+  SDXL-family EPS UNet (UNETLoader), a FLUX.1-style 16-channel VAE and an SDXL-style 4-channel VAE
+  (VAELoader), narrow random PiD checkpoints for 16- and 4-channel latents (models/pid);
 * starts `main.py --cpu --listen 127.0.0.1 --port <free port>` with an in-memory database and API nodes
   off, waits for GET /system_stats, and stops the server at the end of the session.
 
-All HTTP goes to 127.0.0.1 through urllib (stdlib only).
+HTTP goes to 127.0.0.1 through urllib (stdlib only); EventStream reads ComfyUI's websocket (progress,
+previews, interruptions) with websocket-client (tests/requirements.txt).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import pathlib
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,13 +40,31 @@ START_TIMEOUT_S = float(os.environ.get("COMFYUI_START_TIMEOUT", "180"))
 FLUX_FILE = "pid_test_tiny_flux.safetensors"
 VAE_FILE = "pid_test_tiny_flux_vae.safetensors"
 PID_FILE = "pid_test_narrow_random.safetensors"
+SDXL_FILE = "pid_test_tiny_sdxl_family.safetensors"
+SDXL_VAE_FILE = "pid_test_tiny_sdxl_vae.safetensors"
+PID_SDXL_FILE = "pid_test_narrow_random_sdxl.safetensors"
+MODEL_FILES = {"flux": FLUX_FILE, "vae": VAE_FILE, "pid": PID_FILE, "sdxl": SDXL_FILE, "sdxl_vae": SDXL_VAE_FILE,
+               "pid_sdxl": PID_SDXL_FILE}
+
+REQUIRED = os.environ.get("PID_REQUIRE_COMFYUI") == "1"
+
+
+def unavailable(reason: str):
+    """Skip the test; under PID_REQUIRE_COMFYUI=1 (CI) fail it, since there a missing ComfyUI, browser or
+    test dependency means a broken setup."""
+    import pytest
+
+    if REQUIRED:
+        pytest.fail(f"PID_REQUIRE_COMFYUI=1, but {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def find_comfyui():
     path = os.environ.get("COMFYUI_PATH")
     py = os.environ.get("COMFYUI_PY")
     if not path or not py:
-        return None, "set COMFYUI_PATH (a ComfyUI checkout) and COMFYUI_PY (its Python) to run the ComfyUI integration tests; see tests/comfyui/SETUP.md"
+        return None, ("set COMFYUI_PATH (a ComfyUI tree) and COMFYUI_PY (its Python) to run the ComfyUI tests: "
+                      "eval \"$(tests/comfyui/setup_comfyui.sh)\"; see tests/comfyui/SETUP.md")
     if not (pathlib.Path(path) / "main.py").is_file():
         return None, f"COMFYUI_PATH={path} has no main.py; point it at a ComfyUI checkout"
     if not os.access(py, os.X_OK):
@@ -57,14 +79,17 @@ def _free_port() -> int:
 
 
 class ComfyError(AssertionError):
-    """A prompt failed: validation (HTTP 400, node_errors) or execution (execution_error)."""
+    """A prompt failed: validation (HTTP 400, node_errors), execution (execution_error) or an
+    interruption (execution_interrupted)."""
 
-    def __init__(self, message, *, status=None, body=None, node_errors=None, execution_error=None):
+    def __init__(self, message, *, status=None, body=None, node_errors=None, execution_error=None,
+                 interrupted=None):
         super().__init__(message)
         self.status = status
         self.body = body
         self.node_errors = node_errors or {}
         self.execution_error = execution_error or {}
+        self.interrupted = interrupted or {}
 
 
 class ComfyServer:
@@ -109,9 +134,10 @@ class ComfyServer:
         self.post("/free", {"unload_models": True, "free_memory": True})
 
     # -- prompts -----------------------------------------------------------------------------------
-    def queue(self, graph: dict) -> str:
-        """POST an API-format graph; returns the prompt id or raises ComfyError with node_errors."""
-        status, body = self.post("/prompt", {"prompt": graph, "client_id": self.client_id})
+    def queue(self, graph: dict, client_id: str | None = None) -> str:
+        """POST an API-format graph; returns the prompt id or raises ComfyError with node_errors.
+        Progress and previews go to the websocket of `client_id` (default: this object's, never opened)."""
+        status, body = self.post("/prompt", {"prompt": graph, "client_id": client_id or self.client_id})
         if status != 200:
             node_errors = body.get("node_errors", {}) if isinstance(body, dict) else {}
             raise ComfyError(f"POST /prompt answered {status}: {json.dumps(body)[:2000]}", status=status,
@@ -129,10 +155,15 @@ class ComfyServer:
                 st = entry.get("status", {})
                 if st.get("completed") or st.get("status_str") in ("success", "error"):
                     if st.get("status_str") == "error":
-                        err = {}
+                        err, interrupted = {}, {}
                         for name, data in st.get("messages", []):
                             if name == "execution_error":
                                 err = data
+                            elif name == "execution_interrupted":
+                                interrupted = data
+                        if interrupted and not err:
+                            raise ComfyError(f"interrupted in node {interrupted.get('node_type')}", body=entry,
+                                             interrupted=interrupted)
                         raise ComfyError(f"execution failed in node {err.get('node_type')}: "
                                          f"{err.get('exception_type')}: {err.get('exception_message')}",
                                          execution_error=err, body=entry)
@@ -155,9 +186,12 @@ class ComfyServer:
         return load_file(str(path)), meta
 
     # -- process -------------------------------------------------------------------------------------
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
     def log_tail(self, n: int = 60) -> str:
         try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
+            lines = self.log_text().splitlines()
         except OSError:
             return ""
         return "--- ComfyUI log (tail) ---\n" + "\n".join(lines[-n:])
@@ -176,29 +210,31 @@ class ComfyServer:
                 self.process.wait(timeout=10)
 
 
-def _make_models(base: pathlib.Path, comfy_path: pathlib.Path, comfy_py: str):
-    models = base / "models"
+def _make_models(models: pathlib.Path, comfy_path: pathlib.Path, comfy_py: str):
     for sub in ("diffusion_models", "vae", "pid"):
         (models / sub).mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [comfy_py, str(HERE / "make_tiny_models.py"), str(comfy_path),
-         str(models / "diffusion_models" / FLUX_FILE), str(models / "vae" / VAE_FILE)],
-        cwd=str(base), check=True, timeout=300, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+         str(models / "diffusion_models" / FLUX_FILE), str(models / "vae" / VAE_FILE),
+         str(models / "diffusion_models" / SDXL_FILE), str(models / "vae" / SDXL_VAE_FILE)],
+        cwd=str(models), check=True, timeout=300, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     from pid_core.testing import make_random_checkpoint
 
     # narrow (hidden 64, 2 heads, 3 patch blocks), full text contract (300 x 2304)
-    make_random_checkpoint(str(models / "pid" / PID_FILE), layout="v1", latent_channels=16, text_dim=2304,
-                           text_tokens=300)
+    for name, channels in ((PID_FILE, 16), (PID_SDXL_FILE, 4)):
+        make_random_checkpoint(str(models / "pid" / name), layout="v1", latent_channels=channels, text_dim=2304,
+                               text_tokens=300)
 
 
-def start_server(comfy_path: pathlib.Path, comfy_py: str, base: pathlib.Path) -> ComfyServer:
-    """Start ComfyUI on a free loopback port with `base` as its base directory; wait until it answers."""
+def start_server(comfy_path: pathlib.Path, comfy_py: str, base: pathlib.Path, extra_args=()) -> ComfyServer:
+    """Start ComfyUI on a free loopback port with `base` as its base directory (and `extra_args` on its
+    command line); wait until it answers."""
     port = _free_port()
     log_path = base / "comfyui.log"
     cmd = [comfy_py, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
            "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-           "--disable-api-nodes", "--disable-auto-launch", "--preview-method", "none"]
+           "--disable-api-nodes", "--disable-auto-launch", "--preview-method", "none", *extra_args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, cwd=str(comfy_path), stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -221,10 +257,105 @@ def start_server(comfy_path: pathlib.Path, comfy_py: str, base: pathlib.Path) ->
         raise
 
 
-def prepare_base_directory(base: pathlib.Path, comfy_path: pathlib.Path, comfy_py: str) -> None:
-    """custom_nodes/ with the pack and the test-only nodes (symlinks), models/ with tiny random models."""
+def prepare_base_directory(base: pathlib.Path, comfy_path: pathlib.Path, comfy_py: str,
+                           models_from: pathlib.Path | None = None) -> None:
+    """custom_nodes/ with the pack and the test-only nodes (symlinks), models/ with tiny random models
+    (or a symlink to the models/ of another base directory, `models_from`)."""
     custom = base / "custom_nodes"
     custom.mkdir(parents=True, exist_ok=True)
     os.symlink(REPO, custom / PACK_LINK_NAME, target_is_directory=True)
     os.symlink(HERE / "support_nodes", custom / "pid_test_support_nodes", target_is_directory=True)
-    _make_models(base, comfy_path, comfy_py)
+    if models_from is not None:
+        os.symlink(models_from / "models", base / "models", target_is_directory=True)
+    else:
+        _make_models(base / "models", comfy_path, comfy_py)
+
+
+class EventStream:
+    """ComfyUI's websocket (/ws) for one new client id: its JSON events and binary frames, in order.
+
+    Prompts queued with `queue` carry this client id, so their `progress`, `executing`, preview frames
+    (binary: event type 1, then image type 1 = JPEG, then the image) and execution messages come here.
+    A thread reads the socket into `events`: (type, data) for JSON events, ("binary", bytes) for frames.
+    """
+
+    PREVIEW_IMAGE = 1  # ComfyUI's BinaryEventTypes.PREVIEW_IMAGE
+
+    def __init__(self, server: ComfyServer, connect_timeout: float = 30.0):
+        import websocket  # websocket-client
+
+        self.server = server
+        self.client_id = uuid.uuid4().hex
+        url = server.base_url.replace("http://", "ws://", 1) + f"/ws?clientId={self.client_id}"
+        self._ws = websocket.create_connection(url, timeout=connect_timeout)
+        self._ws.settimeout(None)
+        self.events: list[tuple[str, object]] = []
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, name="comfyui-ws", daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        import websocket
+
+        while True:
+            try:
+                opcode, data = self._ws.recv_data()
+            except (websocket.WebSocketException, OSError):
+                break
+            if opcode == websocket.ABNF.OPCODE_TEXT:
+                message = json.loads(data)
+                event = (message.get("type"), message.get("data"))
+            elif opcode == websocket.ABNF.OPCODE_BINARY:
+                event = ("binary", bytes(data))
+            else:
+                continue
+            with self._changed:
+                self.events.append(event)
+                self._changed.notify_all()
+
+    def queue(self, graph: dict) -> str:
+        return self.server.queue(graph, client_id=self.client_id)
+
+    def wait_for(self, predicate, timeout: float = 120.0):
+        """The first event (type, data) for which predicate(type, data) is true, waiting for it; an
+        execution_error event before it raises at once (its prompt cannot get there any more)."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for event in self.events[seen:]:
+                    if predicate(*event):
+                        return event
+                    if event[0] == "execution_error":
+                        raise ComfyError(f"execution failed before the awaited event: {json.dumps(event[1])[:2000]}",
+                                         execution_error=event[1])
+                seen = len(self.events)
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    raise TimeoutError(f"no such websocket event in {timeout}s; got {[e[0] for e in self.events]}\n"
+                                       f"{self.server.log_tail()}")
+                self._changed.wait(min(left, 1.0))
+
+    def of_prompt(self, prompt_id: str, kind: str) -> list:
+        """The data of every JSON event of type `kind` for this prompt."""
+        with self._changed:
+            return [d for t, d in self.events if t == kind and isinstance(d, dict) and d.get("prompt_id") == prompt_id]
+
+    def previews(self) -> list[tuple[int, bytes]]:
+        """(image type, image bytes) of every preview frame so far."""
+        import struct
+
+        with self._changed:
+            frames = [d for t, d in self.events if t == "binary"]
+        out = []
+        for frame in frames:
+            event, image_type = struct.unpack(">II", frame[:8])
+            if event == self.PREVIEW_IMAGE:
+                out.append((image_type, frame[8:]))
+        return out
+
+    def close(self):
+        try:
+            self._ws.close()
+        finally:
+            self._thread.join(timeout=10)

@@ -1,12 +1,18 @@
 """Write tiny random models that ComfyUI's stock loaders accept (run with ComfyUI's Python).
 
-    python make_tiny_models.py COMFYUI_PATH FLUX_OUT VAE_OUT
+    python make_tiny_models.py COMFYUI_PATH FLUX_OUT VAE_OUT SDXL_UNET_OUT SDXL_VAE_OUT
 
 * FLUX.1 [dev]-style diffusion model for UNETLoader: hidden 128 (one 128-wide head: ComfyUI fixes
   axes_dim at [16, 56, 56]), 1 double + 1 single block, text width 2304 (so the same synthetic
   Gemma-shaped conditioning feeds it and PiD), guidance embedding, no pooled vector.
 * FLUX.1-style 16-channel autoencoder for VAELoader. ComfyUI builds the encoder at the stock width
   (ch 128) and reads only the decoder width (here 32, the least GroupNorm(32) allows) from `decoder.conv_in.weight`, so the decoder is narrow.
+* SDXL-family UNet for UNETLoader, an EPS model: ComfyUI matches SDXL-family configs by exact fields
+  (model_channels 320, context 2048, ADM input 2816, transformer depths per input block), so the
+  smallest one it accepts is the KOALA-700M layout ([0, 2, 5]; its config class derives from SDXL,
+  latent format SDXL). Here it is one level wide (channel_mult [1], 3 input blocks), no middle block and
+  no transformers on the way up: 50 M parameters instead of 700 M, stored in fp16.
+* SDXL-style 4-channel autoencoder (with quant_conv / post_quant_conv, as the SDXL VAE), narrow decoder.
 
 Shapes come from ComfyUI's own modules (built on the meta device); values are random but tame
 (norm scales 1, biases 0, weights ~ N(0, 1/fan_in)), so every path stays finite.
@@ -32,7 +38,43 @@ def random_like(shapes, seed):
     return out
 
 
-def main(comfy_path, flux_out, vae_out):
+def autoencoder_shapes(z_channels, *, quant_convs=False):
+    """Encoder at the stock width, decoder 32 wide; quant_conv/post_quant_conv as in SD/SDXL VAEs."""
+    import torch
+
+    from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
+
+    ddconfig = dict(double_z=True, z_channels=z_channels, resolution=256, in_channels=3, out_ch=3, ch=128,
+                    ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+    with torch.device("meta"):
+        encoder = Encoder(**ddconfig)
+        decoder = Decoder(**dict(ddconfig, ch=32))
+    shapes = {f"encoder.{k}": tuple(v.shape) for k, v in encoder.state_dict().items()}
+    shapes.update({f"decoder.{k}": tuple(v.shape) for k, v in decoder.state_dict().items()})
+    if quant_convs:
+        shapes.update({"quant_conv.weight": (2 * z_channels, 2 * z_channels, 1, 1), "quant_conv.bias": (2 * z_channels,),
+                       "post_quant_conv.weight": (z_channels, z_channels, 1, 1), "post_quant_conv.bias": (z_channels,)})
+    return shapes
+
+
+def sdxl_family_unet():
+    import torch
+
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    depth = [0, 2, 5]  # KOALA-700M's transformer depth per input block
+    with torch.device("meta"):
+        return UNetModel(
+            image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[len(depth)],
+            channel_mult=[1], num_classes="sequential", adm_in_channels=2816, num_head_channels=64,
+            use_spatial_transformer=True, transformer_depth=depth, transformer_depth_output=[0] * (len(depth) + 1),
+            transformer_depth_middle=-2, context_dim=2048, use_linear_in_transformer=True, legacy=False,
+            operations=comfy.ops.disable_weight_init,
+        )
+
+
+def main(comfy_path, flux_out, vae_out, sdxl_unet_out, sdxl_vae_out):
     sys.path.insert(0, comfy_path)
     sys.argv = [sys.argv[0], "--cpu"]
     import comfy.options
@@ -43,7 +85,6 @@ def main(comfy_path, flux_out, vae_out):
 
     import comfy.ldm.flux.model
     import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
 
     with torch.device("meta"):
         flux = comfy.ldm.flux.model.Flux(
@@ -52,17 +93,17 @@ def main(comfy_path, flux_out, vae_out):
             mlp_ratio=4.0, num_heads=1, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56],
             theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[],
         )
-        ddconfig = dict(double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=128,
-                        ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
-        encoder = Encoder(**ddconfig)
-        decoder = Decoder(**dict(ddconfig, ch=32))
     shapes = {k: tuple(v.shape) for k, v in flux.state_dict().items()}
     save_file(random_like(shapes, 0), flux_out)
-    shapes = {f"encoder.{k}": tuple(v.shape) for k, v in encoder.state_dict().items()}
-    shapes.update({f"decoder.{k}": tuple(v.shape) for k, v in decoder.state_dict().items()})
-    vae = {k: v.to(torch.float16) for k, v in random_like(shapes, 1).items()}
-    save_file(vae, vae_out)
+    save_file({k: v.to(torch.float16) for k, v in random_like(autoencoder_shapes(16), 1).items()}, vae_out)
+
+    shapes = {k: tuple(v.shape) for k, v in sdxl_family_unet().state_dict().items()}
+    save_file({k: v.to(torch.float16) for k, v in random_like(shapes, 2).items()}, sdxl_unet_out)
+    save_file({k: v.to(torch.float16) for k, v in random_like(autoencoder_shapes(4, quant_convs=True), 3).items()},
+              sdxl_vae_out)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    if len(sys.argv) != 6:
+        sys.exit(__doc__.split("\n\n")[1])
+    main(*sys.argv[1:6])

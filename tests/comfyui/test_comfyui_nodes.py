@@ -1,6 +1,6 @@
 """The pack inside a real ComfyUI (CPU), with tiny random models: see conftest.py and SETUP.md.
 
-Skipped unless COMFYUI_PATH and COMFYUI_PY are set.
+Skipped unless COMFYUI_PATH and COMFYUI_PY are set (failed instead under PID_REQUIRE_COMFYUI=1).
 """
 
 from __future__ import annotations
@@ -43,16 +43,25 @@ def save_image(graph, node_id, source, filename):
     graph[node_id] = {"class_type": "PiDTestSaveImage", "inputs": {"image": source, "filename": filename}}
 
 
-def add_pid_decode(graph, files, *, latent, cond=("cond", 0), seed=0, steps=2, fmt="auto", sigma=-1.0,
-                   tiling="auto", tile_size=2048, tile_overlap=0):
-    graph["pid"] = {"class_type": LOADER, "inputs": {"pid_name": files["pid"], "weight_dtype": "fp32"}}
-    graph["decode"] = {"class_type": DECODE, "inputs": {
-        "pid_model": ["pid", 0], "latent": list(latent), "conditioning": list(cond), "seed": seed, "steps": steps,
+def pid_decode_node(latent, *, cond=("cond", 0), pid=("pid", 0), fmt="auto", sigma=-1.0, steps=2, seed=0,
+                    tiling="auto", tile_size=2048, tile_overlap=0):
+    return {"class_type": DECODE, "inputs": {
+        "pid_model": list(pid), "latent": list(latent), "conditioning": list(cond), "seed": seed, "steps": steps,
         "latent_format": fmt, "sigma": sigma, "tiling": tiling, "tile_size": tile_size, "tile_overlap": tile_overlap}}
+
+
+def add_pid_decode(graph, files, *, latent, **decode_inputs):
+    """PiD Loader ("pid", the 16-channel checkpoint in fp32) and PiD Decode ("decode") of `latent`."""
+    graph["pid"] = {"class_type": LOADER, "inputs": {"pid_name": files["pid"], "weight_dtype": "fp32"}}
+    graph["decode"] = pid_decode_node(latent, **decode_inputs)
 
 
 def flux_in(raw):
     return LATENT_FORMATS["flux"].to_pid(raw)
+
+
+def sdxl_in(raw):
+    return LATENT_FORMATS["sdxl"].to_pid(raw)  # raw VAE space * 0.13025, as ComfyUI's SDXL process_in
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,3 +267,245 @@ def test_non_finite_decode_fails_with_the_cause(comfyui, model_files):
     assert "NaN or infinite" in message and "float16" in message and "bf16" in message, message
     assert "Traceback" not in message
     assert not (comfyui.output_dir / "never_black.safetensors").exists()
+
+
+# --- SDXL family (EPS, 4-channel latents) ----------------------------------------------------------
+
+def sdxl_graph(files, *, steps=6, stop=4, sampler="euler", scheduler="normal", seed=5):
+    """The tiny SDXL-family EPS UNet (detected as KOALA-700M, an SDXL model config) with its own
+    conditioning (context 2048, pooled 1280), and Gemma-shaped conditioning for PiD."""
+    return {
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": files["sdxl"], "weight_dtype": "default"}},
+        "cond_xl": {"class_type": "PiDTestConditioning", "inputs": {
+            "batch": 1, "tokens": 77, "width": 2048, "seed": 0, "scale": 1.0, "pooled": 1280}},
+        "cond": {"class_type": "PiDTestConditioning",
+                 "inputs": {"batch": 1, "tokens": 300, "width": 2304, "seed": 0, "scale": 1.0}},
+        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": LATENT_PX, "height": LATENT_PX, "batch_size": 1}},
+        "early": {"class_type": EARLY, "inputs": {
+            "model": ["unet", 0], "seed": seed, "steps": steps, "cfg": 1.0, "sampler_name": sampler,
+            "scheduler": scheduler, "positive": ["cond_xl", 0], "negative": ["cond_xl", 0],
+            "latent_image": ["empty", 0], "denoise": 1.0, "stop_at_step": stop, "finish": True}},
+        "capture": {"class_type": "PiDTestCaptureState", "inputs": {
+            "model": ["unet", 0], "seed": seed, "steps": steps, "cfg": 1.0, "sampler_name": sampler,
+            "scheduler": scheduler, "positive": ["cond_xl", 0], "negative": ["cond_xl", 0],
+            "latent_image": ["empty", 0], "denoise": 1.0, "capture_step": stop}},
+        "stock": {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": ["unet", 0], "add_noise": "enable", "noise_seed": seed, "steps": steps, "cfg": 1.0,
+            "sampler_name": sampler, "scheduler": scheduler, "positive": ["cond_xl", 0], "negative": ["cond_xl", 0],
+            "latent_image": ["empty", 0], "start_at_step": 0, "end_at_step": stop,
+            "return_with_leftover_noise": "enable"}},
+        "pid": {"class_type": LOADER, "inputs": {"pid_name": files["pid_sdxl"], "weight_dtype": "fp32"}},
+    }
+
+
+def test_sdxl_family_early_stop_is_the_euler_state(comfyui, model_files):
+    """An EPS model of the SDXL family: the stopped LATENT holds the sampler's Euler-frame state
+    x0 + sigma_eu * eps (raw VAE space) with pid_sigma = the Euler sigma reached, format 'sdxl'. For EPS
+    models stock KSamplerAdvanced's leftover latent is that same state (no 1/(1 - sigma) as for flow), so
+    PiD Decode of the stock latent with format and sigma set by hand gives the early-stop path's image."""
+    g = sdxl_graph(model_files)
+    save_latent(g, "s_early", ["early", 0], "xl_early.safetensors")
+    save_latent(g, "s_finished", ["early", 1], "xl_finished.safetensors")
+    save_latent(g, "s_state", ["capture", 0], "xl_state.safetensors")
+    save_latent(g, "s_full", ["capture", 1], "xl_full.safetensors")
+    save_latent(g, "s_stock", ["stock", 0], "xl_stock.safetensors")
+    comfyui.run(g)
+    early, meta = comfyui.read_tensors("xl_early.safetensors")
+    state, state_meta = comfyui.read_tensors("xl_state.safetensors")
+    stock, _ = comfyui.read_tensors("xl_stock.safetensors")
+    finished, fmeta = comfyui.read_tensors("xl_finished.safetensors")
+    full, _ = comfyui.read_tensors("xl_full.safetensors")
+
+    assert meta["pid_latent_format"] == "sdxl", meta
+    sigma = meta["pid_sigma"]
+    # the Euler sigma as the model saw it (a VP-frame sigma would be sigma / sqrt(sigma^2 + 1))
+    assert sigma == pytest.approx(state_meta["captured_sigma"], rel=1e-6), "pid_sigma is not the Euler sigma reached"
+    assert sigma > 0
+    assert early["samples"].shape == (1, 4, LATENT_PX // 8, LATENT_PX // 8)
+    torch.testing.assert_close(early["samples"], state["samples"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(early["samples"], stock["samples"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(finished["samples"], full["samples"], rtol=0, atol=1e-4)
+    assert fmeta["pid_sigma"] == 0.0
+
+    # PiD Decode: the early-stop LATENT (format and sigma from its keys) vs the stock latent by hand
+    g["decode_auto"] = pid_decode_node(("early", 0))
+    g["decode_stock"] = pid_decode_node(("stock", 0), fmt="sdxl", sigma=sigma)
+    save_image(g, "s_img_auto", ["decode_auto", 0], "xl_decoded_auto.safetensors")
+    save_image(g, "s_img_stock", ["decode_stock", 0], "xl_decoded_stock.safetensors")
+    entry = comfyui.run(g)
+    auto, _ = comfyui.read_tensors("xl_decoded_auto.safetensors")
+    manual, _ = comfyui.read_tensors("xl_decoded_stock.safetensors")
+    assert auto["image"].shape == (1, LATENT_PX * 4, LATENT_PX * 4, 3)
+    assert torch.isfinite(auto["image"]).all() and auto["image"].std() > 0
+    torch.testing.assert_close(auto["image"], manual["image"], rtol=0, atol=1e-4)
+    assert "4-channel" in entry["outputs"]["pid"]["text"][0]
+
+
+def test_encode_degrade_sdxl_vae(comfyui, model_files):
+    """A 4-channel SDXL-style VAE: latent_format auto finds 'sdxl'; the LATENT holds the Euler frame
+    z + sigma_eu * eps with sigma_eu = s / sqrt(1 - s^2) (PiD's VP-frame degrade sqrt(1 - s^2) z + s eps,
+    divided by sqrt(1 - s^2)), eps being the node's seeded noise; PiD Decode takes it from there."""
+    s, seed = 0.3, 1
+    g = {
+        "img": {"class_type": "EmptyImage", "inputs": {"width": LATENT_PX, "height": LATENT_PX, "batch_size": 1,
+                                                       "color": 0x3080C0}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": model_files["sdxl_vae"]}},
+        "cond": {"class_type": "PiDTestConditioning",
+                 "inputs": {"batch": 1, "tokens": 300, "width": 2304, "seed": 0, "scale": 1.0}},
+        "enc": {"class_type": ENCODE, "inputs": {"image": ["img", 0], "vae": ["vae", 0], "sigma": s, "seed": seed,
+                                                 "latent_format": "auto"}},
+        "clean": {"class_type": "VAEEncode", "inputs": {"pixels": ["img", 0], "vae": ["vae", 0]}},
+        "pid": {"class_type": LOADER, "inputs": {"pid_name": model_files["pid_sdxl"], "weight_dtype": "fp32"}},
+    }
+    g["decode"] = pid_decode_node(("enc", 0))
+    save_latent(g, "s_enc", ["enc", 0], "xl_enc.safetensors")
+    save_latent(g, "s_clean", ["clean", 0], "xl_clean.safetensors")
+    save_image(g, "s_img", ["decode", 0], "xl_enc_decoded.safetensors")
+    comfyui.run(g)
+    enc, meta = comfyui.read_tensors("xl_enc.safetensors")
+    clean, _ = comfyui.read_tensors("xl_clean.safetensors")
+    sigma_eu = s / (1 - s * s) ** 0.5
+    assert meta["pid_latent_format"] == "sdxl"
+    assert meta["pid_sigma"] == pytest.approx(sigma_eu, rel=1e-6)
+    assert enc["samples"].shape == clean["samples"].shape == (1, 4, LATENT_PX // 8, LATENT_PX // 8)
+    eps = torch.randn(enc["samples"].shape, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(sdxl_in(enc["samples"]) - sdxl_in(clean["samples"]), sigma_eu * eps, rtol=0, atol=1e-4)
+    out, _ = comfyui.read_tensors("xl_enc_decoded.safetensors")
+    assert out["image"].shape == (1, LATENT_PX * 4, LATENT_PX * 4, 3)
+    assert torch.isfinite(out["image"]).all() and out["image"].std() > 0
+
+
+# --- the other execute paths -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("weight_dtype,shown", [("auto", "bfloat16"), ("bf16", "bfloat16"), ("fp16", "float16")])
+def test_loader_weight_dtypes_decode(comfyui, model_files, weight_dtype, shown):
+    """PiD Loader's weight_dtype choices (auto keeps the file's bf16) each load and decode."""
+    g = graph_base(model_files, steps=3, stop=2, finish=False)
+    add_pid_decode(g, model_files, latent=("early", 0), steps=1)
+    g["pid"]["inputs"]["weight_dtype"] = weight_dtype
+    save_image(g, "s_img", ["decode", 0], f"dtype_{weight_dtype}.safetensors")
+    entry = comfyui.run(g)
+    assert shown in entry["outputs"]["pid"]["text"][0], entry["outputs"]["pid"]
+    out, meta = comfyui.read_tensors(f"dtype_{weight_dtype}.safetensors")
+    assert out["image"].shape == (1, LATENT_PX * 4, LATENT_PX * 4, 3)
+    assert meta["dtype"] == "torch.float32"  # IMAGE is float32 whatever the weights
+    assert torch.isfinite(out["image"]).all()
+
+
+def test_clean_latent_without_metadata_decodes_as_clean(comfyui, model_files):
+    """A stock KSampler's finished LATENT has no PiD keys: sigma auto (-1) takes it as clean, the same
+    image as sigma 0 set by hand. (The format is set: a 16-channel latent needs it with a checkpoint
+    whose file name does not name its backbone.)"""
+    g = graph_base(model_files, steps=3, stop=2, finish=False)
+    g["ks"] = {"class_type": "KSampler", "inputs": {
+        "model": ["unet", 0], "seed": 3, "steps": 3, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+        "positive": ["cond", 0], "negative": ["cond", 0], "latent_image": ["empty", 0], "denoise": 1.0}}
+    g["pid"] = {"class_type": LOADER, "inputs": {"pid_name": model_files["pid"], "weight_dtype": "fp32"}}
+    g["decode_auto"] = pid_decode_node(("ks", 0), fmt="flux")
+    g["decode_set"] = pid_decode_node(("ks", 0), fmt="flux", sigma=0.0)
+    save_image(g, "s_auto", ["decode_auto", 0], "clean_auto.safetensors")
+    save_image(g, "s_set", ["decode_set", 0], "clean_set.safetensors")
+    del g["early"]
+    comfyui.run(g)
+    auto, _ = comfyui.read_tensors("clean_auto.safetensors")
+    manual, _ = comfyui.read_tensors("clean_set.safetensors")
+    torch.testing.assert_close(auto["image"], manual["image"], rtol=0, atol=0)
+    assert "(none given: taken as clean)" in comfyui.log_text()
+
+
+# --- progress, previews, cancel, attention flags ------------------------------------------------------
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG's start-of-frame segment."""
+    assert data[:2] == b"\xff\xd8", "not a JPEG"
+    i = 2
+    while i < len(data):
+        assert data[i] == 0xFF, "broken JPEG segment"
+        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2):
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        i += 2 + length
+    raise AssertionError("no JPEG frame header")
+
+
+def test_progress_and_previews(comfyui, model_files, events):
+    """Over ComfyUI's websocket: KSampler Early Stop reports one bar over both parts of its run (stop and
+    finish), PiD Decode one step of its bar per PiD step, each with a JPEG preview of the image so far
+    (ComfyUI scales previews to fit 512 px: a 2:1 image, 256 x 128 here, arrives as 512 x 256)."""
+    g = graph_base(model_files, steps=4, stop=3, finish=True)
+    g["empty"]["inputs"].update(width=LATENT_PX, height=LATENT_PX // 2)
+    add_pid_decode(g, model_files, latent=("early", 0), steps=4)
+    save_image(g, "s_img", ["decode", 0], "progress.safetensors")
+    save_latent(g, "s_finished", ["early", 1], "progress_finished.safetensors")
+    prompt_id = events.queue(g)
+    comfyui.wait(prompt_id)
+    events.wait_for(lambda t, d: t == "executing" and d.get("node") is None and d.get("prompt_id") == prompt_id)
+
+    progress = events.of_prompt(prompt_id, "progress")
+    decode = [(p["value"], p["max"]) for p in progress if p["node"] == "decode"]
+    early = [(p["value"], p["max"]) for p in progress if p["node"] == "early"]
+    assert decode == [(1, 4), (2, 4), (3, 4), (4, 4)], decode
+    assert early and early[-1] == (4, 4) and all(m == 4 for _, m in early), early
+    assert [v for v, _ in early] == sorted(v for v, _ in early)
+    # previews: only PiD Decode sends any here (the server runs with --preview-method none)
+    previews = events.previews()
+    assert len(previews) == 4, [t for t, _ in previews]
+    for image_type, data in previews:
+        assert image_type == 1  # JPEG
+        assert jpeg_size(data) == (512, 256)
+    out, _ = comfyui.read_tensors("progress.safetensors")
+    assert out["image"].shape == (1, LATENT_PX * 2, LATENT_PX * 4, 3)
+
+
+def test_cancel_during_pid_decode(comfyui, model_files, events):
+    """POST /interrupt while PiD Decode runs: the prompt ends as interrupted in PiD Decode (no image
+    saved), and the next prompt runs normally."""
+    g = {
+        "empty": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 192, "height": 192, "batch_size": 1}},
+        "cond": {"class_type": "PiDTestConditioning",
+                 "inputs": {"batch": 1, "tokens": 300, "width": 2304, "seed": 0, "scale": 1.0}},
+    }
+    # 24 x 24 latent -> 768 px: a few seconds per decode here, one progress step per PiD step
+    add_pid_decode(g, model_files, latent=("empty", 0), steps=4, seed=11, fmt="flux")
+    save_image(g, "s_img", ["decode", 0], "cancelled.safetensors")
+    prompt_id = events.queue(g)
+    events.wait_for(lambda t, d: t == "progress" and d.get("prompt_id") == prompt_id and d.get("node") == "decode")
+    status, _ = comfyui.post("/interrupt", {"prompt_id": prompt_id})
+    assert status == 200
+    with pytest.raises(ComfyError) as err:
+        comfyui.wait(prompt_id)
+    assert err.value.interrupted.get("node_type") == DECODE, err.value.body
+    assert err.value.interrupted.get("node_id") == "decode"
+    assert not (comfyui.output_dir / "cancelled.safetensors").exists()
+    steps_done = [p["value"] for p in events.of_prompt(prompt_id, "progress") if p["node"] == "decode"]
+    assert max(steps_done) < 4, steps_done
+
+    # the next prompt runs normally (the same model, a smaller latent)
+    g["empty"]["inputs"].update(width=64, height=64)
+    g["s_img"]["inputs"]["filename"] = "after_cancel.safetensors"
+    comfyui.run(g)
+    out, _ = comfyui.read_tensors("after_cancel.safetensors")
+    assert out["image"].shape == (1, 256, 256, 3) and torch.isfinite(out["image"]).all()
+
+
+SPLIT_ATTENTION_ATOL = 1e-4  # the same maths in another kernel order: float32 rounding (5e-6 measured)
+
+
+def test_split_attention_flag_decodes_the_same(comfyui, comfyui_split_attention, model_files):
+    """ComfyUI started with --use-split-cross-attention: PiD Decode uses ComfyUI's split attention kernel
+    (its log says so) and the same graph and seeds give the same image within SPLIT_ATTENTION_ATOL (the
+    tiny FLUX model, too, runs on the other kernel there)."""
+    images = []
+    for server in (comfyui, comfyui_split_attention):
+        g = graph_base(model_files, steps=6, stop=4, finish=False)
+        add_pid_decode(g, model_files, latent=("early", 0), steps=4, seed=7)
+        save_image(g, "s_img", ["decode", 0], "attention_flag.safetensors")
+        server.run(g)
+        out, _ = server.read_tensors("attention_flag.safetensors")
+        images.append(out["image"])
+    assert "Using split optimization for attention" in comfyui_split_attention.log_text()
+    assert "PiD Decode: attention by ComfyUI's attention_split" in comfyui_split_attention.log_text()
+    assert "PiD Decode: attention by PyTorch SDPA" in comfyui.log_text()
+    assert images[0].shape == images[1].shape == (1, LATENT_PX * 4, LATENT_PX * 4, 3)
+    diff = (images[0] - images[1]).abs().max().item()
+    assert diff <= SPLIT_ATTENTION_ATOL, f"max |difference| {diff:.3g}"

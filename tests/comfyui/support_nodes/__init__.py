@@ -1,6 +1,7 @@
 """Test-only ComfyUI nodes, loaded by the integration harness beside the pack (never shipped).
 
-* PiDTestConditioning: a seeded random CONDITIONING of any shape (stands in for Gemma-2 / T5).
+* PiDTestConditioning: a seeded random CONDITIONING of any shape (stands in for Gemma-2 / T5), with
+  a random pooled vector when `pooled` > 0 (SDXL-family models need one of width 1280).
 * PiDTestSaveLatent / PiDTestSaveImage: write a LATENT / IMAGE to the output folder as safetensors
   (tensor + JSON of the LATENT's scalar keys), for the test process to read.
 * PiDTestCaptureState: one *full* stock sampler run that records, from the model side, the input x
@@ -54,15 +55,17 @@ class PiDTestConditioning(io.ComfyNode):
                 io.Int.Input("width", default=2304, min=1, max=8192),
                 io.Int.Input("seed", default=0, min=0, max=2**31),
                 io.Float.Input("scale", default=1.0, min=0.0, max=1e6),
+                io.Int.Input("pooled", default=0, min=0, max=8192, optional=True),
             ],
             outputs=[io.Conditioning.Output()],
         )
 
     @classmethod
-    def execute(cls, batch, tokens, width, seed, scale):
+    def execute(cls, batch, tokens, width, seed, scale, pooled=0):
         g = torch.Generator().manual_seed(seed)
         emb = torch.randn(batch, tokens, width, generator=g) * scale
-        return io.NodeOutput([[emb, {"pooled_output": None}]])
+        pooled_output = torch.randn(batch, pooled, generator=g) if pooled else None
+        return io.NodeOutput([[emb, {"pooled_output": pooled_output}]])
 
 
 class PiDTestSaveLatent(io.ComfyNode):
