@@ -81,15 +81,19 @@ def run_plan(
     callback: Optional[ProgressCallback] = None,
     tile_callback: Optional[Callable[[int, int], None]] = None,
     compile: bool = False,
+    batch_runner=None,
 ) -> torch.Tensor:
-    """Run the student sampler over a plan; RGB [B, 3, H, W] in [0, 1] (arguments as decode())."""
+    """Run the student sampler over a plan; RGB [B, 3, H, W] in [0, 1] (arguments as decode()).
+
+    batch_runner: where a tiled plan's tile batches run (None: all in this process;
+    distributed.TileParallel: shared among torchrun's ranks, docs/DESIGN.md §13)."""
     if not 1 <= int(steps) <= 4:
         raise PidError(f"PiD students run 1 to 4 steps; got {steps}. Use 4 for the released quality.")
     device = plan.device
     shape = (plan.batch, 3, *plan.output_hw)
     canvas_device = device if plan.tiles.canvas_on_device else torch.device("cpu")
     velocity = network_velocity(model, plan.text, plan.latent, plan.sigma, plan.tiles, device=device,
-                                callback_per_tile=tile_callback, compile=compile)
+                                callback_per_tile=tile_callback, compile=compile, batch_runner=batch_runner)
     generator = None
     if noise is None:
         # drawn on the network's device (the reference's stream there), kept where the plan puts the state

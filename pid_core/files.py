@@ -37,13 +37,42 @@ def load_latent_file(path: str) -> tuple[torch.Tensor, LatentMeta]:
     except Exception as exc:
         raise LatentError(f"Could not read the latent file {path}: {exc}") from None
     meta = LatentMeta(sigma=tensors.get("pid_sigma"), source=os.path.basename(path))
+    shapes = {k: tuple(v.shape) for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    return tensors[_latent_key(path, shapes)], meta
+
+
+def _latent_key(path: str, shapes: dict[str, tuple]) -> str:
+    """Which tensor of a latent file is the latent: a known key, else the one tensor of 4+ dims."""
     for key in ("latent_tensor", "samples", "latent"):
-        if isinstance(tensors.get(key), torch.Tensor):
-            return tensors[key], meta
-    candidates = [v for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.ndim >= 4 and not k.startswith("pid_")]
+        if key in shapes:
+            return key
+    candidates = [k for k, shape in shapes.items() if len(shape) >= 4 and not k.startswith("pid_")]
     if len(candidates) != 1:
-        raise LatentError(f"{path} should hold one latent tensor (key 'latent' or 'samples'); found keys {list(tensors)}.")
-    return candidates[0], meta
+        raise LatentError(f"{path} should hold one latent tensor (key 'latent' or 'samples'); found keys {list(shapes)}.")
+    return candidates[0]
+
+
+def latent_file_shape(path: str) -> tuple[int, ...]:
+    """The shape of the latent in a file (as load_latent_file reads it), from the file's header where the
+    format has one (.safetensors, .latent, .npy): cheap enough to size thousands of files."""
+    if not os.path.exists(path):
+        raise LatentError(f"Latent file not found: {path}")
+    try:
+        if path.endswith((".safetensors", ".latent")):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            return shapes[_latent_key(path, shapes)]
+        if path.endswith(".npy"):
+            import numpy as np
+
+            return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+    except LatentError:
+        raise
+    except Exception as exc:
+        raise LatentError(f"Could not read the latent file {path}: {exc}") from None
+    return tuple(load_latent_file(path)[0].shape)
 
 
 def load_text_embedding(path: str | os.PathLike) -> torch.Tensor:
