@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Optional, Union
@@ -79,7 +80,7 @@ class Job:
     item: Item
     batch: int
     missing: tuple[int, ...]
-    cost: int  # latent cells x steps: proportional to its work
+    cost: int  # latent cells of all its images x steps: proportional to its work
 
 
 @dataclass
@@ -301,9 +302,9 @@ def in_text_order(jobs: list[Job]) -> list[Job]:
     return sorted(jobs, key=lambda job: first[job.item.text_key])  # stable: listed order inside a group
 
 
-def decode_job(model, job: Job, text: torch.Tensor, device: torch.device) -> list[str]:
-    """One item, as the decode command runs it; returns the PNGs written."""
-    from .cli import save_images, tile_options
+def decode_job(model, job: Job, text: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One item, as the decode command runs it: its images [B, 3, H, W] in [0, 1]."""
+    from .cli import tile_options
     from .decode import run_plan
     from .files import load_latent_file
     from .plan import plan_decode
@@ -316,13 +317,21 @@ def decode_job(model, job: Job, text: torch.Tensor, device: torch.device) -> lis
     plan = plan_decode(model, latent, text, meta=meta, latent_format=item.latent_format, sigma=sigma,
                        leftover_noise=item.leftover_noise,
                        tiling=tile_options(item.tile, item.overlap, distributed.memory_budget(device)))
-    image = run_plan(model, plan, seed=item.seed, steps=item.steps)
-    return save_images(image, item.out, only=job.missing)
+    return run_plan(model, plan, seed=item.seed, steps=item.steps)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, PidError):
+        return str(exc)
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"  # out of memory, a broken file, ...
 
 
 def decode_share(jobs: list[Job], args, device: torch.device) -> RankReport:
-    """Decode this rank's jobs; each failure is reported (on stderr, and in the report) and skipped."""
-    from .cli import load_model
+    """Decode this rank's jobs; each failure is reported (on stderr, and in the report) and skipped.
+
+    An item's PNGs are encoded and written in a second thread while the next item decodes (zlib
+    releases the GIL): at 8K, encoding takes seconds of one CPU core, as long as a GPU's decode."""
+    from .cli import load_model, save_images
 
     ranks = distributed.current()
     report = RankReport()
@@ -331,23 +340,41 @@ def decode_share(jobs: list[Job], args, device: torch.device) -> RankReport:
         return report
     model = load_model(args.checkpoint, device, args.dtype)
     texts = Texts(args.text_encoder, device)
-    for k, job in enumerate(in_text_order(jobs), 1):
-        began = time.perf_counter()
-        head = f"{ranks.label}[{k}/{len(jobs)}] {job.item.where}"
+
+    def failed(head: str, job: Job, exc: Exception) -> None:
+        report.failures.append((job.item.where, _reason(exc)))
+        print(f"{head} FAILED: {_reason(exc)}", file=sys.stderr, flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def finish(pending) -> None:
+        """Wait for an item's write and report it."""
+        if pending is None:
+            return
+        head, job, began, writing = pending
         try:
-            written = decode_job(model, job, texts(job.item), device)
-        except PidError as exc:
-            reason = str(exc)
-        except Exception as exc:  # out of memory, a broken file, ...: this item fails, the run goes on
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            written = writing.result()
+        except Exception as exc:
+            failed(head, job, exc)
         else:
             report.done += 1
             print(f"{head} -> {', '.join(written)} ({time.perf_counter() - began:.1f}s)", file=sys.stderr, flush=True)
-            continue
-        report.failures.append((job.item.where, reason))
-        print(f"{head} FAILED: {reason}", file=sys.stderr, flush=True)
+
+    pending = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pid-png") as writer:  # waits for a write under way
+        for k, job in enumerate(in_text_order(jobs), 1):
+            began = time.perf_counter()
+            head = f"{ranks.label}[{k}/{len(jobs)}] {job.item.where}"
+            try:
+                image = decode_job(model, job, texts(job.item), device)
+            except Exception as exc:  # this item fails, the run goes on
+                failed(head, job, exc)
+                continue
+            finish(pending)
+            # on the CPU: the device's memory stays what one decode needs while the next one runs
+            pending = head, job, began, writer.submit(save_images, image.cpu(), job.item.out, only=job.missing)
+            del image
+        finish(pending)
     report.seconds = time.perf_counter() - started
     report.texts = texts.made
     return report
