@@ -102,11 +102,12 @@ def session(device: torch.device, *, timeout: Optional[timedelta] = None) -> Ite
     if not ranks.several or dist.is_initialized():
         yield _joined if dist.is_initialized() else ranks
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    options = {} if timeout is None else {"timeout": timeout}
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and the object collectives use the current device
-    options = {} if timeout is None else {"timeout": timeout}
-    dist.init_process_group(backend, **options)
+        dist.init_process_group("nccl", device_id=device, **options)
+    else:
+        dist.init_process_group("gloo", **options)
     _joined = ranks
     try:
         yield ranks
