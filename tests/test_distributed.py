@@ -35,13 +35,14 @@ def test_ranks_from_torchrun_environment():
 
 
 def test_cpu_ranks_of_one_machine_share_its_memory(monkeypatch):
-    whole = distributed.memory_budget("cpu")
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    shared = distributed.memory_budget("cpu")
-    assert abs(shared - whole / 2) < 0.1 * whole  # MemAvailable moves a little between the two reads
+    import pid_core.tiling
+
+    monkeypatch.setattr(pid_core.tiling, "device_memory_budget", lambda device: 8 << 30)
+    assert distributed.memory_budget("cpu") == 8 << 30
+    for key, value in {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    assert distributed.memory_budget("cpu") == 4 << 30
+    assert distributed.memory_budget("meta") == 8 << 30  # a GPU of its own per rank
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
