@@ -1,6 +1,8 @@
-"""Command line: decode a latent file to PNG, show what a checkpoint is, download released files.
+"""Command line: decode a latent file to an image, show what a checkpoint is, download released files.
 
     python -m pid_core decode --checkpoint F --latent L.safetensors --text-embedding E --out out.png
+    python -m pid_core decode-many --checkpoint F --manifest items.jsonl      (decode_many.py)
+    torchrun --nproc-per-node 8 -m pid_core decode ... | decode-many ...     (several GPUs: distributed.py)
     python -m pid_core info F
     python -m pid_core download flux-2k [--repackaged] [--dest DIR]
     python -m pid_core selftest [--out pid_selftest.png]
@@ -15,9 +17,11 @@ import math
 import os
 import sys
 import time
+from typing import Optional, Sequence
 
 import torch
 
+from . import distributed
 from .errors import ArgumentError, OutputError, PidError
 from .precision import DTYPES
 
@@ -57,39 +61,40 @@ def peak_memory_text(device: torch.device) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
 
 
-def tile_options(args, memory_budget_bytes=None):
-    """--tile off | auto | a tile side in pixels (at least MIN_TILE_PX), --overlap in pixels."""
+def tile_options(tile, overlap: Optional[int], budget_bytes: Optional[int] = None):
+    """--tile off | auto | a tile side in pixels (at least SMALLEST_TILE_PX), --overlap in pixels, within a
+    memory budget."""
     from .tiling import TileOptions
-    from .tiling.geometry import MIN_TILE_PX
+    from .tiling.geometry import SMALLEST_TILE_PX
 
-    value = str(args.tile).strip().lower()
+    value = str(tile).strip().lower()
     mode = value if value in ("off", "auto") else "manual"
-    tile = int(value) if value.isdigit() else 0
-    if mode == "manual" and tile < MIN_TILE_PX:
-        raise ArgumentError(f"--tile takes off, auto or a tile size of at least {MIN_TILE_PX} px, not {args.tile!r}.")
-    overlap = args.overlap or 0
-    if overlap < 0 or (mode == "manual" and overlap >= tile // 2):
-        limit = f" and less than half the tile ({tile // 2} px)" if mode == "manual" else ""
-        raise ArgumentError(f"--overlap takes 0 (automatic) or a number of pixels{limit}, not {args.overlap}.")
-    return TileOptions(mode=mode, tile_px=tile, overlap_px=overlap, memory_budget_bytes=memory_budget_bytes)
+    side = int(value) if value.isdigit() else 0
+    if mode == "manual" and side < SMALLEST_TILE_PX:
+        raise ArgumentError(f"--tile takes off, auto or a tile size of at least {SMALLEST_TILE_PX} px, not {tile!r}.")
+    overlap = overlap or 0
+    if overlap < 0 or (mode == "manual" and overlap > side // 2):
+        limit = f", at most half the tile ({side // 2} px)" if mode == "manual" else ""
+        raise ArgumentError(f"--overlap takes 0 (automatic) or a number of pixels{limit}, not {overlap}.")
+    return TileOptions(mode=mode, tile_px=side, overlap_px=overlap, memory_budget_bytes=budget_bytes)
 
 
 def check_decode_arguments(args) -> torch.device:
     """Every option of `decode`, checked before anything is loaded (docs/DESIGN.md §13): the device exists,
     numbers are in range, the input files are files of a kind we read, the output can be written and is
     none of the inputs. Returns the device."""
-    from .checks import check_seed, require_device
+    from .checks import check_seed
     from .errors import TextEmbeddingError
     from .files import CHECKPOINT_FILE, LATENT_FILE, TEXT_EMBEDDING_FILE, sniff
     from .images import check_output_path
     from .plan import check_latent_format_name
 
-    device = require_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = distributed.compute_device(args.device)  # under torchrun each local rank takes its own GPU
     check_seed(args.seed)
     if args.sigma is not None and not (math.isfinite(args.sigma) and args.sigma >= 0):
         raise ArgumentError(f"--sigma takes the noise level the latent carries, 0 or more (0 = clean), not {args.sigma}.")
     check_latent_format_name(args.latent_format)
-    tile_options(args)
+    tile_options(args.tile, args.overlap)
     sniff(args.checkpoint, CHECKPOINT_FILE)
     sniff(args.latent, LATENT_FILE)
     if args.text_embedding is not None:
@@ -100,70 +105,90 @@ def check_decode_arguments(args) -> torch.device:
     return device
 
 
-def write_images(image: torch.Tensor, out: str) -> list[str]:
-    """Every image of the batch to `out` (numbered when there are several), each written atomically;
-    all are encoded before the first is written."""
-    from .images import (
-        encode_image,
-        image_format,
-        numbered_path,
-        to_uint8,
-        write_atomically,
-    )
+def load_model(checkpoint: str, device: torch.device, dtype_name: str = "auto"):
+    """The PiD model for a command: the weights' dtype by name (precision.DTYPES); auto keeps the file's
+    on a GPU and takes fp32 on the CPU, where bf16 matmuls are far slower on most processors."""
+    from .checkpoint import load_pid
+
+    dtype = DTYPES[dtype_name]
+    if dtype is None and device.type == "cpu":
+        dtype = torch.float32
+    return load_pid(checkpoint, device=device, dtype=dtype)
+
+
+def output_paths(out: str, batch: int) -> list[str]:
+    """Where the images of a decode go: `out` for one image, name_00.png, name_01.png, ... for a batch."""
+    from .images import numbered_path
+
+    return [out] if batch == 1 else [numbered_path(out, i) for i in range(batch)]
+
+
+def write_images(image: torch.Tensor, out: str, *, only: Optional[Sequence[int]] = None) -> list[str]:
+    """The images [B, 3, H, W] in [0, 1] of a decode to output_paths(out) (`only`: those indices), each
+    written atomically in the format its extension names; all are encoded before the first is written."""
+    from .images import encode_image, image_format, to_uint8, write_atomically
 
     ext = image_format(out)
-    paths = [out] if image.shape[0] == 1 else [numbered_path(out, i) for i in range(image.shape[0])]
-    encoded = [encode_image(to_uint8(image[i]), ext) for i in range(image.shape[0])]
-    for i, (path, data) in enumerate(zip(paths, encoded)):
+    paths = output_paths(out, image.shape[0])
+    chosen = range(len(paths)) if only is None else only
+    encoded = [(paths[i], encode_image(to_uint8(image[i]), ext)) for i in chosen]
+    for n, (path, data) in enumerate(encoded):
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             write_atomically(path, data)
         except OSError as exc:
-            written = f" ({', '.join(paths[:i])} written)" if i else ""
+            written = f" ({', '.join(p for p, _ in encoded[:n])} written)" if n else ""
             fix = {errno.ENOSPC: "Free disk space or choose another folder.",
                    errno.EFBIG: "The file-size limit (ulimit -f) is below the image's size: raise it or write elsewhere.",
                    errno.EDQUOT: "The disk quota is used up: free space or choose another folder."}
             raise OutputError(f"Could not write {path} ({exc.strerror or exc}){written}; a file already there is "
                               f"unchanged. {fix.get(exc.errno, 'Check the folder and choose another if needed.')}") from None
-    return paths
+    return [p for p, _ in encoded]
 
 
+@distributed.joins_torchrun
 def cmd_decode(args) -> int:
-    from .checkpoint import describe, load_pid
+    from .checkpoint import describe
     from .decode import encode_text, run_plan
     from .files import load_latent_file, load_text_embedding
     from .images import check_image_size
     from .plan import plan_decode
-    from .tiling import device_memory_budget
 
     device = check_decode_arguments(args)
+    ranks = distributed.current()  # several under torchrun: they share the tile batches of this image
     started = time.perf_counter()
-    dtype = DTYPES[args.dtype]
-    if dtype is None and device.type == "cpu":
-        dtype = torch.float32  # CPUs run bf16 matmuls far slower than fp32; on GPUs the file's bf16 is kept
     latent, meta = load_latent_file(args.latent)
-    model = load_pid(args.checkpoint, device=device, dtype=dtype)
+    model = load_model(args.checkpoint, device, args.dtype)
     if args.text_embedding:
         text = load_text_embedding(args.text_embedding)
     else:
-        from .text import GemmaTextEncoder
+        text = None
+        if ranks.is_main:  # the other ranks take rank 0's embedding, so every rank decodes the same inputs
+            from .text import GemmaTextEncoder
 
-        text = encode_text(args.prompt, GemmaTextEncoder.from_pretrained(args.text_encoder, device=device))
+            text = encode_text(args.prompt, GemmaTextEncoder.from_pretrained(args.text_encoder, device=device))
+        text = distributed.from_main(text)
+    budget = distributed.smallest(distributed.memory_budget(device))  # the same tiles on every rank
     plan = plan_decode(model, latent, text, meta=meta, latent_format=args.latent_format, sigma=args.sigma,
-                       leftover_noise=args.leftover_noise, tiling=tile_options(args, device_memory_budget(device)))
+                       leftover_noise=args.leftover_noise, tiling=tile_options(args.tile, args.overlap, budget))
     check_image_size(args.out, *plan.output_hw)
+    if ranks.several and not plan.tiles.tiled:
+        distributed.say(f"note: one pass over the whole canvas, nothing to share: each of the {ranks.world_size} "
+                        f"ranks runs it (give --tile, e.g. --tile 1024, to share tiles among them)")
     loaded = time.perf_counter()
-    progress = ProgressBar(args.steps)
-    image = run_plan(model, plan, seed=args.seed, steps=args.steps, callback=progress, tile_callback=progress.tile,
-                     compile=args.compile)
+    progress = ProgressBar(args.steps) if ranks.is_main else None
+    image = run_plan(model, plan, seed=args.seed, steps=args.steps, compile=args.compile, callback=progress,
+                     tile_callback=progress.tile if progress else None, batch_runner=distributed.tile_runner())
     finished = time.perf_counter()
+    if not ranks.is_main:
+        return 0  # every rank holds the same image; rank 0 writes it
     outputs = write_images(image, args.out)
     print(f"checkpoint : {describe(model)}")
     sigma = args.sigma if args.sigma is not None else (meta.sigma if meta.sigma is not None else 0.0)
     sigmas = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).tolist()
     print(f"latent     : {list(latent.shape)} as {plan.latent_format}, sigma {', '.join(f'{s:.3g}' for s in sigmas)} "
           f"({plan.sigma_source})")
-    print(f"tiling     : {plan.tiles.reason}")
+    print(f"tiling     : {plan.tiles.reason}" + (f"; tile batches shared by {ranks.world_size} ranks" if ranks.several else ""))
     print(f"output     : {image.shape[0]} x {image.shape[-1]}x{image.shape[-2]} px -> {', '.join(outputs)}")
     print(f"time       : load {loaded - started:.1f}s, decode {finished - loaded:.1f}s ({args.steps} steps, {device.type})")
     print(f"peak memory: {peak_memory_text(device)}")
@@ -237,29 +262,38 @@ def cmd_download(args) -> int:
     return 0
 
 
+def add_decode_options(p: argparse.ArgumentParser, *, text_required: bool) -> None:
+    """The options of one decode, shared by decode and decode-many."""
+    p.add_argument("--checkpoint", required=True, help="PiD checkpoint (.pth or .safetensors)")
+    p.add_argument("--latent-format", default="auto", help="auto, a format (flux, sd3, sdxl, flux2, flux2_raw, qwenimage, dinov2, siglip, pid) or a backbone")
+    p.add_argument("--sigma", type=float, default=None, help="noise level of the latent (0 = clean; default: the file's pid_sigma, else 0)")
+    p.add_argument("--leftover-noise", action="store_true", help="the latent is a stock ComfyUI leftover latent x_t/(1-sigma)")
+    text = p.add_mutually_exclusive_group(required=text_required)
+    text.add_argument("--prompt", help="prompt, encoded with --text-encoder")
+    text.add_argument("--text-embedding", help="precomputed Gemma embedding [B,300,2304] (.safetensors/.pt/.npy)")
+    p.add_argument("--text-encoder", help="Gemma-2-2b-it folder (Hugging Face layout) for --prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=4, choices=[1, 2, 3, 4])
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="weight dtype (auto: the file's on GPU, fp32 on CPU)")
+    p.add_argument("--tile", default="auto", help="auto (tiles only beyond the trained size or free memory), off, or a tile size in output pixels, at least 64 (e.g. 2048)")
+    p.add_argument("--overlap", type=int, default=None, help="tile overlap in output pixels")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pid_core", description="PiD pixel-diffusion decoder")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("decode", help="decode a latent file to PNG")
-    d.add_argument("--checkpoint", required=True, help="PiD checkpoint (.pth or .safetensors)")
+    d = sub.add_parser("decode", help="decode a latent file to an image (under torchrun: its tiles shared by the ranks)")
     d.add_argument("--latent", required=True, help="latent: .safetensors / ComfyUI .latent / .pt / .npy")
-    d.add_argument("--latent-format", default="auto", help="auto, a format (flux, sd3, sdxl, flux2, flux2_raw, qwenimage, dinov2, siglip, pid) or a backbone")
-    d.add_argument("--sigma", type=float, default=None, help="noise level of the latent (0 = clean; default: the file's pid_sigma, else 0)")
-    d.add_argument("--leftover-noise", action="store_true", help="the latent is a stock ComfyUI leftover latent x_t/(1-sigma)")
-    text = d.add_mutually_exclusive_group(required=True)
-    text.add_argument("--prompt", help="prompt, encoded with --text-encoder")
-    text.add_argument("--text-embedding", help="precomputed Gemma embedding [B,300,2304] (.safetensors/.pt/.npy)")
-    d.add_argument("--text-encoder", help="Gemma-2-2b-it folder (Hugging Face layout) for --prompt")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--steps", type=int, default=4, choices=[1, 2, 3, 4])
-    d.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-    d.add_argument("--dtype", default="auto", choices=list(DTYPES), help="weight dtype (auto: the file's on GPU, fp32 on CPU)")
-    d.add_argument("--tile", default="auto", help="auto (tiles only beyond the trained size or free memory), off, or a tile size in output pixels, at least 512 (e.g. 2048)")
-    d.add_argument("--overlap", type=int, default=None, help="tile overlap in output pixels")
+    add_decode_options(d, text_required=True)
     d.add_argument("--compile", action="store_true", help="torch.compile the network (pays off for many decodes of one size on a GPU)")
     d.add_argument("--out", required=True, help="output image: .png, or .jpg / .webp with Pillow (numbered name_00.png ... when the batch has several images)")
     d.set_defaults(func=cmd_decode)
+
+    from .decode_many import add_parser as add_decode_many
+
+    add_decode_many(sub)
 
     t = sub.add_parser("selftest", help="decode with a small random checkpoint (offline install check)")
     t.add_argument("--out", default="pid_selftest.png")
@@ -280,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "decode" and args.prompt and not args.text_encoder:
+    if getattr(args, "prompt", None) and not args.text_encoder:
         build_parser().error("--prompt needs --text-encoder (a Gemma-2-2b-it folder)")
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:

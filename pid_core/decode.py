@@ -86,8 +86,12 @@ def run_plan(
     callback: Optional[ProgressCallback] = None,
     tile_callback: Optional[Callable[[int, int], None]] = None,
     compile: bool = False,
+    batch_runner=None,
 ) -> torch.Tensor:
     """Run the student sampler over a plan; RGB [B, 3, H, W] in [0, 1] (arguments as decode()).
+
+    batch_runner: where a tiled plan's tile batches run (None: all in this process;
+    distributed.TileParallel: shared among torchrun's ranks, docs/DESIGN.md §14).
 
     Before anything runs: the arguments are checked and the plan's memory against what is free
     (refused when it cannot fit). While it runs: every step's x0 is checked for NaN and infinity, and
@@ -106,7 +110,7 @@ def run_plan(
     check_memory(plan)
     canvas_device = device if plan.tiles.canvas_on_device else torch.device("cpu")
     velocity = network_velocity(model, plan.text, plan.latent, plan.sigma, plan.tiles, device=device,
-                                callback_per_tile=tile_callback, compile=compile)
+                                callback_per_tile=tile_callback, compile=compile, batch_runner=batch_runner)
 
     def checked(step, total, x0):
         # x0 before the final clamp: infinities are still visible (clamping would make them white)

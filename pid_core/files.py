@@ -168,14 +168,43 @@ def load_latent_file(path: str) -> tuple[torch.Tensor, LatentMeta]:
     loaded = read_tensor_file(path, LATENT_FILE)
     tensors = loaded if isinstance(loaded, dict) else {"latent": loaded}
     meta = LatentMeta(sigma=tensors.get("pid_sigma"), source=f"the latent file {os.path.basename(str(path))}")
+    shapes = {k: tuple(v.shape) for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    return tensors[_latent_key(path, shapes)], meta
+
+
+def _latent_key(path, shapes: dict) -> str:
+    """Which tensor of a latent file is the latent: a known key, else the one tensor of 4+ dims."""
     for key in ("latent_tensor", "samples", "latent"):
-        if isinstance(tensors.get(key), torch.Tensor):
-            return tensors[key], meta
-    candidates = [v for k, v in tensors.items()
-                  if isinstance(v, torch.Tensor) and v.ndim >= 4 and not str(k).startswith("pid_")]
+        if key in shapes:
+            return key
+    candidates = [k for k, shape in shapes.items() if len(shape) >= 4 and not str(k).startswith("pid_")]
     if len(candidates) != 1:
-        raise LatentError(f"{path} should hold one latent tensor (key 'latent' or 'samples'); found keys {list(tensors)}.")
-    return candidates[0], meta
+        raise LatentError(f"{path} should hold one latent tensor (key 'latent' or 'samples'); found keys {list(shapes)}.")
+    return candidates[0]
+
+
+def latent_file_shape(path: str) -> tuple[int, ...]:
+    """The shape of the latent in a file (as load_latent_file reads it), from the file's header where the
+    format has one (safetensors, .npy): cheap enough to size thousands of files."""
+    kind = sniff(path, LATENT_FILE)
+    try:
+        if kind == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            return shapes[_latent_key(path, shapes)]
+        if kind == "numpy":
+            import numpy as np
+
+            return tuple(np.load(str(path), mmap_mode="r", allow_pickle=False).shape)
+    except PidError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged header: the full read names it
+        if kind == "safetensors":
+            raise LatentError(f"{os.path.basename(str(path))} could not be read as safetensors "
+                              f"({_first_line(exc)}). The file is truncated or corrupt: save it again.") from None
+    return tuple(load_latent_file(path)[0].shape)
 
 
 def load_text_embedding(path: str | os.PathLike) -> torch.Tensor:

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from .errors import OutputError
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every PNG ends with
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -35,7 +37,7 @@ def encode_png(rgb: np.ndarray) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b"")
+    return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b"")
 
 
 def save_png(image: torch.Tensor, path: str) -> None:
@@ -98,6 +100,21 @@ def encode_image(rgb: np.ndarray, ext: str) -> bytes:
 def save_image(image: torch.Tensor, path: str) -> None:
     """[3, H, W] in [0, 1] -> the file `path` (its format from the extension), written atomically."""
     write_atomically(path, encode_image(to_uint8(image), image_format(path)))
+
+
+def is_complete_png(path: str) -> bool:
+    """Whether the file is a whole PNG (its signature first, its end chunk last): what a finished
+    write leaves, and what a cut-off copy or another kind of file does not."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(PNG_SIGNATURE))
+            f.seek(0, os.SEEK_END)
+            if f.tell() < len(PNG_SIGNATURE) + len(PNG_END):
+                return False
+            f.seek(-len(PNG_END), os.SEEK_END)
+            return head == PNG_SIGNATURE and f.read() == PNG_END
+    except OSError:
+        return False
 
 
 def write_atomically(path: str, data: bytes) -> None:

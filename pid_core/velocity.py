@@ -29,6 +29,7 @@ def network_velocity(
     compile: bool = False,
     autocast: bool = True,
     max_batches: Optional[int] = None,
+    batch_runner=None,
 ):
     """The velocity function for `sampling.sample`: v(x, t) of the whole canvas for an untiled plan,
     else a TiledVelocity (which the sampler drives row band by row band, never holding a whole-canvas v).
@@ -36,7 +37,7 @@ def network_velocity(
     text [B|1, T, text_dim], latent [B, C, h, w] (PiD space), sigma [B]|[1]. The network runs on `device`
     (default: the latent's). compile: torch.compile the network with static shapes (every tile batch
     padded to one shape); the first call of each shape compiles. max_batches: benchmarks only (see
-    TiledVelocity)."""
+    TiledVelocity). batch_runner: where tile batches run (TiledVelocity; None: all in this process)."""
     network = torch.compile(model, mode="default", dynamic=False) if compile else model
     B = latent.shape[0]
     device = torch.device(device) if device is not None else latent.device
@@ -61,5 +62,5 @@ def network_velocity(
     return TiledVelocity(
         call, latent, plan.tiles, scale=model.config.scale, batch_tiles=plan.batch_tiles,
         conditioning=(text, sigma), device=device, callback_per_tile=callback_per_tile,
-        max_batches=max_batches, pad_batches=compile,
+        max_batches=max_batches, pad_batches=compile, batch_runner=batch_runner,
     )

@@ -245,7 +245,7 @@ def test_a_batch_file_is_never_an_input(inputs, tmp_path, capsys, monkeypatch):
     (["--tile", "0"], "--tile takes off, auto or a tile size"),
     (["--tile", "big"], "--tile takes off, auto or a tile size"),
     (["--overlap", "-5"], "--overlap takes 0"),
-    (["--tile", "1024", "--overlap", "600"], "less than half the tile"),
+    (["--tile", "1024", "--overlap", "600"], "at most half the tile"),
     (["--sigma", "nan"], "--sigma takes"),
     (["--sigma", "-0.5"], "--sigma takes"),
     (["--latent-format", "flux3"], "Unknown latent format 'flux3'"),

@@ -9,7 +9,7 @@ is bit-identical to calling the network on the whole canvas (docs/DESIGN.md §9)
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -17,6 +17,17 @@ from ..sampling import velocity_to_x0
 from .geometry import Tile, batch_tiles, tile_weights
 
 ModelCall = Callable[..., torch.Tensor]  # (x [N,3,h,w], t [N], latent [N,C,lh,lw], *conditioning) -> v
+# (forward, batches, blank) -> each batch's v, in batch order: forward(batch) runs the network on a batch
+# of tiles, blank(n_tiles) allocates a v of n tiles (the shape, dtype and device forward returns).
+BatchRunner = Callable[[Callable[[list[Tile]], torch.Tensor], Sequence[list[Tile]], Callable[[int], torch.Tensor]],
+                       Iterator[torch.Tensor]]
+
+
+def run_here(forward, batches, blank):
+    """The batch runner of one process: every batch here, in order, each when the fusion asks for it.
+    (distributed.TileParallel spreads them over torchrun's ranks instead, docs/DESIGN.md §14.)"""
+    for batch in batches:
+        yield forward(batch)
 
 
 class TiledVelocity:
@@ -30,7 +41,8 @@ class TiledVelocity:
     canvas's device in x's dtype. callback_per_tile(done, total) runs after each batch (raise from
     it to cancel). pad_batches pads the last batch with repeats so that every forward has the same
     shape (for torch.compile). max_batches (benchmarks only) stops each call after that many batches
-    and sets `cut_short`.
+    and sets `cut_short`. batch_runner decides where the batches run: `run_here` (default) runs each
+    in this process; distributed.TileParallel shares them among torchrun's ranks (docs/DESIGN.md §14).
 
     `sampling.sample` calls `denoise_in_place`, which never holds a whole-canvas v: tiles run in
     row-major order, their weighted velocities add into a band of rows one tile high (reused as a
@@ -52,6 +64,7 @@ class TiledVelocity:
         callback_per_tile: Optional[Callable[[int, int], None]] = None,
         pad_batches: bool = False,
         max_batches: Optional[int] = None,
+        batch_runner: Optional[BatchRunner] = None,
     ):
         H, W = latent.shape[-2] * scale, latent.shape[-1] * scale
         if max(t.y0 + t.h for t in tiles) != H or max(t.x0 + t.w for t in tiles) != W:
@@ -68,6 +81,7 @@ class TiledVelocity:
         self.callback_per_tile = callback_per_tile
         self.pad_batches = pad_batches
         self.max_batches = max_batches
+        self.batch_runner = batch_runner or run_here
         self.cut_short = False
         self.forward_calls = 0
         self._weights_on: dict = {}
@@ -99,13 +113,13 @@ class TiledVelocity:
         t = t.reshape(-1).expand(B)
         wy, wx = self._weights(x.device, x.dtype)
         batches = self.batches()
+        self.cut_short = self.max_batches is not None and self.max_batches < len(batches)
+        if self.cut_short:
+            batches = batches[: self.max_batches]
         full = len(batches[0])
-        done = 0
-        self.cut_short = False
-        for index, batch in enumerate(batches):
-            if self.max_batches is not None and index >= self.max_batches:
-                self.cut_short = True
-                return
+
+        def forward(batch: list[Tile]) -> torch.Tensor:
+            """The network on one batch of tiles: v [len(batch) * B, 3, h, w] in x's dtype, on `device`."""
             run = list(batch)
             if self.pad_batches and len(run) < full:
                 run += [run[-1]] * (full - len(run))
@@ -114,11 +128,16 @@ class TiledVelocity:
             zs = torch.cat([self._latent_tile(tile) for tile in run]).to(device)
             ts = t.repeat(n).to(device)
             conds = [c.to(device).repeat(n, *([1] * (c.dim() - 1))) for c in self.conditioning]
-            v = self.model_call(xs, ts, zs, *conds)
-            del xs, zs, conds
             self.forward_calls += 1
+            return self.model_call(xs, ts, zs, *conds)[: len(batch) * B].to(x.dtype)
+
+        def blank(n_tiles: int) -> torch.Tensor:
+            return torch.empty((n_tiles * B, x.shape[1], *self.tile_hw), dtype=x.dtype, device=device)
+
+        done = 0
+        for batch, v in zip(batches, self.batch_runner(forward, batches, blank)):
             yield [
-                (tile, v[j * B : (j + 1) * B].to(x.device, x.dtype), wy[tile.row][:, None] * wx[tile.col][None, :])
+                (tile, v[j * B : (j + 1) * B].to(x.device), wy[tile.row][:, None] * wx[tile.col][None, :])
                 for j, tile in enumerate(batch)
             ]
             del v

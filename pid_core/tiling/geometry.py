@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 MIN_TILE_PX = 512  # below the trained range: used only when the memory budget leaves nothing larger
+SMALLEST_TILE_PX = 64  # the least a user may ask for by hand: a 4 x 4 patch grid
 # The latent adapter's conv stack (2 + 2 x 4 convs of 3x3 on the patch grid) sees 10 patches around a
 # token: tile edges (zero or replicate padding) disturb about that far in, so overlaps cover it.
 ADAPTER_REACH_PATCHES = 10

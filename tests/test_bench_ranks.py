@@ -1,0 +1,24 @@
+"""The rank benchmark reads the decode times the commands print (the timing itself is never a test)."""
+
+from pid_core.bench_ranks import command_line, decode_seconds
+
+
+def test_reads_the_decode_time_of_each_command():
+    decode = "tiling     : ...\ntime       : load 0.1s, decode 12.5s (2 steps, cpu)\n"
+    assert decode_seconds(decode, "tiles") == 12.5
+    one = "decode-many: 8 item(s): 8 done, 0 skipped (finished before), 0 failed\n  19.5s, 1 text(s) encoded or read\n"
+    assert decode_seconds(one, "many") == 19.5
+    two = ("decode-many: 8 item(s): 8 done, 0 skipped (finished before), 0 failed\n"
+           "  rank 0: 4 done, 0 failed, 13.1s, 1 text(s)\n  rank 1: 4 done, 0 failed, 12.2s, 1 text(s)\n")
+    assert decode_seconds(two, "many") == 13.1  # the slowest rank
+
+
+def test_runs_the_real_commands():
+    class Args:
+        mode, steps, device, tile = "tiles", 2, "cpu", "256"
+
+    one = command_line("/r", "/o", Args, 1)
+    two = command_line("/r", "/o", Args, 2)
+    assert one[1:4] == ["-m", "pid_core", "decode"] and "--tile" in one
+    assert two[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert two[-(len(one) - 1):] == one[1:]  # torchrun starts the same command
