@@ -16,6 +16,8 @@ import torch
 
 from .errors import CheckpointError
 from .network import PidConfig, PidNet
+from .precision import operations_for, storage_dtype
+from .quantized import dequantize, describe_layers, floating_dtype, unsupported_layouts, without_quantization
 from .variants import latent_geometry, resolve_variant, variants_matching
 
 PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.", "model.")
@@ -41,6 +43,7 @@ class CheckpointInfo:
     path: str
     key_layout: str  # "official (net. prefix)", "repackaged (no prefix)", ...
     file_dtype: torch.dtype
+    storage: str = ""  # how the weights are held when not simply their dtype ("mxfp8 x 98 layers", "fp8_e4m3fn")
 
 
 def describe(model: PidNet) -> str:
@@ -51,7 +54,8 @@ def describe(model: PidNet) -> str:
         f"{cfg.latent_channels}-channel latent" + (" (un-packed to 32)" if cfg.latent_unpatchify > 1 else ""),
         f"adapter width {cfg.adapter_hidden}",
         f"x{cfg.scale} output per latent cell",
-        str(next(model.parameters()).dtype).replace("torch.", ""),
+        (model.checkpoint.storage if model.checkpoint is not None and model.checkpoint.storage
+         else str(storage_dtype(model)).replace("torch.", "")),
     ]
     if model.variant is not None:
         parts.insert(0, model.variant.name)
@@ -185,12 +189,24 @@ def describe_foreign(sd: dict, name: str) -> str:
     return f"{name} is not a PiD checkpoint (its first keys are: {sample}). Choose a PiD decoder file."
 
 
-def check_keys(model: PidNet, sd: dict, name: str) -> None:
-    """Strict: the key set and every shape must equal the network's (the reference silently loads partial files)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k} {tuple(sd[k].shape)} != {expected[k]}" for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
+def expected_shapes(config: PidConfig) -> dict:
+    """{key: shape} of the network for a config (the plain torch network on the meta device: the key
+    layout does not depend on the layer namespace)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in PidNet(config).state_dict().items()}
+
+
+def check_keys(config: PidConfig, sd: dict, name: str, quantized=()) -> None:
+    """Strict: the key set and every shape must equal the network's (the reference silently loads partial
+    files). `quantized`: layers stored in a quantized layout, whose side tensors are expected and whose
+    stored weight shape is the layout's."""
+    expected = expected_shapes(config)
+    plain = without_quantization(sd, quantized)
+    missing = [k for k in expected if k not in plain]
+    unexpected = [k for k in plain if k not in expected]
+    skip = {f"{layer}.weight" for layer in quantized}
+    wrong = [f"{k} {tuple(plain[k].shape)} != {expected[k]}" for k in expected
+             if k in plain and k not in skip and tuple(plain[k].shape) != expected[k]]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s), first: {', '.join(missing[:5])}")
@@ -199,7 +215,7 @@ def check_keys(model: PidNet, sd: dict, name: str) -> None:
     if wrong:
         problems.append(f"{len(wrong)} wrong shape(s), first: {'; '.join(wrong[:3])}")
     if problems:
-        cfg = model.config
+        cfg = config
         raise CheckpointError(
             f"{name} does not match the PiD {cfg.layout} network it looks like "
             f"({cfg.patch_depth} patch blocks, width {cfg.hidden_size}, {cfg.adapter_in_channels}-channel adapter): "
@@ -208,24 +224,82 @@ def check_keys(model: PidNet, sd: dict, name: str) -> None:
         )
 
 
-def build_model(sd: dict, config: PidConfig, *, dtype: torch.dtype | None = None, name: str = "checkpoint") -> PidNet:
-    """Instantiate on the meta device and adopt the tensors as parameters (no second copy, no init)."""
-    with torch.device("meta"):
-        model = PidNet(config)
-    check_keys(model, sd, name)
+def build_model(sd: dict, config: PidConfig, *, dtype: torch.dtype | None = None, name: str = "checkpoint",
+                operations=None, quantized=()) -> PidNet:
+    """Instantiate on the meta device and adopt the tensors as parameters (no second copy, no init).
+
+    dtype: the storage dtype (None keeps the tensors'). operations: the layer namespace (None: the one
+    precision.operations_for gives for that storage on the tensors' device). quantized: layers in a
+    quantized layout, for a namespace that reads them (ComfyUI's)."""
+    check_keys(config, sd, name, quantized)
+    if not quantized:
+        _check_floating(sd, name)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
+    if operations is None:
+        first = next(iter(sd.values()))
+        operations = operations_for(dtype or floating_dtype(sd), first.device)
+    with torch.device("meta"):
+        model = PidNet(config, operations)
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
+def _check_floating(sd: dict, name: str) -> None:
+    """Integer values without a quantization description would compute as garbage: refuse them."""
+    bad = [k for k, v in sd.items() if not v.is_floating_point()]
+    if bad:
+        raise CheckpointError(
+            f"{name} holds integer tensors ({', '.join(bad[:3])}) without ComfyUI's quantization metadata, so "
+            f"their real values are unknown. The file is damaged or converted by an unknown tool: use the bf16 file."
+        )
+
+
+def read_metadata(path: str) -> dict:
+    """The safetensors header's metadata ({} for other files)."""
+    if not path.endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except Exception:  # unreadable headers are reported by read_state_dict
+        return {}
+
+
 def load_pid(path: str, *, device="cpu", dtype: torch.dtype | None = None, **overrides) -> PidNet:
-    """Load a PiD checkpoint. dtype None keeps the file's (bf16 stays bf16). `overrides` set config fields
-    the tensors cannot tell (latent_down_factor, sr_scale, latent_unpatchify) when the file name does not.
-    The model's `variant` is the released checkpoint it is (None for other structures or unclear names)."""
+    """Load a PiD checkpoint. dtype None keeps the file's storage dtype (bf16 stays bf16); the network
+    then computes as precision.py decides for `device` (fp32 per layer on the CPU). `overrides` set config
+    fields the tensors cannot tell (latent_down_factor, sr_scale, latent_unpatchify) when the file name
+    does not. The model's `variant` is the released checkpoint it is (None for other structures or
+    unclear names). Quantized files (ComfyUI's format) load when their layers are per-tensor fp8
+    (dequantized exactly); other layouts are refused with the bf16 file to use."""
     name = os.path.basename(path)
     sd, key_layout = strip_prefix(read_state_dict(path, device=device))
-    config = detect_config(sd, name)
+    layers = describe_layers(sd, read_metadata(path))
+    refused = unsupported_layouts(layers)
+    if refused:
+        try:
+            variant = read_config(sd, path, layers)[1]
+        except CheckpointError:
+            variant = None
+        raise CheckpointError(_quantized_message(name, refused, variant))
+    config, variant = read_config(sd, path, layers, **overrides)
+    file_dtype = floating_dtype(sd)
+    if layers:
+        sd = dequantize(sd, layers, file_dtype)
+    model = build_model(sd, config, dtype=dtype, name=name)
+    model.variant = variant
+    model.checkpoint = CheckpointInfo(path=path, key_layout=key_layout, file_dtype=file_dtype)
+    return model
+
+
+def read_config(sd: dict, path: str, quantized=(), **overrides):
+    """(config, variant) of a state dict: sizes from the tensors, the released variant from structure and
+    name (its geometry), then `overrides`."""
+    name = os.path.basename(path)
+    config = detect_config(without_quantization(sd, quantized), name)
     variant = _variant_for(path, config)
     if variant is not None:
         config = config.with_(
@@ -233,11 +307,15 @@ def load_pid(path: str, *, device="cpu", dtype: torch.dtype | None = None, **ove
         )
     if overrides:
         config = config.with_(**overrides)
-    file_dtype = next(iter(sd.values())).dtype
-    model = build_model(sd, config, dtype=dtype, name=name)
-    model.variant = variant
-    model.checkpoint = CheckpointInfo(path=path, key_layout=key_layout, file_dtype=file_dtype)
-    return model
+    return config, variant
+
+
+def _quantized_message(name: str, formats, variant) -> str:
+    bf16 = variant.repackaged_file.filename if variant is not None and variant.repackaged_file is not None else None
+    use = (f"the bf16 file {bf16} (python -m pid_core download {variant.name} --repackaged)" if bf16
+           else "the bf16 or the official file of this checkpoint")
+    return (f"{name} is quantized ({', '.join(formats)}, ComfyUI's quantization format), which only ComfyUI's "
+            f"PiD Loader reads. For the command line and the Python API use {use}.")
 
 
 def _variant_for(path: str, config: PidConfig):

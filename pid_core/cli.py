@@ -63,10 +63,9 @@ def cmd_decode(args) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.perf_counter()
-    dtype = DTYPES[args.dtype]
-    if dtype is None and device.type == "cpu":
-        dtype = torch.float32  # CPUs run bf16 matmuls far slower than fp32; on GPUs the file's bf16 is kept
-    model = load_pid(args.checkpoint, device=device, dtype=dtype)
+    # Weights stay in the file's dtype unless --dtype says otherwise; precision.py decides the compute
+    # (fp32 per layer on the CPU, the reference's bf16 autocast on GPUs).
+    model = load_pid(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
     latent, meta = load_latent_file(args.latent)
     if args.text_embedding:
         text = load_text_embedding(args.text_embedding)
@@ -181,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--steps", type=int, default=4, choices=[1, 2, 3, 4])
     d.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-    d.add_argument("--dtype", default="auto", choices=list(DTYPES), help="weight dtype (auto: the file's on GPU, fp32 on CPU)")
+    d.add_argument("--dtype", default="auto", choices=list(DTYPES), help="storage dtype of the weights (auto: the file's); CPUs compute in fp32 per layer, GPUs in bf16 autocast")
     d.add_argument("--tile", default="auto", help="auto (tiles only beyond the trained size or free memory), off, or a tile size in output pixels (e.g. 2048)")
     d.add_argument("--overlap", type=int, default=None, help="tile overlap in output pixels")
     d.add_argument("--compile", action="store_true", help="torch.compile the network (pays off for many decodes of one size on a GPU)")
