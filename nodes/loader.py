@@ -20,6 +20,7 @@ import torch
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
+import comfy.quant_ops
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
@@ -27,7 +28,7 @@ from comfy_api.latest import io, ui
 from ..pid_core.checkpoint import (CheckpointInfo, build_model, describe, read_config, read_metadata, read_state_dict,
                                    strip_prefix)
 from ..pid_core.precision import DTYPES, compute_dtype
-from ..pid_core.quantized import floating_dtype, quantized_layers
+from ..pid_core.quantized import floating_dtype, formats, quantized_layers
 from .common import CATEGORY, NODE_ID_LOADER, NodeInputError, PidModel, user_errors
 
 log = logging.getLogger("pid_decoder")
@@ -73,6 +74,11 @@ def load_comfy_pid(path: str, weight_dtype: str = "auto"):
         weight_dtype = next(k for k, v in FP8.items() if v in bare_fp8)
     device = comfy.model_management.get_torch_device()
     if quantized:
+        unknown = sorted(set(formats(quantized)) - set(comfy.quant_ops.QUANT_ALGOS))
+        if unknown:
+            raise NodeInputError(
+                f"{name} is quantized as {', '.join(unknown)}, which this ComfyUI cannot read (it reads "
+                f"{', '.join(sorted(comfy.quant_ops.QUANT_ALGOS))}). Update ComfyUI and comfy-kitchen, or use the bf16 file.")
         if weight_dtype != "auto":
             log.warning("PiD Loader: %s is quantized; weight_dtype %s is ignored (the file's layout is kept).",
                         name, weight_dtype)
@@ -86,9 +92,8 @@ def load_comfy_pid(path: str, weight_dtype: str = "auto"):
                                         fp8_optimizations=weight_dtype == "fp8_e4m3fn_fast")
     model = build_model(sd, config, name=name, operations=pid_operations(ops), quantized=quantized)
     model.variant = variant
-    formats = sorted(set(quantized.values()))
     model.checkpoint = CheckpointInfo(path=path, key_layout=key_layout, file_dtype=file_dtype,
-                                      storage=(f"{'/'.join(formats)} x {len(quantized)} layers" if quantized else
+                                      storage=(f"{'/'.join(formats(quantized))} x {len(quantized)} layers" if quantized else
                                                str(storage).replace("torch.", "")))
     # ComfyUI sizes its cast buffers for partially loaded layers from the model's cast dtype.
     model.manual_cast_dtype = compute_dtype(storage, device)

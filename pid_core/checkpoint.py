@@ -273,8 +273,9 @@ def load_pid(path: str, *, device="cpu", dtype: torch.dtype | None = None, **ove
     then computes as precision.py decides for `device` (fp32 per layer on the CPU). `overrides` set config
     fields the tensors cannot tell (latent_down_factor, sr_scale, latent_unpatchify) when the file name
     does not. The model's `variant` is the released checkpoint it is (None for other structures or
-    unclear names). Quantized files (ComfyUI's format) load when their layers are per-tensor fp8
-    (dequantized exactly); other layouts are refused with the bf16 file to use."""
+    unclear names). Quantized files in ComfyUI's format are dequantized to the file's float dtype when
+    their layouts are the ones Comfy-Org publishes (fp8, mxfp8, int8 / convrot); other layouts are
+    refused with the bf16 file to use."""
     name = os.path.basename(path)
     sd, key_layout = strip_prefix(read_state_dict(path, device=device))
     layers = describe_layers(sd, read_metadata(path))
@@ -288,7 +289,7 @@ def load_pid(path: str, *, device="cpu", dtype: torch.dtype | None = None, **ove
     config, variant = read_config(sd, path, layers, **overrides)
     file_dtype = floating_dtype(sd)
     if layers:
-        sd = dequantize(sd, layers, file_dtype)
+        sd = dequantize(sd, layers, file_dtype, expected_shapes(config))
     model = build_model(sd, config, dtype=dtype, name=name)
     model.variant = variant
     model.checkpoint = CheckpointInfo(path=path, key_layout=key_layout, file_dtype=file_dtype)
@@ -314,7 +315,7 @@ def _quantized_message(name: str, formats, variant) -> str:
     bf16 = variant.repackaged_file.filename if variant is not None and variant.repackaged_file is not None else None
     use = (f"the bf16 file {bf16} (python -m pid_core download {variant.name} --repackaged)" if bf16
            else "the bf16 or the official file of this checkpoint")
-    return (f"{name} is quantized ({', '.join(formats)}, ComfyUI's quantization format), which only ComfyUI's "
+    return (f"{name} is quantized ({', '.join(formats)}, ComfyUI's quantization format) in a layout only ComfyUI's "
             f"PiD Loader reads. For the command line and the Python API use {use}.")
 
 

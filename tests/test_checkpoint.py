@@ -167,7 +167,7 @@ def test_per_tensor_fp8_file_is_dequantized_exactly(tmp_path):
     assert model.get_parameter("patch_blocks.1.attn.qkv_x.weight").dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("fmt", ["mxfp8", "int8_tensorwise"])
+@pytest.mark.parametrize("fmt", ["nvfp4", "convrot_w4a4"])
 def test_other_quantized_layouts_are_refused_naming_the_bf16_file(tmp_path, fmt):
     from safetensors.torch import load_file, save_file
 
@@ -175,16 +175,48 @@ def test_other_quantized_layouts_are_refused_naming_the_bf16_file(tmp_path, fmt)
     make_random_checkpoint(path, text_dim=32, text_tokens=12)
     sd = load_file(path)
     layer = "patch_blocks.0.attn.qkv_x"
-    sd[f"{layer}.weight"] = torch.zeros_like(sd[f"{layer}.weight"], dtype=torch.int8)
+    sd[f"{layer}.weight"] = torch.zeros_like(sd[f"{layer}.weight"], dtype=torch.uint8)
     sd[f"{layer}.weight_scale"] = torch.ones(sd[f"{layer}.weight"].shape[0], 1)
     sd[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
-    qpath = tmp_path / "pid_flux1_512_to_2048_4step_mxfp8.safetensors"
+    qpath = tmp_path / "pid_flux1_512_to_2048_4step_nvfp4.safetensors"
     save_file(sd, str(qpath))
     with pytest.raises(CheckpointError) as info:
         load_pid(str(qpath))
     message = str(info.value)
     assert fmt in message and "PiD Loader" in message
     assert "pid_flux1_512_to_2048_4step_bf16.safetensors" in message and "download flux-2k --repackaged" in message
+
+
+def test_int8_convrot_and_mxfp8_layers_are_dequantized(tmp_path):
+    """int8 with per-row scales after a group-wise Hadamard rotation (ConvRot), and mxfp8 blocks of 32
+    with power-of-two scales (one exponent for every block here, so the scale layout does not matter;
+    tests/comfyui compares both with ComfyUI's own dequantization)."""
+    from safetensors.torch import load_file, save_file
+
+    from pid_core.quantized import _hadamard
+
+    path = str(tmp_path / "plain.safetensors")
+    make_random_checkpoint(path, text_dim=32, text_tokens=12, hidden_size=64, mlp_hidden=192)
+    sd = load_file(path)
+    conf = {}
+    int8_layer, mx_layer = "patch_blocks.0.mlp_x.w2", "patch_blocks.0.attn.qkv_x"
+    w = sd[f"{int8_layer}.weight"].float()  # [64, 192]: groups of 64 input columns
+    rotated = torch.matmul(w.reshape(64, 3, 64), _hadamard(64).T).reshape(64, 192)
+    scale = rotated.abs().amax(dim=1, keepdim=True) / 127
+    sd[f"{int8_layer}.weight"] = torch.round(rotated / scale).to(torch.int8)
+    sd[f"{int8_layer}.weight_scale"] = scale
+    conf[int8_layer] = {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 64}
+    m = sd[f"{mx_layer}.weight"].float()  # [192, 64]
+    sd[f"{mx_layer}.weight"] = (m / 2.0**-4).to(torch.float8_e4m3fn)
+    sd[f"{mx_layer}.weight_scale"] = torch.full((2 * 128 * 4,), 127 - 4, dtype=torch.uint8)  # 2^-4, two row tiles
+    conf[mx_layer] = {"format": "mxfp8"}
+    qpath = str(tmp_path / "pid_quantized.safetensors")
+    save_file(sd, qpath, metadata={"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": conf})})
+    model = load_pid(qpath, dtype=torch.float32)
+    got_int8 = model.get_parameter(f"{int8_layer}.weight")
+    assert (got_int8 - w).abs().max() <= 0.51 * scale.max() * 3  # int8 rounding, rotated back
+    got_mx = model.get_parameter(f"{mx_layer}.weight")
+    assert torch.equal(got_mx, sd[f"{mx_layer}.weight"].float() * 2.0**-4)
 
 
 def test_integer_weights_without_quantization_metadata_are_refused(tmp_path):

@@ -20,6 +20,7 @@ context manager giving (weight, bias) ready to compute with. A namespace without
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Optional
 
 import torch
@@ -31,6 +32,25 @@ def _cast(tensor: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.
     if tensor is None:
         return None
     return tensor.to(device=like.device, dtype=like.dtype)
+
+
+_scratch = threading.local()
+
+
+def _cast_weight(weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The weight in like's dtype and device, written into one reused buffer: a fresh allocation per call
+    would cost a page fault per 4 KB of every weight at every call. Safe because a layer's forward is
+    the only user of its cast weight and layers do not nest."""
+    if weight.dtype == like.dtype and weight.device == like.device:
+        return weight
+    key = (like.device, like.dtype)
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < weight.numel():
+        buf = buffers[key] = torch.empty(weight.numel(), dtype=like.dtype, device=like.device)
+    return buf[: weight.numel()].view(weight.shape).copy_(weight)
 
 
 @contextlib.contextmanager
@@ -53,11 +73,11 @@ class CastOps:
 
     class Linear(nn.Linear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.linear(x, _cast(self.weight, x), _cast(self.bias, x))
+            return F.linear(x, _cast_weight(self.weight, x), _cast(self.bias, x))
 
     class Conv2d(nn.Conv2d):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self._conv_forward(x, _cast(self.weight, x), _cast(self.bias, x))
+            return self._conv_forward(x, _cast_weight(self.weight, x), _cast(self.bias, x))
 
     class GroupNorm(nn.GroupNorm):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ Writes WORKDIR/results.json for tests/comfyui/test_loader_comfyui.py:
   in the safetensors header's `_quantization_metadata` (a second int8 file carries per-layer
   `comfy_quant` tensors instead);
 * each file through PiD Loader (its real code path: ComfyUI's mixed-precision ops) and PiD Decode;
-  the images are compared with the bf16 decode (PSNR);
+  the images are compared with the bf16 decode (PSNR); pid_core's own dequantization (the command
+  line's and the API's load_pid) is compared with ComfyUI's, weight by weight;
 * fp8 weight dtypes of PiD Loader, a partial load (ModelPatcher with a small memory budget) against
   a full load, and unload / reload of the model between decodes.
 """
@@ -43,6 +44,7 @@ sys.modules["pid_pack"] = pack
 spec.loader.exec_module(pack)
 from pid_pack.nodes.decode import PiDDecode  # noqa: E402
 from pid_pack.nodes.loader import PiDLoader  # noqa: E402
+from pid_pack.pid_core.checkpoint import load_pid  # noqa: E402
 from pid_pack.pid_core.decode import run_plan  # noqa: E402
 from pid_pack.pid_core.plan import plan_decode  # noqa: E402
 from pid_pack.pid_core.precision import psnr  # noqa: E402
@@ -122,10 +124,15 @@ def main():
 
     for name in ("mxfp8", "int8_convrot", "int8_convrot_per_layer"):
         patcher = load(name)
-        weights = [m.weight for m in patcher.model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
+        quantized = {n: m.weight for n, m in patcher.model.named_modules()
+                     if isinstance(getattr(m, "weight", None), QuantizedTensor)}
         image = decode(patcher)
+        # pid_core's own dequantization (command line, API) against ComfyUI's, layer by layer
+        standalone = load_pid(os.path.join(models, files[name]))
+        diff = max(float((standalone.get_parameter(f"{n}.weight") - w.dequantize()).abs().max())
+                   for n, w in quantized.items())
         results[name] = {"psnr": compare(image), "finite": bool(torch.isfinite(image).all()),
-                         "quantized_tensors": sum(isinstance(w, QuantizedTensor) for w in weights)}
+                         "quantized_tensors": len(quantized), "standalone_max_diff": diff}
         comfy.model_management.unload_all_models()
     for dtype in ("fp8_e4m3fn", "fp8_e5m2"):
         patcher = load("bf16", dtype)

@@ -42,3 +42,18 @@ def test_finished_is_one_uninterrupted_run(comfyui, model_files, sampler):
     stopped = read("stopped")
     torch.testing.assert_close(stopped, read("state"), rtol=0, atol=1e-5)
     assert torch.equal(stopped, read("stopped_off")), "the stopped state depends on 'finish'"
+
+
+def test_split_samplers_still_stop_and_finish(comfyui, model_files):
+    """uni_pc does not report its state per step: the run is split at the stop step, as before."""
+    g = graph_base(model_files, steps=6, stop=4, sampler="uni_pc", seed=5)
+    g["early_off"] = {"class_type": g["early"]["class_type"], "inputs": dict(g["early"]["inputs"], finish=False)}
+    save_latent(g, "s_finished", ["early", 1], "split_finished.safetensors")
+    save_latent(g, "s_stopped", ["early", 0], "split_stopped.safetensors")
+    save_latent(g, "s_stopped_off", ["early_off", 0], "split_stopped_off.safetensors")
+    comfyui.run(g)
+    stopped, meta = comfyui.read_tensors("split_stopped.safetensors")
+    finished, _ = comfyui.read_tensors("split_finished.safetensors")
+    assert 0.0 < meta["pid_sigma"] < 1.0
+    assert torch.isfinite(finished["samples"]).all() and finished["samples"].abs().max() > 0.1
+    assert torch.equal(stopped["samples"], comfyui.read_tensors("split_stopped_off.safetensors")[0]["samples"])
