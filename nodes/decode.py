@@ -137,9 +137,10 @@ class PiDDecode(io.ComfyNode):
                                device=device)
             log.info("PiD Decode: latent %s as %s, sigma %s (%s)", list(latent["samples"].shape), plan.latent_format,
                      [round(s, 6) for s in plan.sigma.tolist()], plan.sigma_source)
-            # ComfyUI makes room for what the plan wants (unloading other models); the tiles then fit
-            # what is really free.
-            comfy.model_management.load_models_gpu([patcher], memory_required=plan.memory_bytes, force_full_load=True)
+            # ComfyUI makes room for what the plan wants (unloading other models) and loads PiD fully, or
+            # partially when the rest does not fit (its layers then stream their weights per call); the
+            # tiles then fit what is really free.
+            comfy.model_management.load_models_gpu([patcher], memory_required=plan.memory_bytes)
             plan = plan.within(model, int(comfy.model_management.get_free_memory(device) * 0.9))
             step_callback, tile_callback = progress_callbacks(steps)
             attention = comfy_attention_backend()

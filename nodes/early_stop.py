@@ -2,15 +2,19 @@
 
 Why not KSamplerAdvanced (end_at_step + return_with_leftover_noise)? For flow models its latent holds
 x_t / (1 - sigma), not the state x_t, and it says neither sigma nor format. Here the run is the stock
-one (comfy.sample helpers, the same sigmas, noise, callbacks, previews) in two parts:
+one (comfy.sample helpers, the same sigmas, noise, callbacks, previews), run once:
 
-1. sigmas[:k+1] with the schedule's noise. The sampler function's own return value, taken before
-   ComfyUI's inverse_noise_scaling, is the exact internal state x_k at sigmas[k], for every sampler
-   (the wrapper sits around `KSAMPLER.sampler_function`, so nothing else changes).
-2. sigmas[k:] with no new noise, starting from exactly x_k: the finished latent, as a KSamplerAdvanced
-   split would give (for deterministic one-step samplers, e.g. euler, identical to one full run;
-   ancestral/SDE samplers restart their noise and multistep samplers their history at the split,
-   like any split).
+- ComfyUI's k-diffusion samplers report, at every step i, the state x at sigmas[i] (before that step's
+  update) to their step callback. The node wraps the sampler function (`KSAMPLER.sampler_function`,
+  so nothing else changes) and copies that state at the stop step k: the exact internal state x_k of
+  the uninterrupted run, before ComfyUI's inverse noise scaling, for multistep, ancestral and SDE
+  samplers alike (their history and noise continue). The run goes on to the end for the `finished`
+  output (exactly one uninterrupted KSampler run), or stops right there when `finish` is off.
+- Samplers whose callback does not carry that state (SPLIT_SAMPLERS: dpm_fast, dpm_adaptive, uni_pc)
+  run in two parts as a KSamplerAdvanced split would: sigmas[:k+1], whose returned state is x_k,
+  then sigmas[k:] from x_k without new noise (their history restarts at the split). A sampler
+  unknown to the node that does not report its state gets x_k from a run to the stop step, and its
+  `finished` from the uninterrupted run.
 
 The early LATENT's samples are process_out(x_k) in the noise frame of its PiD latent format (flow:
 x_k itself; SDXL: the Euler state x0 + sigma_eu * eps), with pid_sigma = sigma_k as really reached
@@ -41,20 +45,41 @@ from .common import CATEGORY, NODE_ID_EARLY_STOP, NodeInputError, user_errors, w
 log = logging.getLogger("pid_decoder")
 
 
-def _wrapped_sampler(sampler_name: str, *, capture: dict | None = None, start: torch.Tensor | None = None):
-    """ComfyUI's sampler object for this name, whose sampler function starts from `start` (if given)
-    and stores what it returns (the internal state, before inverse_noise_scaling) in capture["x"]."""
+# Samplers whose step callback does not report the state at sigmas[i] (dpm_fast / dpm_adaptive pick
+# their own steps; uni_pc's callback carries no sigma): their run is split at the stop step.
+SPLIT_SAMPLERS = ("dpm_fast", "dpm_adaptive", "uni_pc", "uni_pc_bh2")
+
+
+class _StopHere(Exception):
+    """Raised from the step callback once the stop state is taken and no later step is wanted."""
+
+
+def _wrapped_sampler(sampler_name: str, *, capture: dict, stop_at: int | None = None, start: torch.Tensor | None = None,
+                     abort: bool = False):
+    """ComfyUI's sampler object for this name, whose sampler function starts from `start` (if given) and
+    stores in capture["x"] the internal state (before inverse_noise_scaling): with stop_at, the state its
+    step callback reports at step stop_at (then raises _StopHere if abort); else what it returns."""
     sampler = comfy.samplers.sampler_object(sampler_name)
     inner = getattr(sampler, "sampler_function", None)
     if inner is None:
         raise NodeInputError(f"The sampler {sampler_name!r} cannot be stopped early by this node; pick another.")
 
     @functools.wraps(inner)
-    def sampler_function(model, x, sigmas, *args, **kwargs):
+    def sampler_function(model, x, sigmas, *args, callback=None, **kwargs):
         if start is not None:
             x = start.to(device=x.device, dtype=x.dtype)
-        out = inner(model, x, sigmas, *args, **kwargs)
-        if capture is not None:
+
+        def spy(info):
+            if callback is not None:
+                callback(info)
+            sigma = info.get("sigma")
+            if info.get("i") == stop_at and "x" in info and sigma is not None and float(sigma) == float(sigmas[stop_at]):
+                capture["x"] = info["x"].detach().clone()  # the sampler may update x in place afterwards
+                if abort:
+                    raise _StopHere
+
+        out = inner(model, x, sigmas, *args, callback=spy if stop_at is not None else callback, **kwargs)
+        if stop_at is None:
             capture["x"] = out
         return out
 
@@ -102,7 +127,9 @@ class KSamplerEarlyStop(io.ComfyNode):
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale, as in KSampler."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
-                               tooltip="The sampling algorithm, as in KSampler."),
+                               tooltip="The sampling algorithm, as in KSampler. The run is one uninterrupted "
+                                       "KSampler run; only dpm_fast, dpm_adaptive and uni_pc (which do not report "
+                                       "their state per step) are split at the stop step like KSamplerAdvanced."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple",
                                tooltip="The noise schedule, as in KSampler."),
                 io.Conditioning.Input("positive", tooltip="What the image should show (the model's own conditioning)."),
@@ -117,14 +144,17 @@ class KSamplerEarlyStop(io.ComfyNode):
                                      "fewer (turbo, Klein) go to the end."),
                 io.Boolean.Input("finish", default=True,
                                  tooltip="Also run the remaining steps for the 'finished' output. Turn off to save "
-                                         "those steps when only PiD Decode uses this node."),
+                                         "those steps when only PiD Decode uses this node (the 'stopped' state is the "
+                                         "same either way)."),
             ],
             outputs=[
                 io.Latent.Output("stopped", display_name="stopped",
                                  tooltip="The sampler's state at the stop step, with pid_sigma and pid_latent_format: "
                                          "connect to PiD Decode."),
                 io.Latent.Output("finished", display_name="finished",
-                                 tooltip="The same run finished to the last step: connect to VAE Decode (needs 'finish')."),
+                                 tooltip="The same run finished to the last step, equal to one uninterrupted KSampler "
+                                         "run (dpm_fast, dpm_adaptive, uni_pc: continued from the stop step): connect "
+                                         "to VAE Decode (needs 'finish')."),
             ],
         )
 
@@ -155,15 +185,32 @@ class KSamplerEarlyStop(io.ComfyNode):
             return io.NodeOutput(out, dict(out))
 
         run_to_end = k >= last
-        total = last if (finish or run_to_end) else k
+        split = not run_to_end and sampler_name in SPLIT_SAMPLERS
+        total = last if (finish or run_to_end) else (k if split else k + 1)
         progress = _progress(model, total)
         disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
 
+        def run(sampler, run_sigmas, start_latent, run_noise, offset=0):
+            return comfy.sample.sample_custom(
+                model, run_noise, cfg, sampler, run_sigmas, positive, negative, start_latent, noise_mask=noise_mask,
+                callback=progress(offset), disable_pbar=disable_pbar, seed=seed,
+            )
+
         capture = {}
-        stock = comfy.sample.sample_custom(
-            model, noise, cfg, _wrapped_sampler(sampler_name, capture=capture), sigmas[: k + 1], positive, negative,
-            samples, noise_mask=noise_mask, callback=progress(0), disable_pbar=disable_pbar, seed=seed,
-        )
+        stock = None  # the uninterrupted run's result, when it ran to the end
+        if run_to_end or split:
+            part = run(_wrapped_sampler(sampler_name, capture=capture), sigmas[: k + 1], samples, noise)
+            stock = part if run_to_end else None
+        else:
+            try:
+                stock = run(_wrapped_sampler(sampler_name, capture=capture, stop_at=k, abort=not finish), sigmas,
+                            samples, noise)
+            except _StopHere:
+                pass
+            if "x" not in capture:  # a sampler that does not report its state: x_k from a run to the stop step
+                log.info("KSampler Early Stop: %s does not report its state; running to step %d for it.",
+                         sampler_name, k)
+                part = run(_wrapped_sampler(sampler_name, capture=capture), sigmas[: k + 1], samples, noise)
         x_k = capture["x"].to(torch.float32)
         log.info("KSampler Early Stop: stopped at step %d of %d, sigma %.6g", k, last, sigma)
 
@@ -176,14 +223,11 @@ class KSamplerEarlyStop(io.ComfyNode):
             device=comfy.model_management.intermediate_device(), dtype=comfy.model_management.intermediate_dtype())
         stopped = write_pid_metadata(latent, stopped_samples, sigma=sigma_out, latent_format=fmt)
 
-        if run_to_end:
+        if finish and stock is not None:
             finished = write_pid_metadata(latent, stock, sigma=0.0, latent_format=fmt)
-        elif finish:
-            done = comfy.sample.sample_custom(
-                model, comfy.sample.prepare_empty_noise(samples), cfg, _wrapped_sampler(sampler_name, start=x_k),
-                sigmas[k:], positive, negative, stock, noise_mask=noise_mask, callback=progress(k),
-                disable_pbar=disable_pbar, seed=seed,
-            )
+        elif finish:  # split samplers: the rest of the schedule from exactly x_k, no new noise
+            done = run(_wrapped_sampler(sampler_name, capture={}, start=x_k), sigmas[k:], part,
+                       comfy.sample.prepare_empty_noise(samples), offset=k)
             finished = write_pid_metadata(latent, done, sigma=0.0, latent_format=fmt)
         else:
             from comfy_execution.graph_utils import ExecutionBlocker

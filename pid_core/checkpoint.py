@@ -18,7 +18,8 @@ from .checks import nonfinite_names, require_device
 from .errors import ArgumentError, CheckpointError
 from .files import CHECKPOINT_FILE, read_tensor_file
 from .network import PidConfig, PidNet
-from .precision import DTYPES
+from .precision import DTYPES, operations_for, storage_dtype
+from .quantized import dequantize, describe_layers, floating_dtype, unsupported_layouts, without_quantization
 from .variants import latent_geometry, resolve_variant, variants_matching
 
 PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.", "model.")
@@ -44,6 +45,7 @@ class CheckpointInfo:
     path: str
     key_layout: str  # "official (net. prefix)", "repackaged (no prefix)", ...
     file_dtype: torch.dtype
+    storage: str = ""  # how the weights are held when not simply their dtype ("mxfp8 x 98 layers", "fp8_e4m3fn")
 
 
 def describe(model: PidNet) -> str:
@@ -54,7 +56,8 @@ def describe(model: PidNet) -> str:
         f"{cfg.latent_channels}-channel latent" + (" (un-packed to 32)" if cfg.latent_unpatchify > 1 else ""),
         f"adapter width {cfg.adapter_hidden}",
         f"x{cfg.scale} output per latent cell",
-        str(next(model.parameters()).dtype).replace("torch.", ""),
+        (model.checkpoint.storage if model.checkpoint is not None and model.checkpoint.storage
+         else str(storage_dtype(model)).replace("torch.", "")),
     ]
     if model.variant is not None:
         parts.insert(0, model.variant.name)
@@ -155,12 +158,24 @@ def describe_foreign(sd: dict, name: str) -> str:
     return f"{name} is not a PiD checkpoint (its first keys are: {sample}). Choose a PiD decoder file."
 
 
-def check_keys(model: PidNet, sd: dict, name: str) -> None:
-    """Strict: the key set and every shape must equal the network's (the reference silently loads partial files)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k} {tuple(sd[k].shape)} != {expected[k]}" for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
+def expected_shapes(config: PidConfig) -> dict:
+    """{key: shape} of the network for a config (the plain torch network on the meta device: the key
+    layout does not depend on the layer namespace)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in PidNet(config).state_dict().items()}
+
+
+def check_keys(config: PidConfig, sd: dict, name: str, quantized=()) -> None:
+    """Strict: the key set and every shape must equal the network's (the reference silently loads partial
+    files). `quantized`: layers stored in a quantized layout, whose side tensors are expected and whose
+    stored weight shape is the layout's."""
+    expected = expected_shapes(config)
+    plain = without_quantization(sd, quantized)
+    missing = [k for k in expected if k not in plain]
+    unexpected = [k for k in plain if k not in expected]
+    skip = {f"{layer}.weight" for layer in quantized}
+    wrong = [f"{k} {tuple(plain[k].shape)} != {expected[k]}" for k in expected
+             if k in plain and k not in skip and tuple(plain[k].shape) != expected[k]]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s), first: {', '.join(missing[:5])}")
@@ -169,7 +184,7 @@ def check_keys(model: PidNet, sd: dict, name: str) -> None:
     if wrong:
         problems.append(f"{len(wrong)} wrong shape(s), first: {'; '.join(wrong[:3])}")
     if problems:
-        cfg = model.config
+        cfg = config
         raise CheckpointError(
             f"{name} does not match the PiD {cfg.layout} network it looks like "
             f"({cfg.patch_depth} patch blocks, width {cfg.hidden_size}, {cfg.adapter_in_channels}-channel adapter): "
@@ -178,24 +193,49 @@ def check_keys(model: PidNet, sd: dict, name: str) -> None:
         )
 
 
-def build_model(sd: dict, config: PidConfig, *, dtype: torch.dtype | None = None, name: str = "checkpoint") -> PidNet:
-    """Instantiate on the meta device and adopt the tensors as parameters (no second copy, no init)."""
-    with torch.device("meta"):
-        model = PidNet(config)
-    check_keys(model, sd, name)
+def build_model(sd: dict, config: PidConfig, *, dtype: torch.dtype | None = None, name: str = "checkpoint",
+                operations=None, quantized=()) -> PidNet:
+    """Instantiate on the meta device and adopt the tensors as parameters (no second copy, no init).
+
+    dtype: the storage dtype (None keeps the tensors'). operations: the layer namespace (None: the one
+    precision.operations_for gives for that storage on the tensors' device). quantized: layers in a
+    quantized layout, for a namespace that reads them (ComfyUI's)."""
+    check_keys(config, sd, name, quantized)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
+    if operations is None:
+        first = next(iter(sd.values()))
+        operations = operations_for(dtype or floating_dtype(sd), first.device)
+    with torch.device("meta"):
+        model = PidNet(config, operations)
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
+def read_metadata(path: str) -> dict:
+    """The safetensors header's metadata ({} for other files)."""
+    if not path.endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except Exception:  # unreadable headers are reported by read_state_dict
+        return {}
+
+
 def load_pid(path: str, *, device="cpu", dtype: torch.dtype | str | None = None, **overrides) -> PidNet:
-    """Load a PiD checkpoint. dtype None keeps the file's (bf16 stays bf16); torch.float32 / bfloat16 /
-    float16 or their names in precision.DTYPES. `overrides` set config fields the tensors cannot tell
-    (latent_down_factor, sr_scale, latent_unpatchify) when the file name does not.
-    The model's `variant` is the released checkpoint it is (None for other structures or unclear names).
-    Refused with a CheckpointError: files that are not PiD, integer (quantized) weights, NaN or infinite
-    weights (docs/DESIGN.md §13)."""
+    """Load a PiD checkpoint. dtype None keeps the file's storage dtype (bf16 stays bf16); torch.float32 /
+    bfloat16 / float16 or their names in precision.DTYPES. The network then computes as precision.py
+    decides for `device` (fp32 per layer on the CPU). `overrides` set config fields the tensors cannot tell
+    (latent_down_factor, sr_scale, latent_unpatchify) when the file name does not. The model's `variant` is
+    the released checkpoint it is (None for other structures or unclear names).
+
+    Quantized files in ComfyUI's format are dequantized to the file's float dtype when their layouts are
+    the ones Comfy-Org publishes (fp8, mxfp8, int8 / convrot); other layouts are refused with the bf16 file
+    to use. Refused with a CheckpointError: files that are not PiD, integer weights without quantization
+    metadata, NaN or infinite weights (docs/DESIGN.md §13)."""
     if not isinstance(path, (str, os.PathLike)):
         raise ArgumentError(f"load_pid takes the checkpoint's path, got {path!r}.")
     path = os.fspath(path)
@@ -203,16 +243,18 @@ def load_pid(path: str, *, device="cpu", dtype: torch.dtype | str | None = None,
     dtype = _weight_dtype_argument(dtype)
     name = os.path.basename(path)
     sd, key_layout = strip_prefix(read_state_dict(path, device=device))
-    config = detect_config(sd, name)
-    variant = _variant_for(path, config)
-    check_weight_values(sd, name, variant)
-    if variant is not None:
-        config = config.with_(
-            latent_down_factor=variant.latent_down_factor, sr_scale=variant.sr_scale, latent_unpatchify=variant.unpatchify
-        )
-    if overrides:
-        config = config.with_(**overrides)
-    file_dtype = next(iter(sd.values())).dtype
+    layers = describe_layers(sd, read_metadata(path))
+    refused = unsupported_layouts(layers)
+    if refused:
+        try:
+            variant = read_config(sd, path, layers)[1]
+        except CheckpointError:
+            variant = None
+        raise CheckpointError(_quantized_message(name, refused, variant))
+    config, variant = read_config(sd, path, layers, **overrides)
+    file_dtype = floating_dtype(sd)
+    if layers:
+        sd = dequantize(sd, layers, file_dtype, expected_shapes(config))
     model = build_model(sd, config, dtype=dtype, name=name)
     if dtype == torch.float16 and file_dtype != torch.float16:
         overflowed = nonfinite_names(dict(model.named_parameters()))
@@ -224,6 +266,31 @@ def load_pid(path: str, *, device="cpu", dtype: torch.dtype | str | None = None,
     model.variant = variant
     model.checkpoint = CheckpointInfo(path=path, key_layout=key_layout, file_dtype=file_dtype)
     return model
+
+
+def read_config(sd: dict, path: str, quantized=(), **overrides):
+    """(config, variant) of a state dict: sizes from the tensors, the released variant from structure and
+    name (its geometry), then `overrides`."""
+    name = os.path.basename(path)
+    plain = without_quantization(sd, quantized)
+    config = detect_config(plain, name)
+    variant = _variant_for(path, config)
+    check_weight_values({k: v for k, v in plain.items() if k.rsplit(".", 1)[0] not in quantized}, name, variant)
+    if variant is not None:
+        config = config.with_(
+            latent_down_factor=variant.latent_down_factor, sr_scale=variant.sr_scale, latent_unpatchify=variant.unpatchify
+        )
+    if overrides:
+        config = config.with_(**overrides)
+    return config, variant
+
+
+def _quantized_message(name: str, formats, variant) -> str:
+    bf16 = variant.repackaged_file.filename if variant is not None and variant.repackaged_file is not None else None
+    use = (f"the bf16 file {bf16} (python -m pid_core download {variant.name} --repackaged)" if bf16
+           else "the bf16 or the official file of this checkpoint")
+    return (f"{name} is quantized ({', '.join(formats)}, ComfyUI's quantization format) in a layout only ComfyUI's "
+            f"PiD Loader reads. For the command line and the Python API use {use}.")
 
 
 def _weight_dtype_argument(dtype) -> torch.dtype | None:
@@ -238,15 +305,16 @@ def _weight_dtype_argument(dtype) -> torch.dtype | None:
 
 
 def check_weight_values(sd: dict, name: str, variant=None) -> None:
-    """A PiD checkpoint holds finite floating-point weights. Integer tensors mean a quantized file (or no
-    weights at all), NaN or infinity a damaged one; both would decode to a black or wrong image."""
+    """The weights outside quantized layers are finite floating-point values. Integer tensors without
+    ComfyUI's quantization metadata have unknown real values, NaN or infinity mean a damaged file; both
+    would decode to a black or wrong image."""
     bf16_file = "a bf16 file" if variant is None or variant.repackaged_file is None else variant.repackaged_file.filename
     integers = [k for k, v in sd.items() if not v.is_floating_point()]
     if integers:
         raise CheckpointError(
-            f"{name} holds {sd[integers[0]].dtype} weights ({len(integers)} tensor(s), first {integers[0]}), "
-            f"but a PiD checkpoint holds floating-point weights; quantized files are not read here. "
-            f"Use {bf16_file} (or the official model_ema_bf16.pth)."
+            f"{name} holds integer tensors ({sd[integers[0]].dtype}, {len(integers)} tensor(s), first {integers[0]}) "
+            f"without ComfyUI's quantization metadata, so their real values are unknown (PiD's weights are "
+            f"floating-point). Use {bf16_file} (or the official model_ema_bf16.pth)."
         )
     bad = nonfinite_names(sd)
     if bad:

@@ -106,14 +106,12 @@ def check_decode_arguments(args) -> torch.device:
 
 
 def load_model(checkpoint: str, device: torch.device, dtype_name: str = "auto"):
-    """The PiD model for a command: the weights' dtype by name (precision.DTYPES); auto keeps the file's
-    on a GPU and takes fp32 on the CPU, where bf16 matmuls are far slower on most processors."""
+    """The PiD model for a command. The weights stay in the file's dtype unless --dtype names another
+    (precision.DTYPES); precision.py decides the compute (fp32 per layer on the CPU, the reference's bf16
+    autocast on GPUs)."""
     from .checkpoint import load_pid
 
-    dtype = DTYPES[dtype_name]
-    if dtype is None and device.type == "cpu":
-        dtype = torch.float32
-    return load_pid(checkpoint, device=device, dtype=dtype)
+    return load_pid(checkpoint, device=device, dtype=DTYPES[dtype_name])
 
 
 def output_paths(out: str, batch: int) -> list[str]:
@@ -275,7 +273,7 @@ def add_decode_options(p: argparse.ArgumentParser, *, text_required: bool) -> No
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=4, choices=[1, 2, 3, 4])
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
-    p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="weight dtype (auto: the file's on GPU, fp32 on CPU)")
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="storage dtype of the weights (auto: the file's); CPUs compute in fp32 per layer, GPUs in bf16 autocast")
     p.add_argument("--tile", default="auto", help="auto (tiles only beyond the trained size or free memory), off, or a tile size in output pixels, at least 64 (e.g. 2048)")
     p.add_argument("--overlap", type=int, default=None, help="tile overlap in output pixels")
 

@@ -71,8 +71,8 @@ def run_case(folder: str, *, bf16: bool = False, log=print) -> bool:
             if bf16:
                 model = model.to(torch.bfloat16)
 
-                def velocity_bf16(x, t):
-                    with compute_context(model, x.device):
+                def velocity_bf16(x, t):  # the GPU's bf16 autocast semantics, on whatever device runs this
+                    with compute_context(model, x.device, dtype=torch.bfloat16):
                         return model(x, t, text, latent, sigma)
 
                 result16 = sample(velocity_bf16, io["sample.noise"], steps=steps, renoise=renoise)

@@ -17,7 +17,7 @@ import torch
 from .checks import all_finite, check_seed, whole_number
 from .errors import ArgumentError, DecodeError, TextEmbeddingError
 from .plan import NO_META, DecodePlan, LatentMeta, Sigma, plan_decode
-from .precision import weight_dtype
+from .precision import compute_dtype, storage_dtype
 from .sampling import initial_noise, sample
 from .velocity import network_velocity
 
@@ -165,7 +165,7 @@ def nonfinite_message(model, plan: DecodePlan, step: int, steps: int) -> str:
     far out of their range, else damaged weights or inputs."""
     text_peak = plan.text.abs().amax().item()
     latent_peak = plan.latent.abs().amax().item()
-    if weight_dtype(model) == torch.float16:
+    if compute_dtype(storage_dtype(model), plan.device) == torch.float16:
         cause = ("the network overflowed float16 (its largest value is 65504): load the weights as bf16 or fp32 "
                  "(--dtype bf16, or weight_dtype bf16 in PiD Loader)")
     elif text_peak > LARGE_TEXT_VALUE:

@@ -25,7 +25,7 @@ import torch
 from .checks import require_device
 from .errors import ArgumentError, LatentError, SigmaError, TextEmbeddingError
 from .latents import LATENT_FORMATS, detect_latent_format, prepare_latent
-from .precision import weight_dtype
+from .precision import compute_dtype, storage_dtype
 from .text import validate_text_embedding
 from .tiling import TileOptions, TilePlan, plan_tiling
 from .variants import BACKBONES, check_output_size, variants_for_backbone
@@ -165,7 +165,7 @@ class DecodePlan:
     def within(self, model, budget_bytes: Optional[int]) -> "DecodePlan":
         """This plan with its tiles chosen for a memory budget (None: no limit); the rest stays."""
         options = replace(self.tile_options, memory_budget_bytes=budget_bytes)
-        tiles = plan_tiling(model.config, self.output_hw, options, dtype=weight_dtype(model),
+        tiles = plan_tiling(model.config, self.output_hw, options, dtype=compute_dtype(storage_dtype(model), self.device),
                             variant=model.variant, batch=self.batch)
         return replace(self, tiles=tiles, tile_options=options)
 
@@ -230,8 +230,8 @@ def plan_decode(
             log.warning(size_warning)
             warnings.append(size_warning)
     options = tiling or TileOptions(mode="off")
-    tiles = plan_tiling(config, (height, width), options, dtype=weight_dtype(model), variant=model.variant,
-                        batch=z.shape[0])
+    tiles = plan_tiling(config, (height, width), options, dtype=compute_dtype(storage_dtype(model), device),
+                        variant=model.variant, batch=z.shape[0])
     log.info("PiD tiling: %s", tiles.reason)
     return DecodePlan(latent_format=fmt, latent=z, sigma=degrade_sigma, sigma_source=sigma_source,
                       text=embedding, tiles=tiles, tile_options=options, device=device, warnings=tuple(warnings))

@@ -1,6 +1,7 @@
 """Checkpoint loading: layouts, detection, and the clear errors for bad files."""
 
 import collections
+import json
 import os
 
 import pytest
@@ -8,6 +9,8 @@ import torch
 
 from pid_core.checkpoint import load_pid, read_state_dict
 from pid_core.errors import ArgumentError, CheckpointError, DeviceError
+from pid_core.network.ops import CastOps
+from pid_core.precision import compute_dtype, storage_dtype
 from pid_core.testing import config_shapes, make_random_checkpoint, narrow_config, random_state_dict, save_checkpoint
 
 
@@ -145,7 +148,7 @@ def test_non_finite_weights_are_refused(tmp_path):
 def test_integer_weights_are_refused(tmp_path):
     sd = {k: (v * 100).to(torch.int8) for k, v in _state_dict().items()}
     path = save_checkpoint(sd, str(tmp_path / "pid_flux1_512_to_2048_4step_int8.safetensors"))
-    with pytest.raises(CheckpointError, match="int8 weights.*floating-point.*pid_flux1_512_to_2048_4step_bf16.safetensors"):
+    with pytest.raises(CheckpointError, match="integer tensors.*int8.*quantization metadata.*pid_flux1_512_to_2048_4step_bf16.safetensors"):
         load_pid(path)
 
 
@@ -170,3 +173,112 @@ def test_load_arguments_are_checked(tmp_path):
         load_pid(None)
     with pytest.raises(DeviceError, match="gpu0"):
         load_pid(path, device="gpu0")
+
+
+def test_cpu_default_keeps_the_file_dtype_and_computes_fp32_per_layer(tmp_path):
+    """The CPU default (CLI and API): bf16 storage, CastOps layers, fp32 compute equal to fp32 weights."""
+    path = str(tmp_path / "x.safetensors")
+    make_random_checkpoint(path, text_dim=32, text_tokens=12)
+    stored, fp32 = load_pid(path), load_pid(path, dtype=torch.float32)
+    assert isinstance(stored.final_layer.linear, CastOps.Linear) and type(fp32.final_layer.linear) is torch.nn.Linear
+    assert compute_dtype(storage_dtype(stored), "cpu") == torch.float32
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(1, 3, 64, 96, generator=g), torch.tensor([0.5]), torch.randn(1, 5, 32, generator=g),
+            torch.randn(1, 16, 2, 3, generator=g), torch.tensor([0.2]))
+    with torch.no_grad():
+        assert torch.equal(stored(*args, chunk_tokens=4), fp32(*args, chunk_tokens=4))
+
+
+def _quantize_fp8(sd, layers, fmt="float8_e4m3fn"):
+    """Per-tensor fp8 in ComfyUI's layout: q = w / scale as fp8, scale = amax / fp8 max."""
+    out, conf = dict(sd), {}
+    dtype = getattr(torch, fmt)
+    for layer in layers:
+        w = sd[f"{layer}.weight"].float()
+        scale = w.abs().max() / torch.finfo(dtype).max
+        out[f"{layer}.weight"] = (w / scale).to(dtype)
+        out[f"{layer}.weight_scale"] = scale
+        conf[layer] = {"format": fmt}
+    return out, conf
+
+
+def test_per_tensor_fp8_file_is_dequantized_exactly(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = str(tmp_path / "plain.safetensors")
+    make_random_checkpoint(path, text_dim=32, text_tokens=12)
+    sd = load_file(path)
+    layers = [k[: -len(".weight")] for k in sd if k.startswith("patch_blocks.0.") and k.endswith(".weight")
+              and sd[k].dim() == 2]
+    quantized, conf = _quantize_fp8(sd, layers)
+    qpath = str(tmp_path / "pid_fp8.safetensors")
+    save_file(quantized, qpath, metadata={"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": conf})})
+    model = load_pid(qpath)
+    for layer in layers:
+        expected = (quantized[f"{layer}.weight"].float() * quantized[f"{layer}.weight_scale"]).to(torch.bfloat16)
+        assert torch.equal(model.get_parameter(f"{layer}.weight"), expected)
+    assert model.get_parameter("patch_blocks.1.attn.qkv_x.weight").dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "convrot_w4a4"])
+def test_other_quantized_layouts_are_refused_naming_the_bf16_file(tmp_path, fmt):
+    from safetensors.torch import load_file, save_file
+
+    path = str(tmp_path / "plain.safetensors")
+    make_random_checkpoint(path, text_dim=32, text_tokens=12)
+    sd = load_file(path)
+    layer = "patch_blocks.0.attn.qkv_x"
+    sd[f"{layer}.weight"] = torch.zeros_like(sd[f"{layer}.weight"], dtype=torch.uint8)
+    sd[f"{layer}.weight_scale"] = torch.ones(sd[f"{layer}.weight"].shape[0], 1)
+    sd[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+    qpath = tmp_path / "pid_flux1_512_to_2048_4step_nvfp4.safetensors"
+    save_file(sd, str(qpath))
+    with pytest.raises(CheckpointError) as info:
+        load_pid(str(qpath))
+    message = str(info.value)
+    assert fmt in message and "PiD Loader" in message
+    assert "pid_flux1_512_to_2048_4step_bf16.safetensors" in message and "download flux-2k --repackaged" in message
+
+
+def test_int8_convrot_and_mxfp8_layers_are_dequantized(tmp_path):
+    """int8 with per-row scales after a group-wise Hadamard rotation (ConvRot), and mxfp8 blocks of 32
+    with power-of-two scales (one exponent for every block here, so the scale layout does not matter;
+    tests/comfyui compares both with ComfyUI's own dequantization)."""
+    from safetensors.torch import load_file, save_file
+
+    from pid_core.quantized import _hadamard
+
+    path = str(tmp_path / "plain.safetensors")
+    make_random_checkpoint(path, text_dim=32, text_tokens=12, hidden_size=64, mlp_hidden=192)
+    sd = load_file(path)
+    conf = {}
+    int8_layer, mx_layer = "patch_blocks.0.mlp_x.w2", "patch_blocks.0.attn.qkv_x"
+    w = sd[f"{int8_layer}.weight"].float()  # [64, 192]: groups of 64 input columns
+    rotated = torch.matmul(w.reshape(64, 3, 64), _hadamard(64).T).reshape(64, 192)
+    scale = rotated.abs().amax(dim=1, keepdim=True) / 127
+    sd[f"{int8_layer}.weight"] = torch.round(rotated / scale).to(torch.int8)
+    sd[f"{int8_layer}.weight_scale"] = scale
+    conf[int8_layer] = {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 64}
+    m = sd[f"{mx_layer}.weight"].float()  # [192, 64]
+    sd[f"{mx_layer}.weight"] = (m / 2.0**-4).to(torch.float8_e4m3fn)
+    sd[f"{mx_layer}.weight_scale"] = torch.full((2 * 128 * 4,), 127 - 4, dtype=torch.uint8)  # 2^-4, two row tiles
+    conf[mx_layer] = {"format": "mxfp8"}
+    qpath = str(tmp_path / "pid_quantized.safetensors")
+    save_file(sd, qpath, metadata={"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": conf})})
+    model = load_pid(qpath, dtype=torch.float32)
+    got_int8 = model.get_parameter(f"{int8_layer}.weight")
+    assert (got_int8 - w).abs().max() <= 0.51 * scale.max() * 3  # int8 rounding, rotated back
+    got_mx = model.get_parameter(f"{mx_layer}.weight")
+    assert torch.equal(got_mx, sd[f"{mx_layer}.weight"].float() * 2.0**-4)
+
+
+def test_integer_weights_without_quantization_metadata_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = str(tmp_path / "plain.safetensors")
+    make_random_checkpoint(path, text_dim=32, text_tokens=12)
+    sd = load_file(path)
+    sd["patch_blocks.0.attn.qkv_x.weight"] = torch.zeros_like(sd["patch_blocks.0.attn.qkv_x.weight"], dtype=torch.int8)
+    save_file(sd, path)
+    with pytest.raises(CheckpointError, match="integer tensors"):
+        load_pid(path)

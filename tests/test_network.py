@@ -6,8 +6,10 @@ import torch.nn.functional as F
 
 from pid_core.network import layers
 from pid_core.network.layers import attention_backend, heads_merged_backend
+from pid_core.network.ops import CastOps
 from pid_core.precision import compute_context, psnr
-from pid_core.testing import narrow_config, random_model
+from pid_core.checkpoint import build_model
+from pid_core.testing import config_shapes, narrow_config, random_model, random_state_dict
 
 SMALL = dict(text_dim=32, text_tokens=12)
 
@@ -42,10 +44,47 @@ def test_bf16_weights_track_fp32():
     with torch.no_grad():
         ref = model(*args)
         model16 = model.to(torch.bfloat16)
-        with compute_context(model16, "cpu"):
+        with compute_context(model16, "cpu", dtype=torch.bfloat16):  # the GPU's bf16 autocast, on the CPU
             out = model16(*args)
     assert out.dtype == torch.bfloat16  # the velocity leaves final_layer.linear in bf16, as in the reference
     assert psnr(out.float().clamp(-1, 1), ref.clamp(-1, 1)) > 30
+
+
+@pytest.mark.parametrize("layout", ["v1", "v1.5"])
+def test_bf16_storage_with_fp32_compute_equals_fp32_weights(layout):
+    """CastOps (the CPU default for bf16 files): bf16 -> fp32 is exact, so casting per layer gives the
+    fp32-weights network bit for bit, whole and chunked (docs/DESIGN.md §4)."""
+    config = narrow_config(layout=layout, **SMALL)
+    sd = random_state_dict(config_shapes(config), dtype=torch.bfloat16)
+    stored = build_model(sd, config)
+    fp32 = build_model({k: v.float() for k, v in sd.items()}, config)
+    assert isinstance(stored.patch_blocks[0].attn.qkv_x, CastOps.Linear)
+    assert type(fp32.patch_blocks[0].attn.qkv_x) is torch.nn.Linear
+    assert all(p.dtype == torch.bfloat16 for p in stored.parameters())
+    args = _inputs(config)
+    with torch.no_grad(), compute_context(stored, "cpu"):
+        for chunk in (None, 5):
+            out = stored(*args, chunk_tokens=chunk)
+            assert out.dtype == torch.float32
+            assert torch.equal(out, fp32(*args, chunk_tokens=chunk))
+
+
+def test_parameters_outside_layers_follow_the_input_device():
+    """A partial load may leave the network's own small parameters (norm weights, gate scalars, the text
+    position table) on the offload device: they are cast to the input's device where used. The meta
+    device stands in for the GPU: mixing it with CPU tensors raises."""
+    config = narrow_config(layout="v1.5", **SMALL)
+    model = random_model(config)
+    own = [(m, n) for m in model.modules() for n, p in m.named_parameters(recurse=False)
+           if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm))]
+    assert {n for _, n in own} == {"weight", "log_alpha", "y_pos_embedding"}  # RMSNorm, gates, PidNet
+    kept = {(id(m), n): getattr(m, n).data for m, n in own}
+    model.to("meta")
+    for m, n in own:
+        setattr(m, n, torch.nn.Parameter(kept[(id(m), n)], requires_grad=False))
+    with torch.no_grad():
+        out = model(*(a.to("meta") for a in _inputs(config)), chunk_tokens=5)
+    assert out.device.type == "meta"
 
 
 def test_text_longer_than_the_table_is_truncated():
@@ -80,7 +119,7 @@ def test_chunked_bf16_under_autocast_matches_whole():
     H, W = 96, 160
     args = (torch.randn(1, 3, H, W, generator=g), torch.tensor([0.9]), torch.randn(1, 7, 32, generator=g),
             torch.randn(1, 16, H // 32, W // 32, generator=g), torch.tensor([0.3]))
-    with torch.no_grad(), compute_context(model, "cpu"):
+    with torch.no_grad(), compute_context(model, "cpu", dtype=torch.bfloat16):
         whole = model(*args)
         chunked = model(*args, chunk_tokens=7)
     assert chunked.dtype == whole.dtype == torch.bfloat16

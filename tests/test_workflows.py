@@ -67,8 +67,11 @@ def _evaluate(node, env):
             else:
                 out.append(_evaluate(elt, env))
         return out
-    if isinstance(node, ast.Dict):
-        return {_evaluate(k, env): None for k in node.keys}  # only the keys matter here
+    if isinstance(node, ast.Dict):  # only the keys matter here; {**other} merges other's keys
+        out = {}
+        for key, value in zip(node.keys, node.values):
+            out.update(dict.fromkeys(_evaluate(value, env)) if key is None else {_evaluate(key, env): None})
+        return out
     if isinstance(node, ast.Name):
         if node.id in env:
             return env[node.id]

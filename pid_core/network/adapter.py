@@ -7,25 +7,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import PidConfig
-
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32, as autocast does in the reference (its output stays fp32)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+from .ops import layer_weights_of
 
 
 class ResBlock(nn.Module):
-    """x + conv(silu(GN(conv(silu(GN(x)))))), 4 groups."""
+    """x + conv(silu(GN(conv(silu(GN(x)))))), 4 groups; each GroupNorm computed in fp32, as autocast does
+    in the reference (its output stays fp32)."""
 
-    def __init__(self, channels: int, padding_mode: str):
+    def __init__(self, channels: int, padding_mode: str, operations=nn):
         super().__init__()
-        conv = lambda: nn.Conv2d(channels, channels, 3, padding=1, padding_mode=padding_mode)  # noqa: E731
-        self.block = nn.Sequential(GroupNorm32(4, channels), nn.SiLU(), conv(), GroupNorm32(4, channels), nn.SiLU(), conv())
+        conv = lambda: operations.Conv2d(channels, channels, 3, padding=1, padding_mode=padding_mode)  # noqa: E731
+        norm = lambda: operations.GroupNorm(4, channels)  # noqa: E731
+        self.block = nn.Sequential(norm(), nn.SiLU(), conv(), norm(), nn.SiLU(), conv())
+        self.layer_weights = layer_weights_of(operations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.block(x)
+        h = x
+        for layer in self.block:
+            h = self._group_norm_fp32(layer, h) if isinstance(layer, nn.GroupNorm) else layer(h)
+        return x + h
+
+    def _group_norm_fp32(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        with self.layer_weights(norm, torch.float32, x.device) as (weight, bias):
+            return F.group_norm(x.float(), norm.num_groups, weight, bias, norm.eps)
 
 
 class SigmaGate(nn.Module):
@@ -34,14 +38,15 @@ class SigmaGate(nn.Module):
     v1 gates per token and channel (content_proj -> dim outputs); v1.5 per token (-> 1 output).
     """
 
-    def __init__(self, dim: int, per_dim: bool):
+    def __init__(self, dim: int, per_dim: bool, operations=nn):
         super().__init__()
-        self.content_proj = nn.Linear(2 * dim, dim if per_dim else 1)
+        self.content_proj = operations.Linear(2 * dim, dim if per_dim else 1)
         self.log_alpha = nn.Parameter(torch.tensor(0.0))
 
     def forward(self, x: torch.Tensor, lq: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         content = self.content_proj(torch.cat([x, lq], dim=-1))
-        sigma_offset = -self.log_alpha.float().exp() * sigma.float().view(-1, 1, 1)
+        log_alpha = self.log_alpha.to(device=sigma.device, dtype=torch.float32)
+        sigma_offset = -log_alpha.exp() * sigma.float().view(-1, 1, 1)
         return x + torch.sigmoid(content + sigma_offset) * lq
 
 
@@ -51,26 +56,27 @@ class LatentAdapter(nn.Module):
     State-dict names follow the reference's `lq_proj.*` layout exactly.
     """
 
-    def __init__(self, cfg: PidConfig):
+    def __init__(self, cfg: PidConfig, operations=nn):
         super().__init__()
         self.cfg = cfg
+        ops = operations
         h, pad = cfg.adapter_hidden, cfg.conv_padding
         self.latent_proj = nn.Sequential(
-            nn.Conv2d(cfg.adapter_in_channels, h, 3, padding=1, padding_mode=pad),
+            ops.Conv2d(cfg.adapter_in_channels, h, 3, padding=1, padding_mode=pad),
             nn.SiLU(),
-            nn.Conv2d(h, h, 3, padding=1, padding_mode=pad),
-            *[ResBlock(h, pad) for _ in range(cfg.adapter_res_blocks)],
+            ops.Conv2d(h, h, 3, padding=1, padding_mode=pad),
+            *[ResBlock(h, pad, ops) for _ in range(cfg.adapter_res_blocks)],
         )
-        self.output_heads = nn.ModuleList(nn.Linear(h, cfg.hidden_size) for _ in range(cfg.num_lq_outputs))
-        self.pit_head = nn.Linear(h, cfg.hidden_size) if cfg.pixel_gate else None
+        self.output_heads = nn.ModuleList(ops.Linear(h, cfg.hidden_size) for _ in range(cfg.num_lq_outputs))
+        self.pit_head = ops.Linear(h, cfg.hidden_size) if cfg.pixel_gate else None
         # Training-only auxiliary head: kept so that v1.5 checkpoints load strictly, never run.
         self.lq_aux_rgb_head = (
-            nn.Sequential(nn.LayerNorm(h), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, 3 * (cfg.patch_size // cfg.sr_scale) ** 2))
+            nn.Sequential(ops.LayerNorm(h), ops.Linear(h, h), nn.SiLU(), ops.Linear(h, 3 * (cfg.patch_size // cfg.sr_scale) ** 2))
             if cfg.has_aux_rgb_head
             else None
         )
         per_dim = cfg.gate == "per_token_per_dim"
-        self.gate_modules = nn.ModuleList(SigmaGate(cfg.hidden_size, per_dim) for _ in range(cfg.num_lq_outputs))
+        self.gate_modules = nn.ModuleList(SigmaGate(cfg.hidden_size, per_dim, ops) for _ in range(cfg.num_lq_outputs))
 
     def unpack(self, z: torch.Tensor) -> torch.Tensor:
         """FLUX.2 v1.5: [B, C*f*f, h, w] -> [B, C, h*f, w*f]; channel c*f*f + i*f + j goes to offset (i, j)."""

@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
 from .layers import GeluMLP, RMSNorm, SwiGLU, attention, modulate
+from .ops import layer_weights_of
 from .rope import apply_rope
+
+
+def _autocast_on(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 class JointAttention(nn.Module):
     """MMDiT attention: separate q/k/v and norms for text and image, one SDPA over [text; image]."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, operations=nn):
         super().__init__()
         self.heads = heads
         head_dim = dim // heads
-        self.qkv_x = nn.Linear(dim, 3 * dim, bias=False)
-        self.qkv_y = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv_x = operations.Linear(dim, 3 * dim, bias=False)
+        self.qkv_y = operations.Linear(dim, 3 * dim, bias=False)
         self.q_norm_x = RMSNorm(head_dim)
         self.k_norm_x = RMSNorm(head_dim)
         self.q_norm_y = RMSNorm(head_dim)
         self.k_norm_y = RMSNorm(head_dim)
-        self.proj_x = nn.Linear(dim, dim)
-        self.proj_y = nn.Linear(dim, dim)
+        self.proj_x = operations.Linear(dim, dim)
+        self.proj_y = operations.Linear(dim, dim)
 
     def _qkv(self, linear, q_norm, k_norm, tokens, rope):
         B, N, C = tokens.shape
@@ -49,17 +56,17 @@ class JointAttention(nn.Module):
 class PatchBlock(nn.Module):
     """MMDiTBlockT2I: adaLN-modulated joint attention and SwiGLU MLPs on both streams."""
 
-    def __init__(self, dim: int, heads: int, mlp_hidden: int):
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, operations=nn):
         super().__init__()
         self.norm_x1 = RMSNorm(dim)
         self.norm_y1 = RMSNorm(dim)
-        self.attn = JointAttention(dim, heads)
+        self.attn = JointAttention(dim, heads, operations)
         self.norm_x2 = RMSNorm(dim)
         self.norm_y2 = RMSNorm(dim)
-        self.mlp_x = SwiGLU(dim, mlp_hidden)
-        self.mlp_y = SwiGLU(dim, mlp_hidden)
-        self.adaLN_modulation_img = nn.Sequential(nn.Linear(dim, 6 * dim))
-        self.adaLN_modulation_txt = nn.Sequential(nn.Linear(dim, 6 * dim))
+        self.mlp_x = SwiGLU(dim, mlp_hidden, operations)
+        self.mlp_y = SwiGLU(dim, mlp_hidden, operations)
+        self.adaLN_modulation_img = nn.Sequential(operations.Linear(dim, 6 * dim))
+        self.adaLN_modulation_txt = nn.Sequential(operations.Linear(dim, 6 * dim))
 
     def forward(self, x, y, c, rope_img, rope_txt, last: bool = False):
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation_img(c).chunk(6, dim=-1)
@@ -84,14 +91,14 @@ class PatchBlock(nn.Module):
 class PixelAttention(nn.Module):
     """Self-attention over the compressed patch tokens of a PiT block."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, operations=nn):
         super().__init__()
         self.heads = heads
         head_dim = dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv = operations.Linear(dim, 3 * dim, bias=False)
         self.q_norm = RMSNorm(head_dim)
         self.k_norm = RMSNorm(head_dim)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = operations.Linear(dim, dim)
 
     def forward(self, a: torch.Tensor, rope) -> torch.Tensor:
         B, N, C = a.shape
@@ -110,39 +117,43 @@ class PixelBlock(nn.Module):
     whole canvas; the result is the same, only the peak memory changes.
     """
 
-    def __init__(self, pixel_dim: int, cond_dim: int, patch_size: int, attn_dim: int, heads: int, mlp_hidden: int):
+    def __init__(self, pixel_dim: int, cond_dim: int, patch_size: int, attn_dim: int, heads: int, mlp_hidden: int,
+                 operations=nn):
         super().__init__()
         self.pixel_dim = pixel_dim
         self.p2 = patch_size * patch_size
         self.attn_dim = attn_dim
-        self.compress_to_attn = nn.Linear(self.p2 * pixel_dim, attn_dim)
-        self.expand_from_attn = nn.Linear(attn_dim, self.p2 * pixel_dim)
+        self.compress_to_attn = operations.Linear(self.p2 * pixel_dim, attn_dim)
+        self.expand_from_attn = operations.Linear(attn_dim, self.p2 * pixel_dim)
         self.norm1 = RMSNorm(pixel_dim)
-        self.attn = PixelAttention(attn_dim, heads)
+        self.attn = PixelAttention(attn_dim, heads, operations)
         self.norm2 = RMSNorm(pixel_dim)
-        self.mlp = GeluMLP(pixel_dim, mlp_hidden)
-        self.adaLN_modulation = nn.Sequential(nn.Linear(cond_dim, 6 * pixel_dim * self.p2))
+        self.mlp = GeluMLP(pixel_dim, mlp_hidden, operations)
+        self.adaLN_modulation = nn.Sequential(operations.Linear(cond_dim, 6 * pixel_dim * self.p2))
+        self.layer_weights = layer_weights_of(operations)
 
-    def _modulation_groups(self, s_cond: torch.Tensor, first: int, last: int):
+    def _modulation_weights(self, s_cond: torch.Tensor):
+        """Context giving the modulation layer's (weight, bias) in the dtype its matmul runs in (autocast's
+        when on, else s_cond's) on s_cond's device, from wherever and however the namespace stores them."""
+        device_type = s_cond.device.type
+        dtype = torch.get_autocast_dtype(device_type) if _autocast_on(device_type) else s_cond.dtype
+        return self.layer_weights(self.adaLN_modulation[0], dtype, s_cond.device)
+
+    def _modulation_groups(self, weight, bias, s_cond: torch.Tensor, first: int, last: int):
         """Groups first..last-1 of the modulation of the tokens s_cond [n, cond], each [n, P*P, d].
 
         The wanted rows of one pixel are contiguous in the weight, so the weight is read through a
         [P*P, groups*d, cond] view by one batched matmul over the pixels (s_cond broadcast, not
-        copied): no slice of the 24576-row weight is ever copied."""
-        linear = self.adaLN_modulation[0]
-        d, cond_dim = self.pixel_dim, linear.weight.shape[-1]
-        weight = linear.weight.view(self.p2, 6 * d, cond_dim)[:, first * d : last * d]
-        bias = linear.bias.view(self.p2, 1, 6 * d)[:, :, first * d : last * d]
+        copied): no slice of the 24576-row weight is ever copied. Operands in the weight's dtype and
+        autocast off: autocast would cast the expanded [P*P, n, cond] input, a copy of s_cond per
+        pixel; these are the operands autocast would use, so the result is the same."""
+        d, cond_dim = self.pixel_dim, weight.shape[-1]
+        weight = weight.view(self.p2, 6 * d, cond_dim)[:, first * d : last * d]
+        bias = bias.view(self.p2, 1, 6 * d)[:, :, first * d : last * d]
         n = s_cond.shape[0]
+        s_cond = s_cond.to(weight.dtype)
         device_type = s_cond.device.type
-        if torch.is_autocast_enabled(device_type):
-            # Cast before broadcasting: autocast would cast the expanded [P*P, n, cond] input, a copy
-            # of s_cond per pixel. Same operands as autocast's, so the same result.
-            dtype = torch.get_autocast_dtype(device_type)
-            s_cond, weight, bias = s_cond.to(dtype), weight.to(dtype), bias.to(dtype)
-            with torch.autocast(device_type, enabled=False):
-                out = torch.baddbmm(bias, s_cond[None].expand(self.p2, n, cond_dim), weight.transpose(1, 2))
-        else:
+        with torch.autocast(device_type, enabled=False) if _autocast_on(device_type) else contextlib.nullcontext():
             out = torch.baddbmm(bias, s_cond[None].expand(self.p2, n, cond_dim), weight.transpose(1, 2))
         return out.transpose(0, 1).chunk(last - first, dim=-1)
 
@@ -154,11 +165,16 @@ class PixelBlock(nn.Module):
         step = BL if not chunk_tokens else max(1, min(BL, chunk_tokens))
         if step >= BL:
             return self._forward_whole(p, s_cond, B, rope)
+        with self._modulation_weights(s_cond) as (weight, bias):
+            return self._forward_chunked(p, s_cond, B, rope, step, inplace, weight, bias)
+
+    def _forward_chunked(self, p, s_cond, B: int, rope, step: int, inplace: bool, weight, bias):
+        BL = p.shape[0]
         L = BL // B
         # Phase 1: per chunk, modulate + compress; the compressed tokens are small (attn_dim each).
         compressed = []
         for i in range(0, BL, step):
-            shift, scale = self._modulation_groups(s_cond[i : i + step], 0, 2)
+            shift, scale = self._modulation_groups(weight, bias, s_cond[i : i + step], 0, 2)
             p_norm = modulate(self.norm1(p[i : i + step]), shift, scale)
             del shift, scale
             compressed.append(self.compress_to_attn(p_norm.flatten(1)))
@@ -168,7 +184,7 @@ class PixelBlock(nn.Module):
         # Phase 2: per chunk, expand + residuals, written into the output stream.
         out = None
         for i in range(0, BL, step):
-            gate_msa, shift2, scale2, gate_mlp = self._modulation_groups(s_cond[i : i + step], 2, 6)
+            gate_msa, shift2, scale2, gate_mlp = self._modulation_groups(weight, bias, s_cond[i : i + step], 2, 6)
             p_i = p[i : i + step] + gate_msa * self.expand_from_attn(attn_out[i : i + step]).view(-1, self.p2, self.pixel_dim)
             del gate_msa
             p_i = p_i + gate_mlp * self.mlp(modulate(self.norm2(p_i), shift2, scale2))
@@ -191,10 +207,10 @@ class PixelBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, pixel_dim: int, out_channels: int = 3):
+    def __init__(self, pixel_dim: int, out_channels: int = 3, operations=nn):
         super().__init__()
         self.norm = RMSNorm(pixel_dim)
-        self.linear = nn.Linear(pixel_dim, out_channels)
+        self.linear = operations.Linear(pixel_dim, out_channels)
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
         return self.linear(self.norm(p))

@@ -3,7 +3,9 @@
 Mixed precision: the reference runs fp32 weights under bf16 autocast (docs/DESIGN.md §4). We may hold bf16
 weights instead, so every place where the reference multiplies by an fp32 weight outside a matmul
 (norm weights, gate scalars) upcasts the weight explicitly: the result dtype is then the same as the
-reference's in both the fp32 and the bf16 path.
+reference's in both the fp32 and the bf16 path. Linear layers come from the `operations` namespace
+(ops.py); the few parameters held outside those layers are cast to the input's device when used, so
+they work wherever a partial load left them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight.float() * normed.to(x.dtype)
+        return self.weight.to(device=x.device, dtype=torch.float32) * normed.to(x.dtype)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -39,11 +41,11 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x), no biases (patch-block MLPs)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, operations=nn):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = operations.Linear(dim, hidden, bias=False)
+        self.w3 = operations.Linear(dim, hidden, bias=False)
+        self.w2 = operations.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -52,10 +54,10 @@ class SwiGLU(nn.Module):
 class GeluMLP(nn.Module):
     """fc2(gelu(fc1 x)) with exact erf GELU (pixel-block MLPs)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, operations=nn):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = operations.Linear(dim, hidden)
+        self.fc2 = operations.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -64,25 +66,25 @@ class GeluMLP(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Sinusoidal embedding of t*1000 with max_period 10 and [cos, sin] order, then an MLP (docs/DESIGN.md §3.2)."""
 
-    def __init__(self, hidden: int, freq_dim: int = 256):
+    def __init__(self, hidden: int, freq_dim: int = 256, operations=nn):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.mlp = nn.Sequential(operations.Linear(freq_dim, hidden), nn.SiLU(), operations.Linear(hidden, hidden))
 
     def forward(self, t_scaled: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10) * torch.arange(half, dtype=torch.float32, device=t_scaled.device) / half)
         args = t_scaled[:, None].float() * freqs[None]
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        # fp32 into the MLP, as in the reference: under autocast its matmul casts to bf16 itself.
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 
 class TokenEmbedder(nn.Module):
     """Linear projection, optionally followed by RMSNorm (text embedder)."""
 
-    def __init__(self, in_dim: int, out_dim: int, norm: bool = False):
+    def __init__(self, in_dim: int, out_dim: int, norm: bool = False, operations=nn):
         super().__init__()
-        self.proj = nn.Linear(in_dim, out_dim)
+        self.proj = operations.Linear(in_dim, out_dim)
         self.norm = RMSNorm(out_dim) if norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,23 +16,27 @@ TIMESCALE = 1000.0  # the network takes flow time t in [0, 1]; its embedding see
 
 
 class PidNet(nn.Module):
-    def __init__(self, cfg: PidConfig):
+    """operations: the namespace every Linear, Conv2d, GroupNorm and LayerNorm comes from (ops.py):
+    torch.nn, ops.CastOps, or what ComfyUI's comfy.ops gives for the file."""
+
+    def __init__(self, cfg: PidConfig, operations=nn):
         super().__init__()
         self.config = cfg
+        ops = operations
         D, P = cfg.hidden_size, cfg.patch_size
         self.y_pos_embedding = nn.Parameter(torch.zeros(1, cfg.text_max_tokens, D))
-        self.pixel_embedder = TokenEmbedder(3, cfg.pixel_hidden_size)
-        self.s_embedder = TokenEmbedder(3 * P * P, D)
-        self.t_embedder = TimestepEmbedder(D)
-        self.y_embedder = TokenEmbedder(cfg.text_dim, D, norm=True)
-        self.patch_blocks = nn.ModuleList(PatchBlock(D, cfg.num_heads, cfg.mlp_hidden) for _ in range(cfg.patch_depth))
+        self.pixel_embedder = TokenEmbedder(3, cfg.pixel_hidden_size, operations=ops)
+        self.s_embedder = TokenEmbedder(3 * P * P, D, operations=ops)
+        self.t_embedder = TimestepEmbedder(D, operations=ops)
+        self.y_embedder = TokenEmbedder(cfg.text_dim, D, norm=True, operations=ops)
+        self.patch_blocks = nn.ModuleList(PatchBlock(D, cfg.num_heads, cfg.mlp_hidden, ops) for _ in range(cfg.patch_depth))
         self.pixel_blocks = nn.ModuleList(
-            PixelBlock(cfg.pixel_hidden_size, D, P, cfg.pixel_attn_hidden_size, cfg.pixel_num_heads, cfg.pixel_mlp_hidden)
+            PixelBlock(cfg.pixel_hidden_size, D, P, cfg.pixel_attn_hidden_size, cfg.pixel_num_heads, cfg.pixel_mlp_hidden, ops)
             for _ in range(cfg.pixel_depth)
         )
-        self.final_layer = FinalLayer(cfg.pixel_hidden_size)
-        self.lq_proj = LatentAdapter(cfg)
-        self.pit_lq_gate = SigmaGate(D, per_dim=cfg.gate == "per_token_per_dim") if cfg.pixel_gate else None
+        self.final_layer = FinalLayer(cfg.pixel_hidden_size, operations=ops)
+        self.lq_proj = LatentAdapter(cfg, ops)
+        self.pit_lq_gate = SigmaGate(D, cfg.gate == "per_token_per_dim", ops) if cfg.pixel_gate else None
         # Provenance, set by checkpoint.load_pid: the released variant (or None) and the file.
         self.variant = None
         self.checkpoint = None
@@ -68,7 +72,7 @@ class PidNet(nn.Module):
         c = F.silu(t_emb)
         n_txt = min(text.shape[1], cfg.text_max_tokens)
         y = self.y_embedder(text[:, :n_txt])
-        y = y + self.y_pos_embedding[:, :n_txt].to(y.dtype)
+        y = y + self.y_pos_embedding[:, :n_txt].to(device=y.device, dtype=y.dtype)
         s = self.s_embedder(F.unfold(x, kernel_size=P, stride=P).transpose(1, 2))  # features in (c, ky, kx) order
 
         rope_img = rope_2d(cfg.head_dim, gh, gw, ref, ref, device=x.device)

@@ -251,20 +251,24 @@ def test_encode_degrade_auto_format_asks_for_16_channel_vaes(comfyui, model_file
 
 
 def test_non_finite_decode_fails_with_the_cause(comfyui, model_files):
-    # fp16 weights and text values of 1e5 (above float16's 65504): the network overflows, the result is
-    # NaN; PiD Decode must fail with the cause and the fix, never hand on a black IMAGE
+    # a checkpoint whose weights are finite but whose output layer overflows (a damaged file): the result
+    # is NaN or infinite; PiD Decode must fail with the cause and the fix, never hand on a black IMAGE
+    from pid_core.checkpoint import read_state_dict
+    from pid_core.testing import save_checkpoint
+
+    pid_dir = comfyui.base_dir / "models" / "pid"
+    sd = read_state_dict(str(pid_dir / model_files["pid"]))
+    sd["final_layer.linear.weight"] = sd["final_layer.linear.weight"].float() * 3e38
+    save_checkpoint({k: v.float() for k, v in sd.items()}, str(pid_dir / "pid_test_overflowing.safetensors"))
     g = graph_base(model_files, steps=3, stop=2, finish=False)
-    g["huge"] = {"class_type": "PiDTestConditioning",
-                 "inputs": {"batch": 1, "tokens": 300, "width": 2304, "seed": 0, "scale": 1e5}}
-    add_pid_decode(g, model_files, latent=("early", 0), cond=("huge", 0))
-    g["pid"]["inputs"]["weight_dtype"] = "fp16"
+    add_pid_decode(g, dict(model_files, pid="pid_test_overflowing.safetensors"), latent=("early", 0))
     save_image(g, "s_img", ["decode", 0], "never_black.safetensors")
     with pytest.raises(ComfyError) as err:
         comfyui.run(g)
     e = err.value.execution_error
     assert e.get("node_type") == DECODE
     message = e.get("exception_message", "")
-    assert "NaN or infinite" in message and "float16" in message and "bf16" in message, message
+    assert "NaN or infinite" in message and "damaged" in message, message
     assert "Traceback" not in message
     assert not (comfyui.output_dir / "never_black.safetensors").exists()
 
