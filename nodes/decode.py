@@ -134,17 +134,16 @@ class PiDDecode(io.ComfyNode):
                                   overlap_px=int(tile_overlap))
             plan = plan_decode(model, latent["samples"], text_embedding_from_conditioning(conditioning), meta=meta,
                                latent_format=latent_format, sigma=None if sigma < 0 else sigma, tiling=options,
-                               device=device)
+                               device=device, steps=int(steps))
             log.info("PiD Decode: latent %s as %s, sigma %s (%s)", list(latent["samples"].shape), plan.latent_format,
                      [round(s, 6) for s in plan.sigma.tolist()], plan.sigma_source)
             # ComfyUI makes room for what the plan wants (unloading other models); the tiles then fit
             # what is really free.
             comfy.model_management.load_models_gpu([patcher], memory_required=plan.memory_bytes, force_full_load=True)
             plan = plan.within(model, int(comfy.model_management.get_free_memory(device) * 0.9))
-            step_callback, tile_callback = progress_callbacks(steps)
+            step_callback, tile_callback = progress_callbacks(plan.sampler.steps)
             with attention_backend(comfy_attention_backend()):
-                image = run_plan(model, plan, seed=int(seed), steps=int(steps), callback=step_callback,
-                                 tile_callback=tile_callback)
+                image = run_plan(model, plan, seed=int(seed), callback=step_callback, tile_callback=tile_callback)
         image = image.permute(0, 2, 3, 1).to(device=comfy.model_management.intermediate_device(),
                                              dtype=torch.float32)
         return io.NodeOutput(image)

@@ -1,6 +1,7 @@
 """Command line: decode a latent file to PNG, show what a checkpoint is, download released files.
 
     python -m pid_core decode --checkpoint F --latent L.safetensors --text-embedding E --out out.png
+    python -m pid_core decode --checkpoint UNDISTILLED --latent L --prompt P --text-encoder G [--cfg 5 --steps 25]
     python -m pid_core info F
     python -m pid_core download flux-2k [--repackaged] [--dest DIR]
     python -m pid_core selftest [--out pid_selftest.png]
@@ -68,17 +69,15 @@ def cmd_decode(args) -> int:
         dtype = torch.float32  # CPUs run bf16 matmuls far slower than fp32; on GPUs the file's bf16 is kept
     model = load_pid(args.checkpoint, device=device, dtype=dtype)
     latent, meta = load_latent_file(args.latent)
-    if args.text_embedding:
-        text = load_text_embedding(args.text_embedding)
-    else:
-        from .text import GemmaTextEncoder
-
-        text = encode_text(args.prompt, GemmaTextEncoder.from_pretrained(args.text_encoder, device=device))
+    encoder = TextEncoderOnDemand(args.text_encoder, device)
+    text = load_text_embedding(args.text_embedding) if args.text_embedding else encode_text(args.prompt, encoder())
     plan = plan_decode(model, latent, text, meta=meta, latent_format=args.latent_format, sigma=args.sigma,
-                       leftover_noise=args.leftover_noise, tiling=tile_options(args, device))
+                       leftover_noise=args.leftover_noise, tiling=tile_options(args, device),
+                       sampler=args.sampler, steps=args.steps, cfg=args.cfg,
+                       negative=lambda: negative_embedding(args, encoder))
     loaded = time.perf_counter()
-    image = run_plan(model, plan, seed=args.seed, steps=args.steps, callback=ProgressBar(args.steps),
-                     compile=args.compile)
+    steps = plan.sampler.steps
+    image = run_plan(model, plan, seed=args.seed, callback=ProgressBar(steps), compile=args.compile)
     finished = time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     outputs = []
@@ -91,11 +90,43 @@ def cmd_decode(args) -> int:
     sigmas = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).tolist()
     print(f"latent     : {list(latent.shape)} as {plan.latent_format}, sigma {', '.join(f'{s:.3g}' for s in sigmas)} "
           f"({plan.sigma_source})")
+    print(f"sampler    : {plan.sampler.describe()} ({plan.sampler.kind_source})")
     print(f"tiling     : {plan.tiles.reason}")
     print(f"output     : {image.shape[0]} x {image.shape[-1]}x{image.shape[-2]} px -> {', '.join(outputs)}")
-    print(f"time       : load {loaded - started:.1f}s, decode {finished - loaded:.1f}s ({args.steps} steps, {device.type})")
+    print(f"time       : load {loaded - started:.1f}s, decode {finished - loaded:.1f}s ({steps} steps, {device.type})")
     print(f"peak memory: {peak_memory_text(device)}")
     return 0
+
+
+class TextEncoderOnDemand:
+    """The Gemma encoder of --text-encoder, loaded the first time it is needed (None without one)."""
+
+    def __init__(self, path, device):
+        self.path, self.device, self.encoder = path, device, None
+
+    def __call__(self):
+        if self.encoder is None and self.path:
+            from .text import GemmaTextEncoder
+
+            self.encoder = GemmaTextEncoder.from_pretrained(self.path, device=self.device)
+        return self.encoder
+
+
+def negative_embedding(args, encoder: TextEncoderOnDemand):
+    """The unconditional text of a guided (teacher) decode; asked for by the plan only when guided."""
+    from .files import load_text_embedding
+    from .text import NEGATIVE_PROMPT
+
+    if args.negative_embedding:
+        return load_text_embedding(args.negative_embedding)
+    if encoder() is None:
+        raise PidError(
+            "A guided decode (an undistilled checkpoint, cfg > 1) needs the negative prompt's embedding: pass "
+            "--negative-embedding (the reference's negative prompt, encoded like the prompt), or --text-encoder "
+            "to encode it here, or --cfg 1 for no guidance."
+        )
+    prompt = NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
+    return encoder().encode([prompt])
 
 
 def cmd_selftest(args) -> int:
@@ -179,7 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--text-embedding", help="precomputed Gemma embedding [B,300,2304] (.safetensors/.pt/.npy)")
     d.add_argument("--text-encoder", help="Gemma-2-2b-it folder (Hugging Face layout) for --prompt")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--steps", type=int, default=4, choices=[1, 2, 3, 4])
+    d.add_argument("--steps", type=int, default=None,
+                   help="sampler steps: students 1-4 (default 4), undistilled checkpoints 1-100 (default 25)")
+    d.add_argument("--sampler", default="auto", choices=["auto", "student", "teacher"],
+                   help="auto: from the checkpoint's file name (undistilled -> teacher); override when the name cannot tell")
+    d.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale of the undistilled checkpoints (default 5; 1 = none)")
+    negative = d.add_mutually_exclusive_group()
+    negative.add_argument("--negative-prompt", default=None,
+                          help="negative prompt of a guided decode (default: the reference's, through --text-encoder)")
+    negative.add_argument("--negative-embedding", default=None,
+                          help="precomputed Gemma embedding of the negative prompt [1|B,300,2304] (needed with "
+                               "--text-embedding and no --text-encoder)")
     d.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     d.add_argument("--dtype", default="auto", choices=list(DTYPES), help="weight dtype (auto: the file's on GPU, fp32 on CPU)")
     d.add_argument("--tile", default="auto", help="auto (tiles only beyond the trained size or free memory), off, or a tile size in output pixels (e.g. 2048)")
@@ -209,6 +251,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "decode" and args.prompt and not args.text_encoder:
         build_parser().error("--prompt needs --text-encoder (a Gemma-2-2b-it folder)")
+    if args.command == "decode" and args.negative_prompt is not None and not args.text_encoder:
+        build_parser().error("--negative-prompt needs --text-encoder (a Gemma-2-2b-it folder); "
+                             "or give --negative-embedding")
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
         return args.func(args)
