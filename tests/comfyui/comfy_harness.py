@@ -9,7 +9,8 @@ Without them every test here is skipped. The session fixture `comfyui`:
 * makes a temporary base directory (`--base-directory`) whose custom_nodes/ holds a symlink to this
   repository (the pack) and one to tests/comfyui/support_nodes (test-only nodes), and whose models/
   holds tiny random models made for the run: a FLUX.1-style diffusion model (UNETLoader), a FLUX.1-style
-  VAE (VAELoader), a narrow random PiD checkpoint (models/pid);
+  VAE (VAELoader), narrow random PiD checkpoints (models/pid: a student and one named undistilled), a
+  narrow Gemma-2 with its SentencePiece tokenizer (models/text_encoders);
 * starts `main.py --cpu --listen 127.0.0.1 --port <free port>` with an in-memory database and API nodes
   off, waits for GET /system_stats, and stops the server at the end of the session.
 
@@ -36,6 +37,8 @@ START_TIMEOUT_S = float(os.environ.get("COMFYUI_START_TIMEOUT", "180"))
 FLUX_FILE = "pid_test_tiny_flux.safetensors"
 VAE_FILE = "pid_test_tiny_flux_vae.safetensors"
 PID_FILE = "pid_test_narrow_random.safetensors"
+TEACHER_FILE = "pid_test_narrow_random_undistilled.safetensors"  # "undistilled": the teacher sampler
+GEMMA_FILE = "pid_test_tiny_gemma2.safetensors"
 
 
 def find_comfyui():
@@ -178,17 +181,20 @@ class ComfyServer:
 
 def _make_models(base: pathlib.Path, comfy_path: pathlib.Path, comfy_py: str):
     models = base / "models"
-    for sub in ("diffusion_models", "vae", "pid"):
+    for sub in ("diffusion_models", "vae", "pid", "text_encoders"):
         (models / sub).mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [comfy_py, str(HERE / "make_tiny_models.py"), str(comfy_path),
-         str(models / "diffusion_models" / FLUX_FILE), str(models / "vae" / VAE_FILE)],
+         str(models / "diffusion_models" / FLUX_FILE), str(models / "vae" / VAE_FILE),
+         str(models / "text_encoders" / GEMMA_FILE)],
         cwd=str(base), check=True, timeout=300, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     from pid_core.testing import make_random_checkpoint
 
     # narrow (hidden 64, 2 heads, 3 patch blocks), full text contract (300 x 2304)
     make_random_checkpoint(str(models / "pid" / PID_FILE), layout="v1", latent_channels=16, text_dim=2304,
+                           text_tokens=300)
+    make_random_checkpoint(str(models / "pid" / TEACHER_FILE), layout="v1.5", latent_channels=16, text_dim=2304,
                            text_tokens=300)
 
 

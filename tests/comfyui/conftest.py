@@ -7,7 +7,9 @@ import subprocess
 
 import pytest
 
-from .comfy_harness import FLUX_FILE, PID_FILE, VAE_FILE, find_comfyui, prepare_base_directory, start_server
+from .comfy_harness import (
+    FLUX_FILE, GEMMA_FILE, PID_FILE, TEACHER_FILE, VAE_FILE, find_comfyui, prepare_base_directory, start_server,
+)
 
 
 @pytest.fixture(scope="session")
@@ -30,4 +32,4 @@ def comfyui(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def model_files():
-    return {"flux": FLUX_FILE, "vae": VAE_FILE, "pid": PID_FILE}
+    return {"flux": FLUX_FILE, "vae": VAE_FILE, "pid": PID_FILE, "teacher": TEACHER_FILE, "gemma": GEMMA_FILE}
