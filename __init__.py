@@ -14,9 +14,10 @@ async def comfy_entrypoint():
     from .nodes.early_stop import KSamplerEarlyStop
     from .nodes.encode_degrade import PiDEncodeDegrade
     from .nodes.loader import PiDLoader
+    from .nodes.text_encode import PiDTextEncode
 
     class PiDDecoderExtension(ComfyExtension):
         async def get_node_list(self):
-            return [KSamplerEarlyStop, PiDLoader, PiDDecode, PiDEncodeDegrade]
+            return [KSamplerEarlyStop, PiDLoader, PiDTextEncode, PiDDecode, PiDEncodeDegrade]
 
     return PiDDecoderExtension()

@@ -17,6 +17,7 @@ NODE_ID_EARLY_STOP = "PixelDiffusionDecoderKSamplerEarlyStop"
 NODE_ID_LOADER = "PixelDiffusionDecoderLoader"
 NODE_ID_DECODE = "PixelDiffusionDecoderDecode"
 NODE_ID_ENCODE_DEGRADE = "PixelDiffusionDecoderEncodeDegrade"
+NODE_ID_TEXT_ENCODE = "PixelDiffusionDecoderTextEncode"
 
 # The socket that carries a loaded PiD model (a ComfyUI ModelPatcher around a PidNet).
 PID_MODEL_TYPE = "PID_DECODER_MODEL"

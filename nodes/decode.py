@@ -1,9 +1,11 @@
 """PiD Decode: PiD model + LATENT (+ its sigma) + Gemma-2 conditioning -> IMAGE, 4x the VAE's size.
 
 The LATENT may be clean (a finished run, VAE Encode) or stopped early (KSampler Early Stop, which
-stores pid_sigma and pid_latent_format; PiD Encode-Degrade too). All the work is
-pid_core.decode.decode; this node only translates: memory management, progress with previews,
-cancel, and errors as clear messages.
+stores pid_sigma and pid_latent_format; PiD Encode-Degrade too). The checkpoint decides the sampler:
+the 4-step students, or for the undistilled checkpoints DPM-Solver++ with guidance against the
+negative conditioning (cfg, steps; `sampler` overrides what the file name says). All the work is
+pid_core's plan_decode + run_plan; this node only translates: memory management, progress with
+previews, cancel, and errors as clear messages.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..pid_core.decode import run_plan
+from ..pid_core.errors import TextEmbeddingError
 from ..pid_core.images import preview_uint8
 from ..pid_core.network.layers import attention_backend, heads_merged_backend
 from ..pid_core.plan import plan_decode
@@ -27,18 +30,30 @@ from .common import CATEGORY, NODE_ID_DECODE, NodeInputError, PidModel, read_pid
 log = logging.getLogger("pid_decoder")
 
 
-def text_embedding_from_conditioning(conditioning) -> torch.Tensor:
+ENCODE_HINT = "Encode it with PiD Text Encode (CLIPLoader type 'pixeldit')."
+
+
+def text_embedding_from_conditioning(conditioning, name: str = "conditioning") -> torch.Tensor:
     """The Gemma-2 hidden states of a CONDITIONING: the tensor of its first entry."""
     if not isinstance(conditioning, (list, tuple)) or len(conditioning) == 0:
-        raise NodeInputError("The conditioning is empty. Encode a prompt with CLIPLoader (type 'pixeldit') + CLIP Text Encode.")
+        raise NodeInputError(f"The {name} is empty. {ENCODE_HINT}")
     first = conditioning[0]
     emb = first[0] if isinstance(first, (list, tuple)) and len(first) > 0 else first
     if not isinstance(emb, torch.Tensor):
-        raise NodeInputError("The conditioning holds no text embedding tensor. Encode a prompt with CLIPLoader "
-                             "(type 'pixeldit') + CLIP Text Encode.")
+        raise NodeInputError(f"The {name} holds no text embedding tensor. {ENCODE_HINT}")
     if len(conditioning) > 1:
-        log.warning("PiD Decode: the conditioning has %d entries; only the first is used.", len(conditioning))
+        log.warning("PiD Decode: the %s has %d entries; only the first is used.", name, len(conditioning))
     return emb
+
+
+def negative_embedding(negative):
+    """The negative conditioning's embedding, asked for by the plan only for a guided decode."""
+    if negative is None:
+        raise TextEmbeddingError(
+            "A guided decode (an undistilled checkpoint with cfg above 1) needs the negative conditioning: connect "
+            "PiD Text Encode's negative output to PiD Decode's negative input, or set cfg to 1 for no guidance."
+        )
+    return text_embedding_from_conditioning(negative, "negative conditioning")
 
 
 ATTENTION_FLAGS = ("use_sage_attention", "use_flash_attention", "use_split_cross_attention", "use_quad_cross_attention")
@@ -57,7 +72,8 @@ def comfy_attention_backend():
 
 
 def progress_callbacks(steps: int):
-    """(per step: progress with a preview and cancel; per tile batch: cancel)."""
+    """(per step: progress with a preview and cancel; per tile batch: cancel). Cancel between network
+    calls: run_plan's after_forward=comfy.model_management.throw_exception_if_processing_interrupted."""
     pbar = comfy.utils.ProgressBar(int(steps))
 
     def step_callback(step, total, x0):
@@ -86,19 +102,21 @@ class PiDDecode(io.ComfyNode):
             search_aliases=["pid", "pixel diffusion decode", "pid upscale", "decode 4x"],
             description=(
                 "Decodes a latent with PiD into an image 4x the VAE's size, in 4 steps. Takes clean latents and "
-                "latents stopped early (KSampler Early Stop): the noise level comes with the LATENT."
+                "latents stopped early (KSampler Early Stop): the noise level comes with the LATENT. Undistilled "
+                "checkpoints run guided DPM-Solver++ (25 steps, cfg 5) against the negative conditioning."
             ),
             inputs=[
                 PidModel.Input("pid_model", tooltip="The PiD model from PiD Loader."),
                 io.Latent.Input("latent", tooltip="The latent to decode: from KSampler Early Stop, a KSampler, VAE "
                                                   "Encode or PiD Encode-Degrade."),
                 io.Conditioning.Input("conditioning",
-                                      tooltip="The prompt as Gemma-2 hidden states [B, 300, 2304]: CLIPLoader (type "
-                                              "'pixeldit') + CLIP Text Encode. T5/CLIP conditionings do not fit."),
+                                      tooltip="The prompt as Gemma-2 hidden states [B, 300, 2304]: PiD Text Encode's "
+                                              "positive (CLIPLoader type 'pixeldit'). T5/CLIP conditionings do not fit."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="The seed of PiD's own noise."),
-                io.Int.Input("steps", default=4, min=1, max=4,
-                             tooltip="PiD steps: 4 is the released quality; fewer are faster and softer."),
+                io.Int.Input("steps", default=0, min=0, max=100,
+                             tooltip="PiD steps. 0 = auto: 4 for the students (1-4; 4 is the released quality, "
+                                     "fewer are faster and softer), 25 for undistilled checkpoints (1-100)."),
                 io.Combo.Input("latent_format", options=["auto", *LATENT_FORMAT_NAMES], default="auto",
                                tooltip="The latent's model family. auto: from the LATENT (KSampler Early Stop, "
                                        "Encode-Degrade) or from the channels and the checkpoint's name."),
@@ -116,13 +134,24 @@ class PiDDecode(io.ComfyNode):
                 io.Int.Input("tile_overlap", default=0, min=0, max=2048, step=32,
                              tooltip="Overlap between tiles in output pixels; 0 = automatic (an eighth of the "
                                      "tile, at least 160)."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Undistilled checkpoints: what guidance steers away from, PiD Text "
+                                              "Encode's negative (the reference's negative prompt by default). "
+                                              "Students ignore it."),
+                io.Float.Input("cfg", default=-1.0, min=-1.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="Undistilled checkpoints: guidance scale. -1 = auto (5); 1 = no guidance "
+                                       "(half the network calls). Students take no guidance."),
+                io.Combo.Input("sampler", options=["auto", "student", "teacher"], default="auto",
+                               tooltip="auto: from the checkpoint's file name (undistilled -> teacher: guided "
+                                       "DPM-Solver++; else the 4-step student). Set it when a renamed file cannot "
+                                       "tell."),
             ],
             outputs=[io.Image.Output("image", display_name="IMAGE", tooltip="The decoded image, RGB in 0..1.")],
         )
 
     @classmethod
     def execute(cls, pid_model, latent, conditioning, seed, steps, latent_format, sigma, tiling="auto",
-                tile_size=2048, tile_overlap=0) -> io.NodeOutput:
+                tile_size=2048, tile_overlap=0, negative=None, cfg=-1.0, sampler="auto") -> io.NodeOutput:
         patcher = pid_model
         model = patcher.model
         meta, warning = read_pid_metadata(latent)
@@ -134,21 +163,23 @@ class PiDDecode(io.ComfyNode):
                                   overlap_px=int(tile_overlap))
             plan = plan_decode(model, latent["samples"], text_embedding_from_conditioning(conditioning), meta=meta,
                                latent_format=latent_format, sigma=None if sigma < 0 else sigma, tiling=options,
-                               device=device)
-            log.info("PiD Decode: latent %s as %s, sigma %s (%s)", list(latent["samples"].shape), plan.latent_format,
-                     [round(s, 6) for s in plan.sigma.tolist()], plan.sigma_source)
+                               device=device, sampler=sampler, steps=int(steps), cfg=None if cfg < 0 else cfg,
+                               negative=lambda: negative_embedding(negative))
+            log.info("PiD Decode: latent %s as %s, sigma %s (%s); %s", list(latent["samples"].shape),
+                     plan.latent_format, [round(s, 6) for s in plan.sigma.tolist()], plan.sigma_source,
+                     plan.sampler.describe())
             # ComfyUI makes room for what the plan wants (unloading other models) and loads PiD fully, or
             # partially when the rest does not fit (its layers then stream their weights per call); the
             # tiles then fit what is really free.
             comfy.model_management.load_models_gpu([patcher], memory_required=plan.memory_bytes)
             plan = plan.within(model, int(comfy.model_management.get_free_memory(device) * 0.9))
-            step_callback, tile_callback = progress_callbacks(steps)
+            step_callback, tile_callback = progress_callbacks(plan.sampler.steps)
             attention = comfy_attention_backend()
             log.info("PiD Decode: attention by %s", f"ComfyUI's {attention.wrapped.__name__} (from its command line)"
                      if attention is not None else "PyTorch SDPA")
             with attention_backend(attention):
-                image = run_plan(model, plan, seed=int(seed), steps=int(steps), callback=step_callback,
-                                 tile_callback=tile_callback)
+                image = run_plan(model, plan, seed=int(seed), callback=step_callback, tile_callback=tile_callback,
+                                 after_forward=comfy.model_management.throw_exception_if_processing_interrupted)
         image = image.permute(0, 2, 3, 1).to(device=comfy.model_management.intermediate_device(),
                                              dtype=torch.float32)
         return io.NodeOutput(image)

@@ -2,6 +2,7 @@
 
     python -m pid_core.bench [--sizes 1024,2048] [--modes untiled,tiled] [--tile 1024] [--steps 1]
                              [--dtype fp32,bf16] [--device cpu,cuda] [--chunk on,off]
+                             [--sampler student|teacher] [--cfg 5]
                              [--max-tile-batches N] [--seam-only | --no-seam]
 
 Each measurement runs in a fresh subprocess: it builds the random model (released sizes, from a
@@ -14,7 +15,9 @@ largest peak of one network forward measured on its own (the peak is reset just 
 the part that the tile size bounds; working - forward is about the sampler's canvas state: the state x
 (12 bytes per output pixel, fp32) and, while tiles run, the band of fused v one tile high; while
 re-noising (2 or more steps), x0 and the fresh noise. est. = tiling.memory.tile_memory_estimate for that
-forward.
+forward. --sampler teacher runs the undistilled checkpoints' sampler instead (guided DPM-Solver++,
+--cfg, the reference's shift for the size; a random negative text): its state is three canvases, and
+with guidance each step is two branches (one batched forward, or two).
 
 --max-tile-batches N runs only the first N tile batches of each step and skips the rest. That cannot
 lower the peak: every batch has the same shape, the state and the band are allocated before the first
@@ -172,9 +175,11 @@ def worker(spec: dict) -> dict:
     """One measurement (runs in its own process)."""
     from .checkpoint import build_model
     from .sampling import initial_noise, sample
+    from .teacher import dpm_solver_pp, teacher_schedule, teacher_shift
     from .testing import config_shapes, random_state_dict
     from .tiling import TileOptions, plan_tiling
-    from .velocity import network_velocity
+    from .tiling.memory import TEACHER_CANVASES
+    from .velocity import network_denoiser, network_velocity
 
     device = torch.device(spec["device"])
     dtype = DTYPES[spec["dtype"]]
@@ -192,15 +197,23 @@ def worker(spec: dict) -> dict:
                               max_batch_tiles=spec.get("batch_tiles", 1), pixel_chunk_tokens=chunk)
     else:
         options = TileOptions(mode="off", pixel_chunk_tokens=chunk)
-    plan = plan_tiling(cfg, (H, W), options, dtype=dtype)
-    velocity = network_velocity(model, text, latent, sigma, plan, device=device,
-                             max_batches=spec.get("max_tile_batches"))
+    teacher = spec.get("sampler") == "teacher"
+    guided = teacher and spec.get("cfg", 1.0) != 1.0
+    if teacher:
+        plan = plan_tiling(cfg, (H, W), options, dtype=dtype, guidance=guided, state_canvases=TEACHER_CANVASES)
+        negative = torch.randn(1, cfg.text_max_tokens, cfg.text_dim, generator=g).to(device)
+        velocity = network_denoiser(model, text, latent, sigma, plan, cfg=spec["cfg"], negative=negative, device=device)
+    else:
+        plan = plan_tiling(cfg, (H, W), options, dtype=dtype)
+        velocity = network_velocity(model, text, latent, sigma, plan, device=device,
+                                    max_batches=spec.get("max_tile_batches"))
     # Peak of each network forward on its own (reset just before it): what the tile size bounds.
     # The rest of the decode's working memory is the sampler's canvas-size state.
-    seen = {"peak": 0, "forward": 0}
+    seen = {"peak": 0, "forward": 0, "calls": 0}
     forward = model.forward
 
     def measured_forward(*a, **kw):
+        seen["calls"] += 1
         seen["peak"] = max(seen["peak"], _peak(device))
         before = _reset_peak(device)
         result = forward(*a, **kw)
@@ -212,26 +225,30 @@ def worker(spec: dict) -> dict:
     model.forward = measured_forward
     base = _reset_peak(device)
     noise, gen = initial_noise((1, 3, H, W), seed=0, device=device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         with torch.no_grad():
             last = {}
             # the loop re-noises and clamps x0 in place: keep a copy of the last one (after the peak)
-            out = sample(velocity, noise, steps=spec["steps"], generator=gen, overwrite_noise=True,
-                         callback=lambda i, n, x0: last.update(x0=x0.clone()) if i == n and spec.get("save") else None)
+            keep = lambda i, n, x0: last.update(x0=x0.clone()) if i == n and spec.get("save") else None  # noqa: E731
+            if teacher:
+                times = teacher_schedule(spec["steps"], teacher_shift(H, W))
+                out = dpm_solver_pp(velocity, noise, times, overwrite_noise=True, callback=keep)
+            else:
+                out = sample(velocity, noise, steps=spec["steps"], generator=gen, overwrite_noise=True, callback=keep)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except (RuntimeError, MemoryError) as exc:
         text_ = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         oom = "memory" in text_.lower() or isinstance(exc, MemoryError)
         return {"error": ("out of memory: " if oom else "") + text_[:120]}
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak = max(seen["peak"], _peak(device))
     if spec.get("save"):  # the last x0 before the final clamp: random weights saturate the clamp
         torch.save(last["x0"].cpu(), spec["save"])
-    forwards = getattr(velocity, "forward_calls", spec["steps"])
+    forwards = seen["calls"]  # network forwards (tile batches, guidance branches)
     return {
-        "time": seconds, "peak": peak, "base": base, "working": peak - base, "weights": weights,
+        "time": seconds, "cpu_time": cpu_seconds, "peak": peak, "base": base, "working": peak - base, "weights": weights,
         "forward": seen["forward"],
         "tiles": len(plan.tiles), "tile_hw": list(plan.tile_hw), "batch_tiles": plan.batch_tiles,
         "forwards": forwards, "cut": bool(getattr(velocity, "cut_short", False)),
@@ -306,8 +323,9 @@ def measure(args) -> list[dict]:
                         spec = dict(mode=mode, chunk=chunk, dtype=dtype, device=device, size=list(size),
                                     tile=args.tile, overlap=args.overlap, steps=args.steps,
                                     batch_tiles=args.batch_tiles, keys=args.keys, layout=args.layout,
-                                    latent_channels=args.latent_channels, narrow=args.narrow)
-                        if mode == "tiled" and args.max_tile_batches:
+                                    latent_channels=args.latent_channels, narrow=args.narrow,
+                                    sampler=args.sampler, cfg=args.cfg)
+                        if mode == "tiled" and args.max_tile_batches and args.sampler == "student":
                             spec["max_tile_batches"] = args.max_tile_batches
                         if args.save_outputs:
                             os.makedirs(args.save_outputs, exist_ok=True)
@@ -364,7 +382,9 @@ def _format_row(row: dict) -> str:
                 f"forwards ({row['batch_tiles']} tile/batch), time is per batch")
     else:
         timing = f"{row['time']:.1f}s"
-        note = f"{row['steps']} step(s), {row['forwards']} forward(s)"
+        note = f"{row['steps']} step(s), {row['forwards']} forward(s), {row['cpu_time']:.1f} cpu-s"
+        if row.get("sampler") == "teacher":
+            note += f", teacher cfg {row['cfg']:g}"
     return head + (f"{tiles:>11} {timing:>14} {_gb(row['peak']):>8} {_gb(row['weights']):>8} "
                    f"{_gb(row['working']):>8} {_gb(row.get('forward')):>8} {_gb(row['estimate']):>6}  {note}")
 
@@ -430,6 +450,9 @@ def main(argv=None) -> int:
     parser.add_argument("--overlap", type=int, default=0, help="overlap in px (0: automatic)")
     parser.add_argument("--batch-tiles", type=int, default=1, help="tiles per forward")
     parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--sampler", default="student", choices=["student", "teacher"],
+                        help="teacher: the undistilled checkpoints' guided DPM-Solver++ (with --cfg)")
+    parser.add_argument("--cfg", type=float, default=5.0, help="guidance scale of the teacher sampler (1: none)")
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or both (comma-separated)")
     parser.add_argument("--device", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--chunk", default="on", help="pixel-block chunking: on, off or on,off")

@@ -20,7 +20,7 @@ from .files import CHECKPOINT_FILE, read_tensor_file
 from .network import PidConfig, PidNet
 from .precision import DTYPES, operations_for, storage_dtype
 from .quantized import dequantize, describe_layers, floating_dtype, unsupported_layouts, without_quantization
-from .variants import latent_geometry, resolve_variant, variants_matching
+from .variants import TEACHER, kind_from_filename, latent_geometry, resolve_variant, variants_matching
 
 PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.", "model.")
 # Keys that say what a non-PiD file is, so the error can name it.
@@ -61,6 +61,8 @@ def describe(model: PidNet) -> str:
     ]
     if model.variant is not None:
         parts.insert(0, model.variant.name)
+    elif model.checkpoint is not None and kind_from_filename(model.checkpoint.path) == TEACHER:
+        parts.insert(0, "undistilled (by its file name)")
     where = f" [{os.path.basename(model.checkpoint.path)}]" if model.checkpoint is not None else ""
     return ", ".join(parts) + where
 

@@ -1,6 +1,7 @@
 """Command line: decode a latent file to an image, show what a checkpoint is, download released files.
 
     python -m pid_core decode --checkpoint F --latent L.safetensors --text-embedding E --out out.png
+    python -m pid_core decode --checkpoint UNDISTILLED --latent L --prompt P --text-encoder G [--cfg 5 --steps 25]
     python -m pid_core decode-many --checkpoint F --manifest items.jsonl      (decode_many.py)
     torchrun --nproc-per-node 8 -m pid_core decode ... | decode-many ...     (several GPUs: distributed.py)
     python -m pid_core info F
@@ -101,7 +102,10 @@ def check_decode_arguments(args) -> torch.device:
         sniff(args.text_embedding, TEXT_EMBEDDING_FILE)
     elif not os.path.exists(args.text_encoder):
         raise TextEmbeddingError(f"Gemma text encoder not found: {args.text_encoder}. Check the path.")
-    check_output_path(args.out, inputs=(args.checkpoint, args.latent, args.text_embedding, args.text_encoder))
+    if args.negative_embedding is not None:
+        sniff(args.negative_embedding, TEXT_EMBEDDING_FILE)
+    check_output_path(args.out, inputs=(args.checkpoint, args.latent, args.text_embedding, args.negative_embedding,
+                                        args.text_encoder))
     return device
 
 
@@ -157,25 +161,27 @@ def cmd_decode(args) -> int:
     started = time.perf_counter()
     latent, meta = load_latent_file(args.latent)
     model = load_model(args.checkpoint, device, args.dtype)
+    encoder = TextEncoderOnDemand(args.text_encoder, device)
     if args.text_embedding:
         text = load_text_embedding(args.text_embedding)
-    else:
-        text = None
-        if ranks.is_main:  # the other ranks take rank 0's embedding, so every rank decodes the same inputs
-            from .text import GemmaTextEncoder
+    else:  # the other ranks take rank 0's embeddings, so every rank decodes the same inputs
+        text = distributed.from_main(encode_text(args.prompt, encoder()) if ranks.is_main else None)
 
-            text = encode_text(args.prompt, GemmaTextEncoder.from_pretrained(args.text_encoder, device=device))
-        text = distributed.from_main(text)
+    def negative():
+        return distributed.from_main(negative_embedding(args, encoder) if ranks.is_main else None)
+
     budget = distributed.smallest(distributed.memory_budget(device))  # the same tiles on every rank
     plan = plan_decode(model, latent, text, meta=meta, latent_format=args.latent_format, sigma=args.sigma,
-                       leftover_noise=args.leftover_noise, tiling=tile_options(args.tile, args.overlap, budget))
+                       leftover_noise=args.leftover_noise, tiling=tile_options(args.tile, args.overlap, budget),
+                       sampler=args.sampler, steps=args.steps, cfg=args.cfg, negative=negative)
     check_image_size(args.out, *plan.output_hw)
     if ranks.several and not plan.tiles.tiled:
         distributed.say(f"note: one pass over the whole canvas, nothing to share: each of the {ranks.world_size} "
                         f"ranks runs it (give --tile, e.g. --tile 1024, to share tiles among them)")
     loaded = time.perf_counter()
-    progress = ProgressBar(args.steps) if ranks.is_main else None
-    image = run_plan(model, plan, seed=args.seed, steps=args.steps, compile=args.compile, callback=progress,
+    steps = plan.sampler.steps
+    progress = ProgressBar(steps) if ranks.is_main else None
+    image = run_plan(model, plan, seed=args.seed, compile=args.compile, callback=progress,
                      tile_callback=progress.tile if progress else None, batch_runner=distributed.tile_runner())
     finished = time.perf_counter()
     if not ranks.is_main:
@@ -186,11 +192,44 @@ def cmd_decode(args) -> int:
     sigmas = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).tolist()
     print(f"latent     : {list(latent.shape)} as {plan.latent_format}, sigma {', '.join(f'{s:.3g}' for s in sigmas)} "
           f"({plan.sigma_source})")
+    print(f"sampler    : {plan.sampler.describe()} ({plan.sampler.kind_source})")
     print(f"tiling     : {plan.tiles.reason}" + (f"; tile batches shared by {ranks.world_size} ranks" if ranks.several else ""))
     print(f"output     : {image.shape[0]} x {image.shape[-1]}x{image.shape[-2]} px -> {', '.join(outputs)}")
-    print(f"time       : load {loaded - started:.1f}s, decode {finished - loaded:.1f}s ({args.steps} steps, {device.type})")
+    print(f"time       : load {loaded - started:.1f}s, decode {finished - loaded:.1f}s ({steps} steps, {device.type})")
     print(f"peak memory: {peak_memory_text(device)}")
     return 0
+
+
+class TextEncoderOnDemand:
+    """The Gemma encoder of --text-encoder, loaded the first time it is needed (None without one)."""
+
+    def __init__(self, path, device):
+        self.path, self.device, self.encoder = path, device, None
+
+    def __call__(self):
+        if self.encoder is None and self.path:
+            from .text import GemmaTextEncoder
+
+            self.encoder = GemmaTextEncoder.from_pretrained(self.path, device=self.device)
+        return self.encoder
+
+
+def negative_embedding(args, encoder):
+    """The unconditional text of a guided (teacher) decode, asked for by the plan only when guided:
+    --negative-embedding, else --negative-prompt or the reference's negative prompt through `encoder()`."""
+    from .files import load_text_embedding
+    from .text import NEGATIVE_PROMPT
+
+    if args.negative_embedding:
+        return load_text_embedding(args.negative_embedding)
+    if encoder() is None:
+        raise ArgumentError(
+            "A guided decode (an undistilled checkpoint, cfg > 1) needs the negative prompt's embedding: pass "
+            "--negative-embedding (the reference's negative prompt, encoded like the prompt), or --text-encoder "
+            "to encode it here, or --cfg 1 for no guidance."
+        )
+    prompt = NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
+    return encoder().encode([prompt])
 
 
 def cmd_selftest(args) -> int:
@@ -271,7 +310,18 @@ def add_decode_options(p: argparse.ArgumentParser, *, text_required: bool) -> No
     text.add_argument("--text-embedding", help="precomputed Gemma embedding [B,300,2304] (.safetensors/.pt/.npy)")
     p.add_argument("--text-encoder", help="Gemma-2-2b-it folder (Hugging Face layout) for --prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=4, choices=[1, 2, 3, 4])
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps: students 1-4 (default 4), undistilled checkpoints 1-100 (default 25)")
+    p.add_argument("--sampler", default="auto", choices=["auto", "student", "teacher"],
+                   help="auto: from the checkpoint's file name (undistilled -> teacher); override when the name cannot tell")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale of the undistilled checkpoints (default 5; 1 = none)")
+    negative = p.add_mutually_exclusive_group()
+    negative.add_argument("--negative-prompt", default=None,
+                          help="negative prompt of a guided decode (default: the reference's, through --text-encoder)")
+    negative.add_argument("--negative-embedding", default=None,
+                          help="precomputed Gemma embedding of the negative prompt [1|B,300,2304] (needed with "
+                               "--text-embedding and no --text-encoder)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="storage dtype of the weights (auto: the file's); CPUs compute in fp32 per layer, GPUs in bf16 autocast")
     p.add_argument("--tile", default="auto", help="auto (tiles only beyond the trained size or free memory), off, or a tile size in output pixels, at least 64 (e.g. 2048)")
@@ -312,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "negative_prompt", None) is not None and not args.text_encoder:
+        build_parser().error("--negative-prompt needs --text-encoder (a Gemma-2-2b-it folder); or give --negative-embedding")
     if getattr(args, "prompt", None) and not args.text_encoder:
         build_parser().error("--prompt needs --text-encoder (a Gemma-2-2b-it folder)")
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")

@@ -14,12 +14,15 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .checks import all_finite, check_seed, whole_number
+from .checks import all_finite, check_seed
 from .errors import ArgumentError, DecodeError, TextEmbeddingError
 from .plan import NO_META, DecodePlan, LatentMeta, Sigma, plan_decode
 from .precision import compute_dtype, storage_dtype
 from .sampling import initial_noise, sample
-from .velocity import network_velocity
+from .teacher import dpm_solver_pp, teacher_schedule
+from .text import NEGATIVE_PROMPT
+from .variants import TEACHER
+from .velocity import network_denoiser, network_velocity
 
 ProgressCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -35,7 +38,11 @@ def decode(
     meta: LatentMeta = NO_META,
     leftover_noise: bool = False,
     seed: int = 0,
-    steps: int = 4,
+    steps: Optional[int] = None,
+    sampler: str = "auto",
+    cfg: Optional[float] = None,
+    negative: Union[torch.Tensor, str, Sequence[str], None] = None,
+    shift: Optional[float] = None,
     noise: Optional[torch.Tensor] = None,
     renoise: Optional[Sequence[torch.Tensor]] = None,
     callback: Optional[ProgressCallback] = None,
@@ -56,22 +63,28 @@ def decode(
         x_t / (1 - sigma) (KSamplerAdvanced with return_with_leftover_noise).
     text: a Gemma embedding [B or 1, T, 2304], or prompt(s) encoded with text_encoder (text.GemmaTextEncoder).
     seed: the noise seed (on CUDA the same stream as the reference); noise / renoise: explicit tensors instead
-        (explicit noise without renoise: the re-noise draws come from seed).
+        (explicit noise without renoise: the re-noise draws come from seed; the teacher draws no re-noise).
+    sampler: "auto" (the checkpoint's kind: the 4-step student, or the teacher's guided DPM-Solver++ for
+        the undistilled checkpoints), "student" or "teacher". steps: None for the kind's default (4 or 25).
+    cfg: the teacher's guidance scale (None: 5; 1: no guidance). negative: its unconditional text, an
+        embedding or prompt(s); None: the reference's negative prompt through text_encoder. shift: the
+        teacher's schedule shift (None: the reference's value for the output size).
     callback(step, steps, x0): after each step with x0 in [-1, 1]; raise from it to cancel.
     tiling: None (one pass over the whole canvas) or tiling.TileOptions (auto: tiles only beyond the
         trained size or the memory budget; manual: fixed tiles).
     tile_callback(done, total): after each batch of tiles (progress, cancel).
     compile: torch.compile the network (static shapes; worth it for many decodes of one size on a GPU).
     """
-    whole_number(steps, "steps", 1, 4, "PiD students run 1 to 4 steps; 4 is the released quality.")
-    check_seed(seed)  # both checked again by run_plan; here before a text encoder or checkpoint loads
+    check_seed(seed)  # checked again by run_plan; here before a text encoder or checkpoint loads
     if isinstance(model, (str, os.PathLike)):
         from .checkpoint import load_pid
 
         model = load_pid(model)
     plan = plan_decode(model, latent, encode_text(text, text_encoder), meta=meta, latent_format=latent_format,
-                       sigma=sigma, leftover_noise=leftover_noise, tiling=tiling, bn_stats=bn_stats)
-    return run_plan(model, plan, seed=seed, steps=steps, noise=noise, renoise=renoise, callback=callback,
+                       sigma=sigma, leftover_noise=leftover_noise, tiling=tiling, bn_stats=bn_stats,
+                       sampler=sampler, steps=steps, cfg=cfg, shift=shift,
+                       negative=lambda: encode_negative(negative, text_encoder))
+    return run_plan(model, plan, seed=seed, noise=noise, renoise=renoise, callback=callback,
                     tile_callback=tile_callback, compile=compile)
 
 
@@ -80,15 +93,16 @@ def run_plan(
     plan: DecodePlan,
     *,
     seed: int = 0,
-    steps: int = 4,
     noise: Optional[torch.Tensor] = None,
     renoise: Optional[Sequence[torch.Tensor]] = None,
     callback: Optional[ProgressCallback] = None,
     tile_callback: Optional[Callable[[int, int], None]] = None,
+    after_forward: Optional[Callable[[], None]] = None,
     compile: bool = False,
     batch_runner=None,
 ) -> torch.Tensor:
-    """Run the student sampler over a plan; RGB [B, 3, H, W] in [0, 1] (arguments as decode()).
+    """Run the plan's sampler (the student's, or the teacher's guided DPM-Solver++); RGB [B, 3, H, W] in
+    [0, 1] (arguments as decode(); after_forward() runs after every network call, for cancel checks).
 
     batch_runner: where a tiled plan's tile batches run (None: all in this process;
     distributed.TileParallel: shared among torchrun's ranks, docs/DESIGN.md §14).
@@ -97,20 +111,21 @@ def run_plan(
     (refused when it cannot fit). While it runs: every step's x0 is checked for NaN and infinity, and
     running out of memory becomes a DecodeError; so a result is never black or lost silently
     (docs/DESIGN.md §13)."""
-    steps = whole_number(steps, "steps", 1, 4, "PiD students run 1 to 4 steps; 4 is the released quality.")
     seed = check_seed(seed)
+    steps = plan.sampler.steps
+    teacher = plan.sampler.kind == TEACHER
     device = plan.device
     shape = (plan.batch, 3, *plan.output_hw)
     noise = _check_noise(noise, shape, "noise")
     if renoise is not None:
+        if teacher:
+            raise ArgumentError("The teacher sampler is an ODE solver: it draws no re-noise, so renoise does not apply.")
         if not isinstance(renoise, (list, tuple)) or len(renoise) != steps - 1:
             count = len(renoise) if isinstance(renoise, (list, tuple)) else type(renoise).__name__
             raise ArgumentError(f"renoise takes {steps - 1} tensors for {steps} steps (one per re-noise), got {count}.")
         renoise = [_check_noise(eps, shape, f"renoise[{i}]") for i, eps in enumerate(renoise)]
     check_memory(plan)
     canvas_device = device if plan.tiles.canvas_on_device else torch.device("cpu")
-    velocity = network_velocity(model, plan.text, plan.latent, plan.sigma, plan.tiles, device=device,
-                                callback_per_tile=tile_callback, compile=compile, batch_runner=batch_runner)
 
     def checked(step, total, x0):
         # x0 before the final clamp: infinities are still visible (clamping would make them white)
@@ -126,12 +141,21 @@ def run_plan(
         owned = True
     else:
         owned = False  # the caller's tensor is left as it is
-        if renoise is None:  # the re-noise draws still follow the seed
+        if renoise is None and not teacher:  # the re-noise draws still follow the seed
             generator = torch.Generator(device=device).manual_seed(seed)
+    network = dict(device=device, callback_per_tile=tile_callback, after_forward=after_forward, compile=compile,
+                   batch_runner=batch_runner)
     failure = None
     try:
-        x0 = sample(velocity, noise.to(canvas_device), steps=steps, renoise=renoise, generator=generator,
-                    callback=checked, overwrite_noise=owned)
+        if teacher:
+            denoiser = network_denoiser(model, plan.text, plan.latent, plan.sigma, plan.tiles, cfg=plan.sampler.cfg,
+                                        negative=plan.negative, **network)
+            x0 = dpm_solver_pp(denoiser, noise.to(canvas_device), teacher_schedule(steps, plan.sampler.shift),
+                               callback=checked, overwrite_noise=owned)
+        else:
+            velocity = network_velocity(model, plan.text, plan.latent, plan.sigma, plan.tiles, **network)
+            x0 = sample(velocity, noise.to(canvas_device), steps=steps, renoise=renoise, generator=generator,
+                        callback=checked, overwrite_noise=owned)
     except Exception as exc:  # only running out of memory is translated
         if not is_out_of_memory(exc):
             raise
@@ -243,3 +267,12 @@ def encode_text(text, text_encoder):
         )
     prompts = [text] if isinstance(text, str) else list(text)
     return text_encoder.encode(prompts)
+
+
+def encode_negative(negative, text_encoder):
+    """The unconditional text of a guided decode: an embedding as given, prompt(s) through the encoder,
+    None: the reference's negative prompt through the encoder (None without an encoder: the plan then
+    says what is missing)."""
+    if negative is None:
+        return None if text_encoder is None else text_encoder.encode([NEGATIVE_PROMPT])
+    return encode_text(negative, text_encoder)

@@ -61,7 +61,7 @@ class Item:
     embedding: Optional[str] = None
     sigma: Optional[Union[float, list]] = None  # None: the file's pid_sigma, else 0
     seed: int = 0
-    steps: int = 4
+    steps: Optional[int] = None  # None: the sampler's default (4, or 25 for an undistilled checkpoint)
     latent_format: str = "auto"
     tile: str = "auto"
     overlap: Optional[int] = None
@@ -170,8 +170,8 @@ def _manifest_item(entry, where: str, base: str, out_dir: str, defaults: dict) -
         raise PidError("\"tile\" must be \"auto\", \"off\" or a tile size in pixels")
     overlap = _typed(entry, "overlap", int, options["overlap"])
     steps = _typed(entry, "steps", int, options["steps"])
-    if not 1 <= steps <= 4:
-        raise PidError(f"\"steps\" must be 1 to 4, not {steps}")
+    if steps is not None and steps < 0:
+        raise PidError(f"\"steps\" must be a number of steps (0: the sampler's default), not {steps}")
     out = _typed(entry, "out", str, None)
     out = os.path.join(out_dir, out if out is not None else os.path.splitext(os.path.basename(latent))[0] + ".png")
     return Item(
@@ -238,7 +238,7 @@ def list_jobs(entries: list[Union[Item, Problem]], *, text_encoder: Optional[str
             listing.skipped += 1
         else:
             cells = batch * shape[-2] * shape[-1]
-            listing.jobs.append(Job(item, batch, tuple(i for i, there in enumerate(present) if not there), cells * item.steps))
+            listing.jobs.append(Job(item, batch, tuple(i for i, there in enumerate(present) if not there), cells * (item.steps or 4)))
     return listing
 
 
@@ -281,17 +281,28 @@ class Texts:
             raise self.value
         return self.value
 
+    def negative(self, args) -> torch.Tensor:
+        """The unconditional text of a guided decode, made once for the run (cli.negative_embedding)."""
+        if not hasattr(self, "_negative"):
+            from .cli import negative_embedding
+
+            self._negative = negative_embedding(args, self._encoder)
+        return self._negative
+
+    def _encoder(self):
+        if self.encoder is None and self.text_encoder:
+            from .text import GemmaTextEncoder
+
+            self.encoder = GemmaTextEncoder.from_pretrained(self.text_encoder, device=self.device)
+        return self.encoder
+
     def _make(self, item: Item) -> torch.Tensor:
         from .decode import encode_text
         from .files import load_text_embedding
 
         if item.embedding:
             return load_text_embedding(item.embedding)
-        if self.encoder is None:
-            from .text import GemmaTextEncoder
-
-            self.encoder = GemmaTextEncoder.from_pretrained(self.text_encoder, device=self.device)
-        return encode_text(item.prompt, self.encoder)
+        return encode_text(item.prompt, self._encoder())
 
 
 def in_text_order(jobs: list[Job]) -> list[Job]:
@@ -302,8 +313,9 @@ def in_text_order(jobs: list[Job]) -> list[Job]:
     return sorted(jobs, key=lambda job: first[job.item.text_key])  # stable: listed order inside a group
 
 
-def decode_job(model, job: Job, text: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """One item, as the decode command runs it: its images [B, 3, H, W] in [0, 1]."""
+def decode_job(model, job: Job, text: torch.Tensor, device: torch.device, args, texts: "Texts") -> torch.Tensor:
+    """One item, as the decode command runs it: its images [B, 3, H, W] in [0, 1]. The run's sampler
+    options (--sampler, --cfg, the negative text of a guided decode) apply to every item."""
     from .cli import tile_options
     from .decode import run_plan
     from .files import load_latent_file
@@ -316,8 +328,9 @@ def decode_job(model, job: Job, text: torch.Tensor, device: torch.device) -> tor
     sigma = torch.tensor(item.sigma, dtype=torch.float32) if isinstance(item.sigma, list) else item.sigma
     plan = plan_decode(model, latent, text, meta=meta, latent_format=item.latent_format, sigma=sigma,
                        leftover_noise=item.leftover_noise,
-                       tiling=tile_options(item.tile, item.overlap, distributed.memory_budget(device)))
-    return run_plan(model, plan, seed=item.seed, steps=item.steps)
+                       tiling=tile_options(item.tile, item.overlap, distributed.memory_budget(device)),
+                       sampler=args.sampler, steps=item.steps, cfg=args.cfg, negative=lambda: texts.negative(args))
+    return run_plan(model, plan, seed=item.seed)
 
 
 def _reason(exc: Exception) -> str:
@@ -366,7 +379,7 @@ def decode_share(jobs: list[Job], args, device: torch.device) -> RankReport:
             began = time.perf_counter()
             head = f"{ranks.label}[{k}/{len(jobs)}] {job.item.where}"
             try:
-                image = decode_job(model, job, texts(job.item), device)
+                image = decode_job(model, job, texts(job.item), device, args, texts)
             except Exception as exc:  # this item fails, the run goes on
                 failed(head, job, exc)
                 continue

@@ -1,4 +1,4 @@
-"""The released 4-step student sampler as plain functions (docs/DESIGN.md §7).
+"""The released 4-step student sampler as plain functions (docs/DESIGN.md §7.1).
 
 Flow matching with x_t = (1 - t) x0 + t eps; the network predicts v = eps - x0. Each step forms
 x0 = x_t - t v in float64, then re-noises to the next t with *fresh* noise (no clamping in between).

@@ -19,7 +19,7 @@ import json
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -40,6 +40,13 @@ def _read_chi_prompt() -> str:
 
 
 CHI_PROMPT: str = _read_chi_prompt()
+
+# The unconditional text of the undistilled checkpoints' classifier-free guidance: the reference model
+# config's default negative prompt, encoded like any caption, CHI prompt included (docs/DESIGN.md §6).
+NEGATIVE_PROMPT = (
+    "low quality, worst quality, over-saturated, three legs, six fingers, cartoon, anime, cgi, low res, "
+    "blurry, deformed, distortion, duplicated limbs, plastic skin, jpeg artifacts, watermark"
+)
 
 
 def _check_chi_prompt() -> None:
@@ -131,6 +138,23 @@ def validate_text_embedding(emb: Any, *, text_dim: int = TEXT_DIM, max_tokens: i
             "overflowed. Re-encode the prompt with the encoder in bfloat16 or float32."
         )
     return emb
+
+
+# --------------------------------------------------------------------------------------------------
+# The token ids of the contract
+# --------------------------------------------------------------------------------------------------
+
+
+def contract_token_ids(encode: Callable[[str], Sequence[int]], caption: str, *, pad_id: int,
+                       max_tokens: int = TEXT_TOKENS) -> tuple[list[int], int]:
+    """(ids, real tokens) that PiD's text contract hands to Gemma for one caption (docs/DESIGN.md §6).
+
+    encode(text) -> Gemma ids with BOS first (any tokenizer: transformers', ComfyUI's SentencePiece).
+    CHI_PROMPT + caption, right-truncated and right-padded with pad_id to num_chi + max_tokens - 2,
+    num_chi = len(encode(CHI_PROMPT)). An empty caption is CHI_PROMPT + "" like any other."""
+    length = len(encode(CHI_PROMPT)) + max_tokens - 2
+    ids = list(encode(CHI_PROMPT + caption))[:length]
+    return ids + [pad_id] * (length - len(ids)), len(ids)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -494,14 +518,13 @@ class GemmaTextEncoder:
         return torch.stack([results[p] for p in prompts])  # a copy: callers cannot alter the cache
 
     def tokenize(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """CHI prompt + caption, right-padded/truncated to num_chi + 300 - 2 tokens."""
-        return self.tokenizer(
-            [CHI_PROMPT + p for p in prompts],
-            max_length=self.max_length,
-            padding="max_length",
-            truncation=True,
-            return_tensors="pt",
-        )
+        """CHI prompt + caption, right-padded/truncated to num_chi + 300 - 2 tokens (contract_token_ids)."""
+        encoded = [contract_token_ids(self.tokenizer.encode, p, pad_id=self.tokenizer.pad_token_id,
+                                      max_tokens=self.max_tokens) for p in prompts]
+        return {
+            "input_ids": torch.tensor([ids for ids, _ in encoded], dtype=torch.long),
+            "attention_mask": torch.tensor([[1] * n + [0] * (len(ids) - n) for ids, n in encoded], dtype=torch.long),
+        }
 
     @torch.inference_mode()
     def _forward(self, prompts: Sequence[str]) -> list[torch.Tensor]:

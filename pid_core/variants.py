@@ -1,8 +1,10 @@
 """The released PiD checkpoints, as data.
 
-One `Variant` per released 4-step student: what latent it takes, how its network is shaped, what sizes
-it was trained for and where its file lives. Everything else in the pack asks this table instead of
-hard-coding a backbone; nothing here loads a file or imports ComfyUI (docs/DESIGN.md §11).
+One `Variant` per released checkpoint: the 4-step students and the undistilled v1.5 teachers (the
+same network, sampled with many guided steps). What latent it takes, how its network is shaped, what
+sizes it was trained for, how it is sampled by default and where its file lives. Everything else in
+the pack asks this table instead of hard-coding a backbone; nothing here loads a file or imports
+ComfyUI (docs/DESIGN.md §11).
 
 Names: a short id ("flux-2k"), the official experiment name (the folder on the Hub), and the Comfy-Org
 repackaged file stem ("pid_flux1_512_to_2048_4step_bf16").
@@ -42,6 +44,24 @@ class HubFile:
         return PurePath(self.path).name
 
 
+# The two kinds of checkpoint. The weights cannot tell them apart (same network, same keys): the file
+# name decides, and the user can override it.
+STUDENT = "student"  # distilled: the 4-step student sampler, no guidance
+TEACHER = "teacher"  # undistilled: DPM-Solver++ over many steps with classifier-free guidance
+KINDS = (STUDENT, TEACHER)
+
+
+@dataclass(frozen=True)
+class SamplerDefaults:
+    """How a kind of checkpoint is sampled unless the user says otherwise (the reference's settings)."""
+
+    steps: int
+    cfg: float  # classifier-free guidance scale; 1.0 = none
+
+
+SAMPLER_DEFAULTS = {STUDENT: SamplerDefaults(steps=4, cfg=1.0), TEACHER: SamplerDefaults(steps=25, cfg=5.0)}
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str  # short id used by the nodes and the command line
@@ -64,7 +84,12 @@ class Variant:
     repackaged_file: HubFile | None  # Comfy-Org bf16 safetensors, where one exists
     repackaged_stems: tuple[str, ...] = ()  # Comfy-Org stems (no precision suffix) that may hold it
     deprecated: bool = False  # moved to checkpoints_deprecated/ upstream
+    kind: str = STUDENT  # STUDENT or TEACHER
     license: str = field(default=LICENSE_NOTE, repr=False)
+
+    @property
+    def defaults(self) -> SamplerDefaults:
+        return SAMPLER_DEFAULTS[self.kind]
 
     @property
     def pixels_per_latent(self) -> int:
@@ -107,8 +132,8 @@ def _v1(name, label, experiment, backbones, latent_format, channels, down, *, sr
 
 
 def _v15(name, label, experiment, backbones, latent_format, channels, down, *, unpatchify=1,
-         params, repackaged) -> Variant:
-    """A v1.5-layout student (preset pid_sr4x_v1pt5: hidden 1024, replicate padding, RoPE ref 2048)."""
+         params, repackaged=(), kind=STUDENT) -> Variant:
+    """A v1.5-layout checkpoint (preset pid_sr4x_v1pt5: hidden 1024, replicate padding, RoPE ref 2048)."""
     stems = (repackaged,) if isinstance(repackaged, str) else tuple(repackaged)
     return Variant(
         name=name, label=label, experiment=experiment, backbones=backbones, layout="v1.5",
@@ -116,8 +141,8 @@ def _v15(name, label, experiment, backbones, latent_format, channels, down, *, u
         adapter_in_channels=channels // unpatchify**2, adapter_hidden=1024, latent_down_factor=down,
         unpatchify=unpatchify, sr_scale=4, rope_ref_px=2048, num_tensors=467, num_params=params,
         trained_px=(2048, 3840),
-        official_file=_official(experiment), repackaged_file=_repackaged(stems[0]),
-        repackaged_stems=stems,
+        official_file=_official(experiment), repackaged_file=_repackaged(stems[0]) if stems else None,
+        repackaged_stems=stems, kind=kind,
     )
 
 
@@ -158,6 +183,20 @@ _CURRENT = (
         ("siglip",), "siglip", 1152, 16, sr=8, params=1_367_582_858),
 )
 
+# The undistilled v1.5 teachers the students were distilled from: the same networks (keys, shapes,
+# geometry), released as official files only. Sampled with DPM-Solver++ and guidance (teacher.py).
+_UNDISTILLED = (
+    _v15("flux-2kto4k-v1.5-undistilled", "FLUX.1 / Z-Image 2K-to-4K (v1.5, undistilled)",
+         "PiD_v1pt5_res2kto4k_sr4x_official_flux_undistilled",
+         _FLUX_BACKBONES, "flux", 16, 8, params=1_401_300_163, kind=TEACHER),
+    _v15("flux2-2kto4k-v1.5-undistilled", "FLUX.2 / Klein 2K-to-4K (v1.5, undistilled)",
+         "PiD_v1pt5_res2kto4k_sr4x_official_flux2_undistilled",
+         _FLUX2_BACKBONES, "flux2", 128, 16, unpatchify=2, params=1_401_447_619, kind=TEACHER),
+    _v15("qwenimage-2kto4k-v1.5-undistilled", "Qwen-Image 2K-to-4K (v1.5, undistilled)",
+         "PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_undistilled",
+         _QWEN_BACKBONES, "qwenimage", 16, 8, params=1_401_300_163, kind=TEACHER),
+)
+
 # The first 2K-to-4K students of FLUX.1, FLUX.2 and Qwen-Image, replaced by v1.5 and moved to
 # checkpoints_deprecated/. Upstream no longer configures them; the v1 layout with the
 # 2kto4k settings is presumed. Kept so that such a file (and the Comfy-Org 1024_to_4096 files made
@@ -181,9 +220,10 @@ _DEPRECATED = (
         deprecated=True),
 )
 
-VARIANTS: dict[str, Variant] = {v.name: v for v in _CURRENT}
+VARIANTS: dict[str, Variant] = {v.name: v for v in _CURRENT}  # the current students
+UNDISTILLED_VARIANTS: dict[str, Variant] = {v.name: v for v in _UNDISTILLED}
 DEPRECATED_VARIANTS: dict[str, Variant] = {v.name: v for v in _DEPRECATED}
-_ALL: tuple[Variant, ...] = _CURRENT + _DEPRECATED
+_ALL: tuple[Variant, ...] = _CURRENT + _UNDISTILLED + _DEPRECATED
 
 # Every backbone name, aliases included, in menu order, with a human name.
 BACKBONE_LABELS: dict[str, str] = {
@@ -226,7 +266,7 @@ def _key(text: str) -> str:
 
 
 def _choices() -> str:
-    return ", ".join(VARIANTS)
+    return ", ".join([*VARIANTS, *UNDISTILLED_VARIANTS])
 
 
 def get_variant(name: str) -> Variant:
@@ -271,6 +311,26 @@ def variants_from_filename(path: str | PurePath) -> list[Variant]:
     return [v for v in _ALL if stem in v.repackaged_stems]
 
 
+# A file named after no experiment can still say what it is: "undistilled" in its name (a renamed
+# teacher, e.g. pid_flux1_undistilled.pth) picks the teachers among the variants of its structure.
+_UNDISTILLED_CUE = "undistilled"
+
+
+def says_undistilled(path: str | PurePath | None) -> bool:
+    return path is not None and _UNDISTILLED_CUE in str(path).lower()
+
+
+def kind_from_filename(path: str | PurePath | None) -> str | None:
+    """STUDENT or TEACHER as a file name tells (its variant, else the "undistilled" cue); None when
+    the name says nothing."""
+    if path is None:
+        return None
+    found = variants_from_filename(path)
+    if found:
+        return found[0].kind
+    return TEACHER if says_undistilled(path) else None
+
+
 def variant_from_filename(path: str | PurePath) -> Variant | None:
     """The variant a file name points to (the current one where a name is ambiguous), or None."""
     found = variants_from_filename(path)
@@ -280,7 +340,8 @@ def variant_from_filename(path: str | PurePath) -> Variant | None:
 def variants_matching(
     layout: str, adapter_in_channels: int, *, include_deprecated: bool = False
 ) -> list[Variant]:
-    """The variants a checkpoint with this detected structure can be (layout + first-conv channels)."""
+    """The variants a checkpoint with this detected structure can be (layout + first-conv channels): the
+    current students, and with include_deprecated every released file (teachers and deprecated too)."""
     pool = _ALL if include_deprecated else _CURRENT
     return [v for v in pool if v.layout == layout and v.adapter_in_channels == adapter_in_channels]
 
@@ -291,8 +352,9 @@ def resolve_variant(
     """The variant of a loaded checkpoint, from its structure and its file name together.
 
     The structure (read from the weights) is the truth; the name only picks among the variants that
-    share a structure (flux vs sd3 vs qwen, 2k vs 2kto4k). Returns None when the two together still
-    leave a choice; raises when the name contradicts the weights.
+    share a structure (flux vs sd3 vs qwen, 2k vs 2kto4k, student vs undistilled teacher: a name that
+    names no experiment is a student unless it says "undistilled"). Returns None when the two together
+    still leave a choice; raises when the name contradicts the weights.
     """
     fits = variants_matching(layout, adapter_in_channels, include_deprecated=True)
     if not fits:
@@ -312,6 +374,8 @@ def resolve_variant(
             f"{', '.join(v.name for v in fits)}. The file is misnamed: rename it after what it holds, "
             "or download the checkpoint again."
         )
+    kind = TEACHER if says_undistilled(path) else STUDENT
+    fits = [v for v in fits if v.kind == kind]
     return fits[0] if len(fits) == 1 else None
 
 
@@ -354,9 +418,9 @@ def _backbone(backbone: str) -> str:
 
 
 def variants_for_backbone(backbone: str, *, include_deprecated: bool = False) -> list[Variant]:
-    """The checkpoints that decode this backbone's latents, 2K first."""
+    """The students that decode this backbone's latents, 2K first."""
     key = _backbone(backbone)
-    pool = _ALL if include_deprecated else _CURRENT
+    pool = _CURRENT + _DEPRECATED if include_deprecated else _CURRENT
     return sorted((v for v in pool if key in v.backbones), key=lambda v: v.trained_px[1])
 
 
@@ -385,7 +449,7 @@ def check_output_size(variant: Variant, height: int, width: int) -> str | None:
     low, high = variant.trained_px
     trained = f"~{low}x{low}" if low == high else f"{low}..{high} px a side"
     size = f"{width}x{height}"
-    same_family = [v for v in variants_for_backbone(variant.backbones[0]) if v is not variant]
+    same_family = [v for v in variants_for_backbone(variant.backbones[0]) if v is not variant and v.kind == variant.kind]
     warnings = []
     if side > high * TOO_LARGE:
         bigger = [v.name for v in same_family if v.trained_px[1] > high]

@@ -1,9 +1,13 @@
-"""The velocity function the sampler calls: the network on the whole canvas, or tiles fused per step.
+"""The functions the samplers call: the network on the whole canvas, or tiles fused per step.
 
-This is where the network meets the sampler. The network runs on the compute device under the
+This is where the network meets the samplers. The network runs on the compute device under the
 weights' precision (precision.compute_context) with the plan's pixel-block chunking; the sampler's
 state may live elsewhere (the CPU, for large canvases on small cards): tiles travel to the device and
-their velocities come back.
+their results come back.
+
+  network_velocity   v(x, t) for the student sampler (sampling.sample)
+  network_denoiser   the guided x0(x, t) for the teacher sampler (teacher.dpm_solver_pp): both text
+                     branches per tile (one batched forward or two), guided, then fused over tiles
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from .precision import compute_context
+from .teacher import branches_may_share_forward, data_prediction
 from .tiling import TiledVelocity, TilePlan
 
 
@@ -26,6 +31,7 @@ def network_velocity(
     *,
     device=None,
     callback_per_tile: Optional[Callable[[int, int], None]] = None,
+    after_forward: Optional[Callable[[], None]] = None,
     compile: bool = False,
     autocast: bool = True,
     max_batches: Optional[int] = None,
@@ -35,32 +41,117 @@ def network_velocity(
     else a TiledVelocity (which the sampler drives row band by row band, never holding a whole-canvas v).
 
     text [B|1, T, text_dim], latent [B, C, h, w] (PiD space), sigma [B]|[1]. The network runs on `device`
-    (default: the latent's). compile: torch.compile the network with static shapes (every tile batch
-    padded to one shape); the first call of each shape compiles. max_batches: benchmarks only (see
-    TiledVelocity). batch_runner: where tile batches run (TiledVelocity; None: all in this process)."""
-    network = torch.compile(model, mode="default", dynamic=False) if compile else model
-    B = latent.shape[0]
-    device = torch.device(device) if device is not None else latent.device
-    text = text.expand(B, -1, -1) if text.shape[0] == 1 and B > 1 else text
-    sigma = sigma.reshape(-1).float()
-    sigma = sigma.expand(B) if sigma.numel() == 1 else sigma
-    chunk = plan.pixel_chunk_tokens
+    (default: the latent's). callback_per_tile(done, total) after each batch of tiles; after_forward()
+    after every network call (cancel checks). compile: torch.compile the network with static shapes
+    (every tile batch padded to one shape); the first call of each shape compiles. max_batches:
+    benchmarks only (see TiledVelocity). batch_runner: where tile batches run (TiledVelocity; None: all
+    in this process)."""
+    forward = _network_forward(model, plan, device or latent.device, compile=compile, autocast=autocast,
+                               after_forward=after_forward)
 
     def call(x, t, z, y, s):
+        return forward(x, t, z, y, s)
+
+    return _over_canvas(call, model, latent, (_batch_text(text, latent), _batch_sigma(sigma, latent)), plan,
+                        device=device, callback_per_tile=callback_per_tile, max_batches=max_batches, pad=compile,
+                        batch_runner=batch_runner)
+
+
+def network_denoiser(
+    model,
+    text: torch.Tensor,
+    latent: torch.Tensor,
+    sigma: torch.Tensor,
+    plan: TilePlan,
+    *,
+    cfg: float = 1.0,
+    negative: Optional[torch.Tensor] = None,
+    device=None,
+    callback_per_tile: Optional[Callable[[int, int], None]] = None,
+    after_forward: Optional[Callable[[], None]] = None,
+    compile: bool = False,
+    autocast: bool = True,
+    batch_runner=None,
+):
+    """The guided data prediction x0(x, t) of the whole canvas for `teacher.dpm_solver_pp`.
+
+    Classifier-free guidance on the text only: `negative` [B|1, T, text_dim] replaces the text in the
+    unconditional branch, the latent and sigma stay. cfg 1 runs the conditional branch alone (as the
+    reference does). plan.branches == 2 runs both branches as one forward of twice the batch
+    ([uncond; cond], when the plan found the memory for it and t is not near 1:
+    teacher.REFERENCE_ORDER_FROM_T), else two forwards, uncond first. The
+    guidance and x0 are formed per tile (`teacher.data_prediction`), and tiles fuse x0, which is the
+    same as fusing the guided v (weights summing to 1): one state for the canvas at every step. Other
+    arguments as network_velocity."""
+    forward = _network_forward(model, plan, device or latent.device, compile=compile, autocast=autocast,
+                               after_forward=after_forward)
+    guided = cfg != 1.0
+    if guided and negative is None:
+        raise ValueError("a guided decode (cfg != 1) needs the negative (unconditional) text")
+    conditioning = [_batch_text(text, latent), _batch_sigma(sigma, latent)]
+    if guided:
+        conditioning.append(_batch_text(negative, latent))
+    batched = plan.branches == 2 and guided and negative.shape[1:] == text.shape[1:]
+
+    def call(x, t, z, y, s, y_neg=None):
+        if not guided:
+            return data_prediction(x, t, forward(x, t, z, y, s))
+        if batched and branches_may_share_forward(t):
+            v_uncond, v_cond = forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([z, z]),
+                                       torch.cat([y_neg, y]), torch.cat([s, s])).chunk(2)
+        else:
+            v_uncond = forward(x, t, z, y_neg, s)
+            v_cond = forward(x, t, z, y, s)
+        return data_prediction(x, t, v_cond, v_uncond, cfg)
+
+    return _over_canvas(call, model, latent, tuple(conditioning), plan, device=device,
+                        callback_per_tile=callback_per_tile, pad=compile, batch_runner=batch_runner)
+
+
+def _network_forward(model, plan: TilePlan, device, *, compile: bool = False, autocast: bool = True,
+                     after_forward: Optional[Callable[[], None]] = None):
+    """(x, t, latent, text, sigma) -> v: one network call on `device`, with the plan's chunking."""
+    network = torch.compile(model, mode="default", dynamic=False) if compile else model
+    chunk = plan.pixel_chunk_tokens
+    device = torch.device(device)
+
+    def forward(x, t, z, y, s):
         precision = compute_context(model, device) if autocast else contextlib.nullcontext()
         with torch.no_grad(), precision:
-            return network(x, t, y, z, s, chunk_tokens=chunk)
+            v = network(x, t, y, z, s, chunk_tokens=chunk)
+        if after_forward is not None:
+            after_forward()
+        return v
 
+    return forward
+
+
+def _batch_text(text: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    B = latent.shape[0]
+    return text.expand(B, -1, -1) if text.shape[0] == 1 and B > 1 else text
+
+
+def _batch_sigma(sigma: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    sigma = sigma.reshape(-1).float()
+    return sigma.expand(latent.shape[0]) if sigma.numel() == 1 else sigma
+
+
+def _over_canvas(call, model, latent, conditioning, plan: TilePlan, *, device=None, callback_per_tile=None,
+                 max_batches=None, pad=False, batch_runner=None):
+    """call(x, t, latent, *conditioning) over the canvas: once for an untiled plan (on `device`, the result
+    back on x's device), else per tile, fused (TiledVelocity)."""
+    device = torch.device(device) if device is not None else latent.device
     if not plan.tiled:
-        text_d, latent_d, sigma_d = text.to(device), latent.to(device), sigma.to(device)
+        latent_d = latent.to(device)
+        conditioning_d = [c.to(device) for c in conditioning]
 
         def whole(x, t):
-            v = call(x.to(device), t.reshape(-1).expand(x.shape[0]).to(device), latent_d, text_d, sigma_d)
-            return v.to(x.device)
+            out = call(x.to(device), t.reshape(-1).expand(x.shape[0]).to(device), latent_d, *conditioning_d)
+            return out.to(x.device)
 
         return whole
     return TiledVelocity(
         call, latent, plan.tiles, scale=model.config.scale, batch_tiles=plan.batch_tiles,
-        conditioning=(text, sigma), device=device, callback_per_tile=callback_per_tile,
-        max_batches=max_batches, pad_batches=compile, batch_runner=batch_runner,
+        conditioning=conditioning, device=device, callback_per_tile=callback_per_tile,
+        max_batches=max_batches, pad_batches=pad, batch_runner=batch_runner,
     )

@@ -57,9 +57,9 @@ def worker(out_dir: str) -> None:
         for batch_tiles in (4, 16):
             options = TileOptions(mode="manual", tile_px=128, overlap_px=64, max_batch_tiles=batch_tiles)
             plan = plan_decode(model, latent, text, latent_format="flux", sigma=torch.tensor([0.2, 0.5]),
-                               tiling=options)
+                               tiling=options, steps=3)
             assert plan.tiles.tiled and len(plan.tiles.tiles) == 10, plan.tiles.reason
-            results[batch_tiles] = run_plan(model, plan, seed=11, steps=3, batch_runner=distributed.tile_runner())
+            results[batch_tiles] = run_plan(model, plan, seed=11, batch_runner=distributed.tile_runner())
         name = f"rank{ranks.rank}" if ranks.several else "single"
     torch.save(results, os.path.join(out_dir, f"{name}.pt"))
 

@@ -338,15 +338,18 @@ def test_api_arguments(inputs):
         decode(model, latent, text=text, steps=2, renoise=[torch.randn(1, 3, 9, 12)])
     with pytest.raises(ArgumentError, match="noise has shape"):
         decode(model, latent, text=text, noise=torch.randn(1, 3, 8, 8))
-    for steps in (2.7, 0, 5, "4", True):
-        with pytest.raises(ArgumentError, match="steps must be a whole number from 1 to 4"):
+    for steps in (2.7, "4", True):
+        with pytest.raises(ArgumentError, match="steps must be a whole number from 0 to 4"):
+            decode(model, latent, text=text, steps=steps)
+    for steps in (5, -1):
+        with pytest.raises(ArgumentError, match="runs 1 to 4 steps"):
             decode(model, latent, text=text, steps=steps)
     for seed in (1.5, -1, 2**64, "7"):
         with pytest.raises(ArgumentError, match="seed must be a whole number"):
             decode(model, latent, text=text, seed=seed)
     plan = plan_decode(model, latent, text)
-    with pytest.raises(ArgumentError, match="steps must be a whole number"):
-        run_plan(model, plan, steps=2.7)
+    with pytest.raises(ArgumentError, match="seed must be a whole number"):
+        run_plan(model, plan, seed=2.7)
 
 
 # ------------------------------------------------------------------------------------------------

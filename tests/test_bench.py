@@ -63,3 +63,14 @@ def test_bench_worker_and_seam_in_process(capsys):
     bench.main(["--seam-only", "--seam-sizes", "192", "--seam-tile", "128", "--seam-steps", "1", "--overlap", "32"])
     out = capsys.readouterr().out
     assert "192x192" in out
+
+
+def test_bench_worker_runs_the_teacher_sampler():
+    row = bench.worker(dict(mode="untiled", chunk="on", dtype="fp32", device="cpu", size=[64, 64], tile=64, overlap=0,
+                            steps=3, batch_tiles=1, narrow=True, layout="v1.5", latent_channels=16, sampler="teacher",
+                            cfg=5.0))
+    # 3 guided steps: the first (t near 1) as two forwards, the others batched
+    assert row["forwards"] == 4 and row["finite"] and row["cpu_time"] > 0
+    text = bench._format_row(dict(row, mode="untiled", chunk="on", dtype="fp32", device="cpu", size=[64, 64], steps=3,
+                                  sampler="teacher", cfg=5.0))
+    assert "teacher cfg 5" in text and "4 forward(s)" in text

@@ -117,3 +117,46 @@ def test_progress_per_tile_batch(files, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "step 1/1 tiles 2/2" in err  # two tiles, one forward
     assert read_png(str(out)).shape == (512, 768, 3)
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli_teacher") / "PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_undistilled.pth"
+    make_random_checkpoint(str(path), layout="v1.5", latent_channels=16, text_dim=2304, text_tokens=300)
+    return str(path)
+
+
+def test_undistilled_checkpoint_decodes_guided(files, teacher_file, tmp_path, capsys):
+    latent = tmp_path / "q.safetensors"
+    save_file({"latent": torch.randn(1, 16, 2, 2)}, str(latent))
+    negative = tmp_path / "negative.safetensors"
+    save_file({"text_embedding": torch.randn(1, 300, 2304)}, str(negative))
+    out = tmp_path / "guided.png"
+    base = ["decode", "--checkpoint", teacher_file, "--latent", str(latent), "--text-embedding", files["text"],
+            "--latent-format", "qwenimage", "--out", str(out)]
+    # a precomputed prompt and no encoder: the negative embedding must be given, and the message says so
+    assert main(base + ["--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--negative-embedding" in err and "--cfg 1" in err and "Traceback" not in err
+    assert main(base + ["--steps", "2", "--cfg", "4.5", "--negative-embedding", str(negative)]) == 0
+    printed = capsys.readouterr().out
+    assert "teacher (DPM-Solver++), 2 steps, cfg 4.5" in printed and "qwenimage-2kto4k-v1.5-undistilled" in printed
+    assert read_png(str(out)).shape == (64, 64, 3)
+    assert main(base + ["--steps", "2", "--cfg", "1"]) == 0  # no guidance: no negative needed
+    assert "no guidance" in capsys.readouterr().out
+    assert main(base + ["--steps", "101", "--cfg", "1"]) == 2
+    assert "1 to 100 steps" in capsys.readouterr().err
+
+
+def test_sampler_override_and_student_steps(files, tmp_path, capsys, caplog):
+    ckpt, latent, _ = files["flux"]
+    out = tmp_path / "s.png"
+    base = ["decode", "--checkpoint", ckpt, "--latent", latent, "--text-embedding", files["text"], "--out", str(out)]
+    assert main(base + ["--steps", "25"]) == 2
+    assert "student sampler runs 1 to 4 steps" in capsys.readouterr().err
+    assert main(base + ["--sampler", "teacher", "--steps", "2", "--cfg", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "teacher (DPM-Solver++), 2 steps" in captured.out and "(chosen)" in captured.out
+    assert "4-step student" in caplog.text  # the warning (stderr outside pytest)
+    with pytest.raises(SystemExit):
+        main(base + ["--negative-prompt", "blurry"])  # a prompt needs the encoder

@@ -155,3 +155,71 @@ def test_tiling_single_tile_equals_untiled_and_small_tiles_cover(checkpoints):
     off = decode(model, latent, text=text, noise=noise, steps=2,
                  tiling=TileOptions(mode="manual", tile_px=256, overlap_px=64, canvas_on_device=False))
     assert torch.equal(on, off) and torch.equal(noise, kept)
+
+
+# ---------------------------------------------------------------- undistilled checkpoints
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "PiD_v1pt5_res2kto4k_sr4x_official_flux_undistilled" / "model_ema_bf16.pth"
+    make_random_checkpoint(str(path), layout="v1.5", latent_channels=16, text_dim=64, text_tokens=16)
+    return str(path)
+
+
+class _Encoder:
+    """Stands in for GemmaTextEncoder: a fixed embedding per prompt."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def encode(self, prompts):
+        self.prompts += list(prompts)
+        return torch.stack([_text(seed=len(p))[0] for p in prompts])
+
+
+def test_teacher_decodes_with_dpm_solver_and_guidance(teacher_checkpoint):
+    from pid_core.teacher import dpm_solver_pp, teacher_schedule, teacher_shift
+    from pid_core.text import NEGATIVE_PROMPT
+
+    model = load_pid(teacher_checkpoint, dtype=torch.float32)
+    assert model.variant.name == "flux-2kto4k-v1.5-undistilled"
+    latent = torch.randn(1, 16, 2, 3)
+    encoder = _Encoder()
+    steps_seen = []
+    image = decode(model, latent, text="a fox", text_encoder=encoder, steps=3, seed=2,
+                   callback=lambda i, n, x0: steps_seen.append((i, n)))
+    assert encoder.prompts == ["a fox", NEGATIVE_PROMPT]  # the reference's negative prompt by default
+    assert steps_seen == [(1, 3), (2, 3), (3, 3)] and image.shape == (1, 3, 64, 96)
+    # the same as the solver driven by hand with the guided x0 (two forwards, uncond first)
+    from pid_core.sampling import initial_noise
+    from pid_core.teacher import data_prediction
+
+    z = (LATENT_FORMATS["flux"].to_pid(latent)).to(torch.bfloat16).float()
+    text, negative, sigma = encoder.encode(["a fox"]), encoder.encode([NEGATIVE_PROMPT]), torch.zeros(1)
+    noise, _ = initial_noise((1, 3, 64, 96), seed=2)
+
+    def denoise(x, t):
+        with torch.no_grad():
+            return data_prediction(x, t, model(x, t, text, z, sigma), model(x, t, negative, z, sigma), 5.0)
+
+    by_hand = dpm_solver_pp(denoise, noise, teacher_schedule(3, teacher_shift(64, 96)))
+    assert (image - (by_hand + 1) / 2).abs().max() < 1e-4
+
+
+def test_teacher_settings_and_errors(teacher_checkpoint, checkpoints):
+    model = load_pid(teacher_checkpoint, dtype=torch.float32)
+    latent = torch.randn(1, 16, 2, 2)
+    with pytest.raises(TextEmbeddingError, match="needs the negative text's embedding"):
+        decode(model, latent, text=_text(), steps=2)  # an embedding, no encoder: no negative to make
+    a = decode(model, latent, text=_text(), steps=2, negative=_text(seed=5))
+    b = decode(model, latent, text=_text(), steps=2, cfg=1.0)  # no guidance: no negative needed
+    assert not torch.equal(a, b)
+    student = decode(model, latent, text=_text(), sampler="student", steps=2)  # the override (with a warning)
+    assert student.shape == a.shape
+    with pytest.raises(PidError, match="draws no re-noise"):
+        decode(model, latent, text=_text(), steps=2, cfg=1.0, renoise=[torch.zeros(1, 3, 64, 64)])
+    # a student checkpoint with the teacher's sampler runs too (and warns)
+    flux = load_pid(checkpoints["flux"], dtype=torch.float32)
+    out = decode(flux, torch.randn(1, 16, 2, 2), text=_text(), sampler="teacher", steps=2, cfg=1.0)
+    assert torch.isfinite(out).all()

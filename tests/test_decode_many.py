@@ -116,7 +116,7 @@ def test_bad_items_are_reported_and_skipped_then_a_rerun_finishes_only_them(shar
     assert "9 item(s): 1 done, 0 skipped (finished before), 8 failed" in printed.out
     for line, reason in [(2, "Latent file not found"), (3, "not a complete PNG"), (4, "items.jsonl:1 writes"),
                          (5, "sigma"), (6, "unknown key(s) colour"), (7, "must be a .png file"),
-                         (8, "\"steps\" must be 1 to 4"), (9, "not a JSON object")]:
+                         (8, "1 to 4 steps"), (9, "not a JSON object")]:
         assert any(f"items.jsonl:{line}: " in row and reason in row for row in printed.out.splitlines()), (line, reason)
     assert "items.jsonl:5 FAILED" in printed.err  # the decode failure is reported while the run goes on
     assert (out / "broken.png").read_bytes() == b"\x89PNG\r\n\x1a\n cut off"  # never overwritten

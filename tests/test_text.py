@@ -16,9 +16,11 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma2Model, PreTraine
 from pid_core.errors import TextEmbeddingError
 from pid_core.text import (
     CHI_PROMPT,
+    NEGATIVE_PROMPT,
     TEXT_DIM,
     TEXT_TOKENS,
     GemmaTextEncoder,
+    contract_token_ids,
     validate_text_embedding,
 )
 
@@ -142,6 +144,25 @@ def test_long_caption_is_truncated_on_the_right(encoder):
     assert tok["input_ids"].shape[1] == encoder.num_chi + 298
     assert tok["attention_mask"].all()
     assert tok["input_ids"][0, : encoder.num_chi - 1].tolist() == encoder.tokenizer.encode(CHI_PROMPT)[:-1]
+
+
+def test_contract_ids_are_the_reference_tokenizer_call(encoder):
+    """contract_token_ids (also what PiD Text Encode builds with ComfyUI's tokenizer) is the reference's
+    tokenizer call: CHI + caption, right padding and truncation to num_chi + 298."""
+    tokenizer = make_tokenizer()
+    tokenizer.padding_side = tokenizer.truncation_side = "right"
+    for caption in ("", "a cat", " a cat" * 400):
+        expected = tokenizer([CHI_PROMPT + caption], max_length=encoder.num_chi + 298, padding="max_length",
+                             truncation=True, return_tensors="pt")
+        ids, real = contract_token_ids(tokenizer.encode, caption, pad_id=PAD)
+        assert ids == expected["input_ids"][0].tolist()
+        assert real == int(expected["attention_mask"][0].sum())
+        assert torch.equal(encoder.tokenize([caption])["attention_mask"], expected["attention_mask"])
+
+
+def test_negative_prompt_is_the_references():
+    assert NEGATIVE_PROMPT.startswith("low quality, worst quality, over-saturated, three legs, six fingers,")
+    assert NEGATIVE_PROMPT.endswith("plastic skin, jpeg artifacts, watermark")
 
 
 # ------------------------------------------------------------------------------------------ encoding

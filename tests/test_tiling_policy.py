@@ -104,3 +104,34 @@ def test_tiled_memory_is_bounded_by_the_tile():
     # untiled, the network's activations grow with the canvas (chunking bounds only the per-pixel part)
     assert large_u - small_u > 10 * (canvas_large - canvas_small)
     assert large_t < 0.4 * large_u
+
+
+def test_guidance_batches_both_texts_when_it_costs_no_tile_size():
+    cfg = released_config(layout="v1.5")
+    one = lambda **kw: plan_tiling(cfg, (2048, 2048), TileOptions(**kw), dtype=torch.bfloat16)  # noqa: E731
+    guided = lambda **kw: plan_tiling(cfg, (2048, 2048), TileOptions(**kw), dtype=torch.bfloat16,  # noqa: E731
+                                      guidance=True)
+    roomy = guided()
+    assert roomy.branches == 2 and not roomy.tiled and "one forward" in roomy.reason
+    assert roomy.estimate_bytes > one().estimate_bytes  # twice the images per forward
+    # a budget where one pass fits only single: two forwards at the same tile rather than smaller tiles
+    from pid_core.tiling.memory import canvas_memory_estimate
+
+    single = one().estimate_bytes
+    budget = int(single * 1.5) + canvas_memory_estimate((2048, 2048))  # one forward, not two
+    tight = guided(memory_budget_bytes=budget)
+    assert tight.branches == 1 and not tight.tiled and "two forwards" in tight.reason
+    # off: the doubled forward when it fits, else two
+    assert guided(mode="off").branches == 2
+    assert guided(mode="off", memory_budget_bytes=budget).branches == 1
+    assert one().branches == 1
+
+
+def test_the_teachers_state_is_three_canvases():
+    from pid_core.tiling.memory import TEACHER_CANVASES, canvas_memory_estimate
+
+    cfg = released_config(layout="v1.5")
+    student = plan_tiling(cfg, (4096, 4096), TileOptions(mode="off"))
+    teacher = plan_tiling(cfg, (4096, 4096), TileOptions(mode="off"), state_canvases=TEACHER_CANVASES)
+    assert teacher.memory_bytes - student.memory_bytes == (
+        canvas_memory_estimate((4096, 4096), 1, 3) - canvas_memory_estimate((4096, 4096), 1, 2)) == 3 * 4096 * 4096 * 4

@@ -13,9 +13,14 @@ from pid_core.variants import (
     BACKBONES,
     DEPRECATED_VARIANTS,
     RECOMMENDED_STOP,
+    SAMPLER_DEFAULTS,
+    STUDENT,
+    TEACHER,
+    UNDISTILLED_VARIANTS,
     VARIANTS,
     check_output_size,
     get_variant,
+    kind_from_filename,
     recommended_stop_step,
     resolve_variant,
     variant_from_filename,
@@ -255,6 +260,11 @@ def test_get_variant_unknown_lists_the_choices():
         ("checkpoints_deprecated/PiD_res2kto4k_sr4x_official_flux2_distill_4step/model_ema_bf16.pth",
          "flux2-2kto4k-v1"),
         ("PiD_res2kto4k_sr4x_official_flux2_distill_4step_2606/model_ema_bf16.pth", "flux2-2kto4k-v1-2606"),
+        # the undistilled teachers
+        ("checkpoints/PiD_v1pt5_res2kto4k_sr4x_official_flux_undistilled/model_ema_bf16.pth",
+         "flux-2kto4k-v1.5-undistilled"),
+        ("PiD_v1pt5_res2kto4k_sr4x_official_flux2_undistilled/model_ema_bf16.pth", "flux2-2kto4k-v1.5-undistilled"),
+        ("PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_undistilled.pth", "qwenimage-2kto4k-v1.5-undistilled"),
     ],
 )
 def test_variant_from_filename(path, expected):
@@ -267,7 +277,7 @@ def test_variant_from_filename(path, expected):
         "model_ema_bf16.pth",
         "flux1-dev.safetensors",
         "pixeldit_1300m_1024px_bf16.safetensors",
-        "checkpoints/PiD_v1pt5_res2kto4k_sr4x_official_flux_undistilled/model_ema_bf16.pth",
+        "pid_flux1_undistilled.pth",  # says undistilled, names no experiment: the structure decides
         "pid_flux1_2048_to_8192_4step_bf16.safetensors",
     ],
 )
@@ -356,3 +366,50 @@ def test_extreme_aspect_ratio_warns():
 def test_output_size_must_be_positive():
     with pytest.raises(SizeError, match="0x2048"):
         check_output_size(VARIANTS["flux-2k"], 2048, 0)
+
+
+# ---------------------------------------------------------------- the undistilled teachers
+
+
+def test_undistilled_teachers_are_the_v15_students_networks():
+    assert list(UNDISTILLED_VARIANTS) == [
+        "flux-2kto4k-v1.5-undistilled", "flux2-2kto4k-v1.5-undistilled", "qwenimage-2kto4k-v1.5-undistilled",
+    ]
+    for name, teacher in UNDISTILLED_VARIANTS.items():
+        student = VARIANTS[name.replace("-undistilled", "")]
+        assert teacher.kind == TEACHER and student.kind == STUDENT
+        assert teacher.experiment == student.experiment.replace("_distill_4step", "_undistilled")
+        assert teacher.official_file.path == f"checkpoints/{teacher.experiment}/model_ema_bf16.pth"
+        assert teacher.repackaged_file is None  # official files only
+        same = ("layout", "latent_format", "latent_channels", "adapter_in_channels", "adapter_hidden",
+                "latent_down_factor", "unpatchify", "sr_scale", "rope_ref_px", "num_tensors", "num_params",
+                "trained_px", "backbones")
+        assert {f: getattr(teacher, f) for f in same} == {f: getattr(student, f) for f in same}
+        assert (teacher.defaults.steps, teacher.defaults.cfg) == (25, 5.0)
+        assert (student.defaults.steps, student.defaults.cfg) == (4, 1.0)
+        assert get_variant(name) is teacher and get_variant(teacher.experiment) is teacher
+    assert SAMPLER_DEFAULTS[TEACHER] == UNDISTILLED_VARIANTS["flux-2kto4k-v1.5-undistilled"].defaults
+
+
+def test_the_name_decides_student_or_teacher():
+    """The weights are the same network: only the name (or the user) tells a teacher from a student."""
+    official = "checkpoints/PiD_v1pt5_res2kto4k_sr4x_official_flux2_undistilled/model_ema_bf16.pth"
+    assert resolve_variant(official, layout="v1.5", adapter_in_channels=32).kind == TEACHER
+    assert resolve_variant("my_flux2_undistilled.pth", layout="v1.5", adapter_in_channels=32).name == (
+        "flux2-2kto4k-v1.5-undistilled")
+    # a name that says nothing stays the student it always was
+    assert resolve_variant("my.safetensors", layout="v1.5", adapter_in_channels=32).name == "flux2-2kto4k-v1.5"
+    assert resolve_variant("my_undistilled.pth", layout="v1.5", adapter_in_channels=16) is None  # flux or qwen
+    assert kind_from_filename(official) == TEACHER
+    assert kind_from_filename("pid_flux_undistilled.safetensors") == TEACHER
+    assert kind_from_filename("pid_flux1_1024_to_4096_4step_bf16.safetensors") == STUDENT
+    assert kind_from_filename("model_ema_bf16.pth") is None
+    with pytest.raises(CheckpointError, match="misnamed"):
+        resolve_variant(official, layout="v1", adapter_in_channels=16)
+
+
+def test_teachers_stay_out_of_the_students_suggestions():
+    assert all(v.kind == STUDENT for v in variants_for_backbone("flux", include_deprecated=True))
+    assert all(v.kind == STUDENT for v in variants_matching("v1.5", 16))
+    warning = check_output_size(UNDISTILLED_VARIANTS["flux-2kto4k-v1.5-undistilled"], 8192, 8192)
+    assert "tiled decoding" in warning and "flux-2kto4k-v1.5" not in warning.replace("flux-2kto4k-v1.5-undistilled", "")

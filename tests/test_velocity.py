@@ -104,3 +104,93 @@ def test_compiled_network_matches_eager_on_static_tiles():
     assert compiled_velocity.pad_batches  # every batch one shape: one compiled graph
     compiled = compiled_velocity(x, torch.tensor([0.9]))
     assert (eager - compiled).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------- the teacher's guided denoiser
+
+
+def _teacher_decode(model, cfg, H, W, steps, plan, *, guidance=5.0, seed=0, **kw):
+    from pid_core.teacher import dpm_solver_pp, teacher_schedule, teacher_shift
+    from pid_core.velocity import network_denoiser
+
+    text, latent, sigma = _inputs(cfg, H, W, batch=2)
+    negative = torch.randn(1, 7, cfg.text_dim, generator=torch.Generator().manual_seed(9))
+    noise, _ = initial_noise((2, 3, H, W), seed=seed)
+    denoiser = network_denoiser(model, text, latent, sigma, plan, cfg=guidance, negative=negative, **kw)
+    return dpm_solver_pp(denoiser, noise, teacher_schedule(steps, teacher_shift(H, W)), clamp=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_teacher_single_tile_equals_untiled_bit_exact(dtype):
+    """A tile covering the canvas fuses to exactly the untiled guided x0, at every step."""
+    from dataclasses import replace
+
+    cfg = narrow_config(layout="v1.5", **SMALL)
+    model = random_model(cfg, dtype=dtype)
+    H, W = 64, 96
+    untiled = plan_tiling(cfg, (H, W), TileOptions(mode="off", pixel_chunk_tokens=None), guidance=True)
+    assert untiled.branches == 2 and not untiled.tiled
+    # the same plan with its one tile run through TiledVelocity (plan.tiled is False for one tile)
+    one_tile = replace(untiled, tiles=tuple(plan_tiles((H, W), 4096, 64, 32)))
+    assert len(one_tile.tiles) == 1
+    whole = _teacher_decode(model, cfg, H, W, 3, untiled)
+    from pid_core import velocity as velocity_module
+
+    original = velocity_module._over_canvas
+
+    def forced_tiles(call, model, latent, conditioning, plan, **kw):
+        return TiledVelocity(call, latent, plan.tiles, scale=model.config.scale, conditioning=conditioning)
+
+    velocity_module._over_canvas = forced_tiles
+    try:
+        tiled = _teacher_decode(model, cfg, H, W, 3, one_tile)
+    finally:
+        velocity_module._over_canvas = original
+    assert torch.equal(whole, tiled)
+
+
+def test_teacher_batched_branches_agree_with_two_forwards():
+    from dataclasses import replace
+
+    cfg = narrow_config(layout="v1.5", **SMALL)
+    model = random_model(cfg)
+    H, W = 64, 96
+    plan = plan_tiling(cfg, (H, W), TileOptions(mode="off", pixel_chunk_tokens=None), guidance=True)
+    calls = {1: 0, 2: 0}
+
+    def counter(branches):
+        def count():
+            calls[branches] += 1
+        return count
+
+    two = _teacher_decode(model, cfg, H, W, 3, replace(plan, branches=1), after_forward=counter(1))
+    batched = _teacher_decode(model, cfg, H, W, 3, plan, after_forward=counter(2))
+    assert calls == {1: 6, 2: 4}  # the first step (t near 1) keeps the reference's two forwards
+    assert (two - batched).abs().max() <= 1e-4 * two.abs().max()
+    one_two = _teacher_decode(model, cfg, H, W, 1, replace(plan, branches=1))
+    assert torch.equal(one_two, _teacher_decode(model, cfg, H, W, 1, plan))  # one step: the reference's order
+
+
+def test_teacher_cfg_one_runs_the_conditional_branch_only():
+    cfg = narrow_config(layout="v1.5", **SMALL)
+    model = random_model(cfg)
+    H, W = 64, 64
+    plan = plan_tiling(cfg, (H, W), TileOptions(mode="off"))
+    calls = []
+    out = _teacher_decode(model, cfg, H, W, 2, plan, guidance=1.0, after_forward=lambda: calls.append(1))
+    assert len(calls) == 2 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("spec", VARIANT_LIKE[2:3] + VARIANT_LIKE[:1], ids=lambda s: f"{s['layout']}-{s['latent_channels']}ch")
+def test_tiled_teacher_decode(spec):
+    cfg = narrow_config(**spec, **SMALL)
+    model = random_model(cfg)
+    align = math.lcm(cfg.scale, 16)
+    H, W = 2 * align, 3 * align  # two tiles side by side
+    plan = plan_tiling(cfg, (H, W), TileOptions(mode="manual", tile_px=2 * align, overlap_px=align // 2,
+                                                max_batch_tiles=2), guidance=True)
+    assert plan.tiled and plan.branches == 2 and plan.state_canvases == 2  # canvases: set by the caller
+    tiles_done = []
+    out = _teacher_decode(model, cfg, H, W, 2, plan, callback_per_tile=lambda d, n: tiles_done.append((d, n)))
+    assert out.shape == (2, 3, H, W) and torch.isfinite(out).all()
+    assert tiles_done[-1][0] == tiles_done[-1][1] == len(plan.tiles)

@@ -22,7 +22,7 @@ from workflow_checks import check_value
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
-NODE_FILES = ("early_stop.py", "loader.py", "decode.py", "encode_degrade.py")
+NODE_FILES = ("early_stop.py", "loader.py", "decode.py", "encode_degrade.py", "text_encode.py")
 sys.path.insert(0, str(ROOT / "nodes"))
 import comfy_models  # noqa: E402  (plain tables, no ComfyUI import)
 
@@ -38,6 +38,7 @@ CORE_TYPES = {
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 MODEL_DIRECTORIES = {"diffusion_models", "text_encoders", "vae", "checkpoints", "pid"}
 PID_REPO = "https://huggingface.co/Comfy-Org/PixelDiT/resolve/main/"
+OFFICIAL_REPO = "https://huggingface.co/nvidia/PiD/resolve/main/"
 
 # io.<X>.Input / .Output -> socket or widget type
 IO_TYPES = {
@@ -113,6 +114,7 @@ COMMON.update({k: v for k, v in vars(comfy_models).items() if k.isupper()}, DTYP
 
 OUR_IDS = {
     COMMON["NODE_ID_EARLY_STOP"], COMMON["NODE_ID_LOADER"], COMMON["NODE_ID_DECODE"], COMMON["NODE_ID_ENCODE_DEGRADE"],
+    COMMON["NODE_ID_TEXT_ENCODE"],
 }
 
 
@@ -308,7 +310,8 @@ def test_model_links(workflow):
             assert set(entry) >= {"name", "url", "directory"}, where
             url = urlparse(entry["url"])
             assert url.scheme == "https" and url.netloc, f"{where}: {entry['url']}"
-            assert url.path.rsplit("/", 1)[-1] == entry["name"], f"{where}: the URL does not end in {entry['name']}"
+            # the name may keep the official folder (<experiment>/model_ema_bf16.pth): the URL ends with it
+            assert url.path.endswith("/" + entry["name"]), f"{where}: the URL does not end in {entry['name']}"
             assert entry["directory"] in MODEL_DIRECTORIES, where
             assert entry["name"] in n["widgets_values"], f"{where}: {entry['name']} is not the file the node loads"
     # every loader of a model file says where to get it
@@ -318,23 +321,45 @@ def test_model_links(workflow):
             assert n["properties"].get("models"), f"{path.name} node {n['id']} ({n['type']}) has no properties.models"
 
 
+UNDISTILLED = r"PiD_v1pt5_res2kto4k_sr4x_official_(flux|flux2|qwenimage)_undistilled/model_ema_bf16\.pth"
+
+
 def test_pid_files_and_text_encoder(workflow):
-    """PiD checkpoints come from Comfy-Org/PixelDiT; PiD's conditioning is Gemma-2 via CLIPLoader(pixeldit)."""
+    """PiD checkpoints come from Comfy-Org/PixelDiT (students) or nvidia/PiD (undistilled, official files only);
+    PiD's conditioning is Gemma-2 via CLIPLoader(pixeldit) and PiD Text Encode, positive and negative."""
     path, wf = workflow
     nodes = nodes_by_id(wf)
     for n in wf["nodes"]:
         if n["type"] == COMMON["NODE_ID_LOADER"]:
             name = n["widgets_values"][0]
+            if re.fullmatch(UNDISTILLED, name):
+                assert n["properties"]["models"] == [
+                    {"name": name, "url": OFFICIAL_REPO + "checkpoints/" + name, "directory": "pid"}]
+                continue
             assert re.fullmatch(r"pid_(flux1|flux2|sd3|sdxl|qwenimage)_(512_to_2048|1024_to_4096)_4step_bf16\.safetensors",
                                 name), name
             assert n["properties"]["models"] == [
                 {"name": name, "url": PID_REPO + "diffusion_models/" + name, "directory": "diffusion_models"}]
         if n["type"] == COMMON["NODE_ID_DECODE"]:
-            cond = nodes[wf_link(wf, n, "conditioning")[1]]
-            assert cond["type"] == "CLIPTextEncode"
-            clip = nodes[wf_link(wf, cond, "clip")[1]]
+            link = wf_link(wf, n, "conditioning")
+            text = nodes[link[1]]
+            assert text["type"] == COMMON["NODE_ID_TEXT_ENCODE"] and link[2] == 0, path.name  # its positive
+            negative = wf_link(wf, n, "negative")
+            assert negative[1] == text["id"] and negative[2] == 1, path.name  # the same node's negative
+            clip = nodes[wf_link(wf, text, "clip")[1]]
             assert clip["type"] == "CLIPLoader" and clip["widgets_values"][1] == "pixeldit", path.name
             assert clip["properties"]["models"][0]["url"] == PID_REPO + "text_encoders/" + clip["widgets_values"][0]
+    assert not any(n["type"] == "CLIPTextEncode" and n.get("title", "").startswith("PiD") for n in wf["nodes"])
+
+
+def test_the_undistilled_workflow_runs_the_guided_sampler():
+    wf = load(ROOT / "workflows" / "pid_flux1_undistilled_4k.json")
+    schema = OUR_SCHEMAS[COMMON["NODE_ID_DECODE"]]
+    decode = next(n for n in wf["nodes"] if n["type"] == COMMON["NODE_ID_DECODE"])
+    values = {slot["name"]: value for slot, value in zip(widget_slots(schema), decode["widgets_values"])}
+    assert (values["steps"], values["cfg"], values["sampler"]) == (25, 5.0, "teacher")
+    loader = next(n for n in wf["nodes"] if n["type"] == COMMON["NODE_ID_LOADER"])
+    assert "undistilled" in loader["widgets_values"][0]
 
 
 def wf_link(wf, node, input_name):

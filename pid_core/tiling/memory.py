@@ -81,15 +81,18 @@ def tile_memory_estimate(
     return int(total * ESTIMATE_MARGIN)
 
 
-CANVASES = 2  # fp32 canvases alive at once in sampling.sample over a TiledVelocity (see below)
+# fp32 canvases alive at once next to the network. The student (sampling.sample over a TiledVelocity):
+# while tiles run, the state x and the band of fused v (at most a canvas); while re-noising, x0 and the
+# fresh noise. The teacher (teacher.dpm_solver_pp): x, this step's fused x0 and the previous one.
+CANVASES = 2
+TEACHER_CANVASES = 3
 
 
-def canvas_memory_estimate(canvas_hw: tuple[int, int], batch: int = 1) -> int:
-    """The decode's canvas-size state (fp32, 12 bytes per pixel each) next to the network: while tiles
-    run, the state x and the band of fused v (TiledVelocity.denoise_in_place, at most a canvas); while
-    re-noising, x0 and the fresh noise. Plus the float64 slices of the x0 update (bounded)."""
+def canvas_memory_estimate(canvas_hw: tuple[int, int], batch: int = 1, canvases: int = CANVASES) -> int:
+    """The decode's canvas-size state (`canvases` fp32 images, 12 bytes per pixel each) next to the
+    network, plus the row slices of the samplers' updates (bounded)."""
     H, W = canvas_hw
-    return CANVASES * batch * 3 * H * W * 4 + (64 << 20)
+    return canvases * batch * 3 * H * W * 4 + (64 << 20)
 
 
 

@@ -14,7 +14,7 @@ from ..errors import ArgumentError
 from ..network import PidConfig
 from ..variants import MAX_TRAINED_ASPECT, TOO_LARGE, TOO_WIDE
 from .geometry import MIN_TILE_PX, Tile, tile_shape, batch_tiles, default_overlap, plan_tiles
-from .memory import auto_chunk_tokens, canvas_memory_estimate, tile_memory_estimate
+from .memory import CANVASES, auto_chunk_tokens, canvas_memory_estimate, tile_memory_estimate
 
 DEFAULT_MAX_BATCH_TILES = 4
 
@@ -82,6 +82,8 @@ class TilePlan:
     reason: str = ""
     canvas_on_device: bool = True  # the sampler's state on the compute device (False: on the CPU)
     batch: int = 1  # samples decoded together
+    branches: int = 1  # network images per sample and tile in one forward: 2 = guidance's two texts batched
+    state_canvases: int = CANVASES  # canvas-size fp32 images the sampler keeps (memory.canvas_memory_estimate)
 
     @property
     def tiled(self) -> bool:
@@ -95,7 +97,8 @@ class TilePlan:
     def memory_bytes(self) -> int:
         """Working memory of the decode on the compute device: one forward, plus the sampler's state
         when it lives there."""
-        state = canvas_memory_estimate(self.canvas_hw, self.batch) if self.canvas_on_device else 0
+        state = (canvas_memory_estimate(self.canvas_hw, self.batch, self.state_canvases)
+                 if self.canvas_on_device else 0)
         return self.estimate_bytes + state
 
 
@@ -111,6 +114,7 @@ def choose_tile(
     max_batch_tiles: int = DEFAULT_MAX_BATCH_TILES,
     chunk_tokens: Optional[int] | str = "auto",
     tile_px: Optional[int] = None,
+    branches: int = 1,
 ) -> TilePlan:
     """The largest tile inside the checkpoint's trained range whose working memory (for `batch`
     samples, `tile_memory_estimate`) fits the budget, then as many tiles per forward as still fit.
@@ -118,7 +122,8 @@ def choose_tile(
     A canvas inside the trained range that fits is one tile (untiled). When even the smallest trained
     tile does not fit, smaller tiles down to MIN_TILE_PX are tried (below_trained=True); when nothing
     fits, the smallest trained tile is returned with fits_budget=False. tile_px forces the tile side
-    (manual)."""
+    (manual). branches: network images per sample and tile in one forward (2: guidance's two texts
+    batched)."""
     H, W = canvas_hw
     align = math.lcm(config.scale, config.patch_size)
     low, high = trained_tile_range(config, variant)
@@ -126,7 +131,7 @@ def choose_tile(
     chunk = auto_chunk_tokens(config, dtype) if chunk_tokens == "auto" else chunk_tokens
 
     def estimate(shape, n=1):
-        return tile_memory_estimate(config, shape, dtype=dtype, batch=n * batch, chunk_tokens=chunk)
+        return tile_memory_estimate(config, shape, dtype=dtype, batch=n * batch * branches, chunk_tokens=chunk)
 
     if tile_px:
         sides = [max(align, tile_px // align * align)]
@@ -181,7 +186,7 @@ def choose_tile(
     return TilePlan(
         canvas_hw=(H, W), tile_hw=shape, overlap=ov, batch_tiles=n, align=align, tiles=tiles,
         estimate_bytes=estimate(shape, n), below_trained=below, fits_budget=fits,
-        pixel_chunk_tokens=chunk, reason=reason, batch=batch,
+        pixel_chunk_tokens=chunk, reason=reason, batch=batch, branches=branches,
     )
 
 
@@ -193,37 +198,66 @@ def plan_tiling(
     dtype=torch.float32,
     variant=None,
     batch: int = 1,
+    guidance: bool = False,
+    state_canvases: int = CANVASES,
 ) -> TilePlan:
-    """The tiles a decode of `canvas_hw` runs for `options` (None = TileOptions(), i.e. auto)."""
+    """The tiles a decode of `canvas_hw` runs for `options` (None = TileOptions(), i.e. auto).
+
+    guidance: every step runs the network on two texts (classifier-free guidance). They share one
+    forward of twice the batch when that costs no tile size (branches=2), else run as two forwards.
+    state_canvases: the canvas-size images the sampler keeps (memory.CANVASES, TEACHER_CANVASES)."""
     options = options or TileOptions()
     H, W = canvas_hw
     align = math.lcm(config.scale, config.patch_size)
     chunk = auto_chunk_tokens(config, dtype) if options.pixel_chunk_tokens == "auto" else options.pixel_chunk_tokens
     budget = options.memory_budget_bytes
     if options.mode == "off":
-        plan = TilePlan(
-            canvas_hw=(H, W), tile_hw=(H, W), overlap=0, batch_tiles=1, align=align,
-            tiles=(Tile(0, 0, H, W, 0, 0),), pixel_chunk_tokens=chunk,
-            estimate_bytes=tile_memory_estimate(config, (H, W), dtype=dtype, batch=batch, chunk_tokens=chunk),
-            reason="untiled: tiling off", canvas_on_device=options.canvas_on_device is not False, batch=batch,
-        )
-        return replace(plan, fits_budget=budget is None or plan.memory_bytes <= budget)
-    canvas = canvas_memory_estimate((H, W), batch)
+        def untiled(branches):
+            return TilePlan(
+                canvas_hw=(H, W), tile_hw=(H, W), overlap=0, batch_tiles=1, align=align,
+                tiles=(Tile(0, 0, H, W, 0, 0),), pixel_chunk_tokens=chunk,
+                estimate_bytes=tile_memory_estimate(config, (H, W), dtype=dtype, batch=batch * branches,
+                                                    chunk_tokens=chunk),
+                reason="untiled: tiling off", canvas_on_device=options.canvas_on_device is not False, batch=batch,
+                branches=branches, state_canvases=state_canvases,
+            )
+
+        plan = untiled(2) if guidance else untiled(1)
+        if guidance and budget is not None and plan.memory_bytes > budget:
+            plan = untiled(1)
+        return _with_guidance_reason(replace(plan, fits_budget=budget is None or plan.memory_bytes <= budget),
+                                     guidance)
+    canvas = canvas_memory_estimate((H, W), batch, state_canvases)
     on_device = options.canvas_on_device
     if on_device is None:
         on_device = budget is None or canvas <= budget / 4
     if budget is not None and on_device:
         budget = max(0, budget - canvas)
-    plan = choose_tile(
-        config, (H, W), memory_budget_bytes=budget, dtype=dtype, variant=variant,
-        batch=batch, overlap=options.overlap_px, max_batch_tiles=options.max_batch_tiles,
-        chunk_tokens=chunk, tile_px=options.tile_px if options.mode == "manual" else None,
-    )
+
+    def tiles_for(branches):
+        return choose_tile(
+            config, (H, W), memory_budget_bytes=budget, dtype=dtype, variant=variant,
+            batch=batch, overlap=options.overlap_px, max_batch_tiles=options.max_batch_tiles,
+            chunk_tokens=chunk, tile_px=options.tile_px if options.mode == "manual" else None, branches=branches,
+        )
+
+    plan = tiles_for(1)
+    if guidance:
+        batched = tiles_for(2)
+        if batched.tile_hw == plan.tile_hw and batched.fits_budget:  # batching the texts costs no tile size
+            plan = batched
     reason = plan.reason
     if not on_device:
         reason += f"; sampler state (~{canvas / 2**30:.1f} GB) kept on the CPU"
     elif not plan.fits_budget:
         reason += (f"; the sampler's canvas state alone takes ~{canvas / 2**30:.1f} GB: keep it on the CPU "
                    "(canvas_on_device=False)")
-    return replace(plan, reason=reason, canvas_on_device=on_device)
+    return _with_guidance_reason(replace(plan, reason=reason, canvas_on_device=on_device,
+                                         state_canvases=state_canvases), guidance)
 
+
+def _with_guidance_reason(plan: TilePlan, guidance: bool) -> TilePlan:
+    if not guidance:
+        return plan
+    how = "in one forward" if plan.branches == 2 else "as two forwards (memory)"
+    return replace(plan, reason=f"{plan.reason}; guidance: both texts {how}")

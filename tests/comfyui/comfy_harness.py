@@ -11,7 +11,8 @@ instead, so a broken setup cannot pass as skipped. The session fixture `comfyui`
   repository (the pack) and one to tests/comfyui/support_nodes (test-only nodes), and whose models/
   holds tiny random models made for the run (make_tiny_models.py): a FLUX.1-style diffusion model and an
   SDXL-family EPS UNet (UNETLoader), a FLUX.1-style 16-channel VAE and an SDXL-style 4-channel VAE
-  (VAELoader), narrow random PiD checkpoints for 16- and 4-channel latents (models/pid);
+  (VAELoader), narrow random PiD checkpoints for 16- and 4-channel latents and one named undistilled
+  (models/pid), a narrow Gemma-2 with its SentencePiece tokenizer (models/text_encoders);
 * starts `main.py --cpu --listen 127.0.0.1 --port <free port>` with an in-memory database and API nodes
   off, waits for GET /system_stats, and stops the server at the end of the session.
 
@@ -43,8 +44,10 @@ PID_FILE = "pid_test_narrow_random.safetensors"
 SDXL_FILE = "pid_test_tiny_sdxl_family.safetensors"
 SDXL_VAE_FILE = "pid_test_tiny_sdxl_vae.safetensors"
 PID_SDXL_FILE = "pid_test_narrow_random_sdxl.safetensors"
+TEACHER_FILE = "pid_test_narrow_random_undistilled.safetensors"  # "undistilled": the teacher sampler
+GEMMA_FILE = "pid_test_tiny_gemma2.safetensors"
 MODEL_FILES = {"flux": FLUX_FILE, "vae": VAE_FILE, "pid": PID_FILE, "sdxl": SDXL_FILE, "sdxl_vae": SDXL_VAE_FILE,
-               "pid_sdxl": PID_SDXL_FILE}
+               "pid_sdxl": PID_SDXL_FILE, "teacher": TEACHER_FILE, "gemma": GEMMA_FILE}
 
 REQUIRED = os.environ.get("PID_REQUIRE_COMFYUI") == "1"
 
@@ -211,19 +214,20 @@ class ComfyServer:
 
 
 def _make_models(models: pathlib.Path, comfy_path: pathlib.Path, comfy_py: str):
-    for sub in ("diffusion_models", "vae", "pid"):
+    for sub in ("diffusion_models", "vae", "pid", "text_encoders"):
         (models / sub).mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [comfy_py, str(HERE / "make_tiny_models.py"), str(comfy_path),
          str(models / "diffusion_models" / FLUX_FILE), str(models / "vae" / VAE_FILE),
-         str(models / "diffusion_models" / SDXL_FILE), str(models / "vae" / SDXL_VAE_FILE)],
+         str(models / "diffusion_models" / SDXL_FILE), str(models / "vae" / SDXL_VAE_FILE),
+         str(models / "text_encoders" / GEMMA_FILE)],
         cwd=str(models), check=True, timeout=300, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     from pid_core.testing import make_random_checkpoint
 
     # narrow (hidden 64, 2 heads, 3 patch blocks), full text contract (300 x 2304)
-    for name, channels in ((PID_FILE, 16), (PID_SDXL_FILE, 4)):
-        make_random_checkpoint(str(models / "pid" / name), layout="v1", latent_channels=channels, text_dim=2304,
+    for name, layout, channels in ((PID_FILE, "v1", 16), (PID_SDXL_FILE, "v1", 4), (TEACHER_FILE, "v1.5", 16)):
+        make_random_checkpoint(str(models / "pid" / name), layout=layout, latent_channels=channels, text_dim=2304,
                                text_tokens=300)
 
 

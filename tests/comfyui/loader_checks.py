@@ -155,8 +155,9 @@ def main():
         patcher.unpatch_model(device_to=device)
     model = patcher.model
     casting = sum(bool(getattr(m, "comfy_cast_weights", False)) for m in model.modules())
-    plan = plan_decode(model, latent["samples"], conditioning[0][0], latent_format="flux", sigma=0.3, device=device)
-    partial = run_plan(model, plan, seed=1, steps=2).permute(0, 2, 3, 1)
+    plan = plan_decode(model, latent["samples"], conditioning[0][0], latent_format="flux", sigma=0.3, device=device,
+                       steps=2)
+    partial = run_plan(model, plan, seed=1).permute(0, 2, 3, 1)
     results["partial"] = {"lowvram": bool(model.model_lowvram), "cast_layers": casting,
                           "loaded_bytes": int(model.model_loaded_weight_memory), "budget": int(budget),
                           "max_abs_diff": float((partial - reference).abs().max())}

@@ -1,6 +1,6 @@
 """Write tiny random models that ComfyUI's stock loaders accept (run with ComfyUI's Python).
 
-    python make_tiny_models.py COMFYUI_PATH FLUX_OUT VAE_OUT SDXL_UNET_OUT SDXL_VAE_OUT
+    python make_tiny_models.py COMFYUI_PATH FLUX_OUT VAE_OUT SDXL_UNET_OUT SDXL_VAE_OUT GEMMA_OUT
 
 * FLUX.1 [dev]-style diffusion model for UNETLoader: hidden 128 (one 128-wide head: ComfyUI fixes
   axes_dim at [16, 56, 56]), 1 double + 1 single block, text width 2304 (so the same synthetic
@@ -13,6 +13,12 @@
   latent format SDXL). Here it is one level wide (channel_mult [1], 3 input blocks), no middle block and
   no transformers on the way up: 50 M parameters instead of 700 M, stored in fp16.
 * SDXL-style 4-channel autoencoder (with quant_conv / post_quant_conv, as the SDXL VAE), narrow decoder.
+* A narrow Gemma-2 (hidden 64, 3 layers: core's lumina2 CLIP needs more than 2; Gemma's head width 256)
+  in the layout of ComfyUI's Gemma file: Hugging Face key names and the SentencePiece tokenizer as a
+  uint8 "spiece_model" tensor. The tokenizer is trained here on the CHI prompt and a few captions, with
+  Gemma's special ids (pad 0, eos 1, bos 2, unk 3) and byte fallback, so any text tokenizes. Core's
+  CLIPLoader fixes Gemma's full size, so a test node loads it through core's loader with the sizes
+  overridden (support_nodes: PiDTestTinyGemmaCLIP).
 
 Shapes come from ComfyUI's own modules (built on the meta device); values are random but tame
 (norm scales 1, biases 0, weights ~ N(0, 1/fan_in)), so every path stays finite.
@@ -74,7 +80,48 @@ def sdxl_family_unet():
         )
 
 
-def main(comfy_path, flux_out, vae_out, sdxl_unet_out, sdxl_vae_out):
+TINY_GEMMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=1)
+
+
+def make_tiny_gemma(out):
+    import io
+    import pathlib
+
+    import sentencepiece
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Gemma2Config, Gemma2Model
+
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    chi = (repo / "pid_core" / "chi_prompt.txt").read_bytes().decode("utf-8")
+    lines = chi.splitlines() + [
+        "low quality, worst quality, over-saturated, three legs, six fingers, cartoon, anime, cgi, low res",
+        "Aerial photograph of a winding mountain road through an autumn forest, a red fox in the snow",
+    ]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=400, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, hard_vocab_limit=False, num_threads=1, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+    )
+    proto = model.getvalue()
+    vocab = sentencepiece.SentencePieceProcessor(model_proto=proto).get_piece_size()
+    config = Gemma2Config(vocab_size=vocab, head_dim=256, query_pre_attn_scalar=256, pad_token_id=0, eos_token_id=1,
+                          bos_token_id=2, **TINY_GEMMA)
+    torch.manual_seed(0)
+    gemma = Gemma2Model(config).eval()
+    sd = {}
+    g = torch.Generator().manual_seed(1)
+    for name, value in gemma.state_dict().items():
+        if "norm" in name:  # Gemma applies norms as (1 + w): make w matter
+            value = 0.1 * torch.randn(value.shape, generator=g)
+        sd[f"model.{name}"] = value.float().contiguous()
+    sd["spiece_model"] = torch.frombuffer(bytearray(proto), dtype=torch.uint8)
+    save_file(sd, out)
+
+
+def main(comfy_path, flux_out, vae_out, sdxl_unet_out, sdxl_vae_out, gemma_out):
     sys.path.insert(0, comfy_path)
     sys.argv = [sys.argv[0], "--cpu"]
     import comfy.options
@@ -101,9 +148,10 @@ def main(comfy_path, flux_out, vae_out, sdxl_unet_out, sdxl_vae_out):
     save_file({k: v.to(torch.float16) for k, v in random_like(shapes, 2).items()}, sdxl_unet_out)
     save_file({k: v.to(torch.float16) for k, v in random_like(autoencoder_shapes(4, quant_convs=True), 3).items()},
               sdxl_vae_out)
+    make_tiny_gemma(gemma_out)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 6:
+    if len(sys.argv) != 7:
         sys.exit(__doc__.split("\n\n")[1])
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:7])

@@ -16,7 +16,8 @@ EARLY = "PixelDiffusionDecoderKSamplerEarlyStop"
 LOADER = "PixelDiffusionDecoderLoader"
 DECODE = "PixelDiffusionDecoderDecode"
 ENCODE = "PixelDiffusionDecoderEncodeDegrade"
-PACK_NODES = (EARLY, LOADER, DECODE, ENCODE)
+TEXT = "PixelDiffusionDecoderTextEncode"
+PACK_NODES = (EARLY, LOADER, DECODE, ENCODE, TEXT)
 
 LATENT_PX = 64  # 64 x 64 image -> 8 x 8 FLUX latent -> 256 x 256 PiD image
 
@@ -44,15 +45,20 @@ def save_image(graph, node_id, source, filename):
 
 
 def pid_decode_node(latent, *, cond=("cond", 0), pid=("pid", 0), fmt="auto", sigma=-1.0, steps=2, seed=0,
-                    tiling="auto", tile_size=2048, tile_overlap=0):
-    return {"class_type": DECODE, "inputs": {
+                    tiling="auto", tile_size=2048, tile_overlap=0, negative=None, cfg=-1.0, sampler="auto"):
+    node = {"class_type": DECODE, "inputs": {
         "pid_model": list(pid), "latent": list(latent), "conditioning": list(cond), "seed": seed, "steps": steps,
-        "latent_format": fmt, "sigma": sigma, "tiling": tiling, "tile_size": tile_size, "tile_overlap": tile_overlap}}
+        "latent_format": fmt, "sigma": sigma, "tiling": tiling, "tile_size": tile_size, "tile_overlap": tile_overlap,
+        "cfg": cfg, "sampler": sampler}}
+    if negative is not None:
+        node["inputs"]["negative"] = list(negative)
+    return node
 
 
-def add_pid_decode(graph, files, *, latent, **decode_inputs):
-    """PiD Loader ("pid", the 16-channel checkpoint in fp32) and PiD Decode ("decode") of `latent`."""
-    graph["pid"] = {"class_type": LOADER, "inputs": {"pid_name": files["pid"], "weight_dtype": "fp32"}}
+def add_pid_decode(graph, files, *, latent, pid="pid", **decode_inputs):
+    """PiD Loader ("pid": files[pid], by default the 16-channel checkpoint, in fp32) and PiD Decode
+    ("decode") of `latent`."""
+    graph["pid"] = {"class_type": LOADER, "inputs": {"pid_name": files[pid], "weight_dtype": "fp32"}}
     graph["decode"] = pid_decode_node(latent, **decode_inputs)
 
 
@@ -81,6 +87,11 @@ def test_nodes_registered_with_tooltips(comfyui):
     assert info[DECODE]["input"]["required"]["pid_model"][0] == "PID_DECODER_MODEL"
     assert info[EARLY]["output"] == ["LATENT", "LATENT"]
     assert info[DECODE]["output"] == ["IMAGE"]
+    assert info[TEXT]["output"] == ["CONDITIONING", "CONDITIONING"]
+    assert info[TEXT]["output_name"] == ["positive", "negative"]
+    # new PiD Decode inputs come after the old ones: saved workflows keep their widget values
+    assert info[DECODE]["input_order"]["required"][-2:] == ["cfg", "sampler"]
+    assert info[DECODE]["input_order"]["optional"] == ["negative"]
 
 
 @pytest.mark.parametrize(
@@ -513,3 +524,77 @@ def test_split_attention_flag_decodes_the_same(comfyui, comfyui_split_attention,
     assert images[0].shape == images[1].shape == (1, LATENT_PX * 4, LATENT_PX * 4, 3)
     diff = (images[0] - images[1]).abs().max().item()
     assert diff <= SPLIT_ATTENTION_ATOL, f"max |difference| {diff:.3g}"
+
+
+# -------------------------------------------------------------------------- text and undistilled checkpoints
+
+FOX = "a red fox in snow, (sharp:1.2) \\(macro\\) embedding:none"  # core's prompt syntax must not apply
+
+
+def test_pid_text_encode_is_the_reference_contract(comfyui, model_files):
+    """PiD Text Encode with core's own Gemma CLIP gives pid_core.text's encoding (same narrow random Gemma,
+    same SentencePiece tokenizer), for an empty and a non-empty prompt; core's CLIP Text Encode of an empty
+    prompt does not (it drops the instruction prompt)."""
+    from pid_core.text import NEGATIVE_PROMPT
+
+    gemma = model_files["gemma"]
+    g = {
+        "clip": {"class_type": "PiDTestTinyGemmaCLIP", "inputs": {"clip_name": gemma, "type": "pixeldit"}},
+        "empty": {"class_type": TEXT, "inputs": {"clip": ["clip", 0], "prompt": "", "negative_prompt": NEGATIVE_PROMPT}},
+        "fox": {"class_type": TEXT, "inputs": {"clip": ["clip", 0], "prompt": FOX, "negative_prompt": ""}},
+        "core_empty": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": ""}},
+    }
+    for name, text in (("ref_empty", ""), ("ref_fox", FOX), ("ref_negative", NEGATIVE_PROMPT)):
+        g[name] = {"class_type": "PiDTestReferenceText", "inputs": {"clip_name": gemma, "text": text}}
+    saved = {"pos_empty": ["empty", 0], "neg_default": ["empty", 1], "pos_fox": ["fox", 0], "neg_empty": ["fox", 1],
+             "core_empty": ["core_empty", 0], "ref_empty": ["ref_empty", 0], "ref_fox": ["ref_fox", 0],
+             "ref_negative": ["ref_negative", 0]}
+    for name, source in saved.items():
+        g[f"save_{name}"] = {"class_type": "PiDTestSaveConditioning",
+                             "inputs": {"conditioning": source, "filename": f"text_{name}.safetensors"}}
+    comfyui.run(g)
+    cond = {name: comfyui.read_tensors(f"text_{name}.safetensors")[0]["cond"] for name in saved}
+    assert cond["pos_empty"].shape == (1, 300, 64)
+    for ours, reference in (("pos_empty", "ref_empty"), ("neg_empty", "ref_empty"), ("pos_fox", "ref_fox"),
+                            ("neg_default", "ref_negative")):
+        torch.testing.assert_close(cond[ours], cond[reference], rtol=0, atol=1e-4, msg=f"{ours} vs {reference}")
+    assert (cond["pos_fox"] - cond["pos_empty"]).abs().max() > 0.1  # the caption matters
+    assert (cond["core_empty"] - cond["ref_empty"]).abs().max() > 0.1  # core's empty prompt is not the reference's
+
+
+def test_text_encode_refuses_another_clip(comfyui, model_files):
+    from pid_core.text import NEGATIVE_PROMPT
+
+    g = {
+        "clip": {"class_type": "PiDTestTinyGemmaCLIP", "inputs": {"clip_name": model_files["gemma"], "type": "lumina2"}},
+        "text": {"class_type": TEXT, "inputs": {"clip": ["clip", 0], "prompt": "x", "negative_prompt": NEGATIVE_PROMPT}},
+    }
+    g["save"] = {"class_type": "PiDTestSaveConditioning", "inputs": {"conditioning": ["text", 0], "filename": "never_t.safetensors"}}
+    with pytest.raises(ComfyError) as err:
+        comfyui.run(g)
+    message = err.value.execution_error.get("exception_message", "")
+    assert "pixeldit" in message and "Traceback" not in message, err.value.execution_error
+
+
+def test_undistilled_decode_with_guidance(comfyui, model_files):
+    """A checkpoint named undistilled runs the teacher's guided sampler; without a negative it says what to connect."""
+    g = graph_base(model_files, steps=6, stop=4, finish=False)
+    g["neg"] = {"class_type": "PiDTestConditioning",
+                "inputs": {"batch": 1, "tokens": 300, "width": 2304, "seed": 7, "scale": 1.0}}
+    add_pid_decode(g, model_files, latent=("early", 0), pid="teacher", steps=3, cfg=4.0, negative=("neg", 0))
+    save_image(g, "s_img", ["decode", 0], "teacher.safetensors")
+    entry = comfyui.run(g)
+    img = comfyui.read_tensors("teacher.safetensors")[0]["image"]
+    assert img.shape == (1, LATENT_PX * 4, LATENT_PX * 4, 3) and torch.isfinite(img).all()
+    assert "undistilled" in entry["outputs"]["pid"]["text"][0]
+    # cfg 1: no guidance, a different image; the student override runs too
+    add_pid_decode(g, model_files, latent=("early", 0), pid="teacher", steps=3, cfg=1.0)
+    save_image(g, "s_img", ["decode", 0], "teacher_cfg1.safetensors")
+    comfyui.run(g)
+    assert not torch.equal(comfyui.read_tensors("teacher_cfg1.safetensors")[0]["image"], img)
+    add_pid_decode(g, model_files, latent=("early", 0), pid="teacher", steps=3)
+    save_image(g, "s_img", ["decode", 0], "never_teacher.safetensors")
+    with pytest.raises(ComfyError) as err:
+        comfyui.run(g)
+    message = err.value.execution_error.get("exception_message", "")
+    assert "negative" in message and "PiD Text Encode" in message and "Traceback" not in message, message

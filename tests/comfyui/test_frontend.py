@@ -195,11 +195,11 @@ def test_upscale_workflow_runs_from_the_frontend(frontend, comfyui):
     downloaded): in the loaded file, LoadImage's `example.png` by a 64 x 64 random PNG in the server's
     input folder, VAELoader's FLUX.1 `ae.safetensors` by the tiny random FLUX.1-style VAE, and PiD
     Loader's checkpoint by the narrow random PiD checkpoint (the combos' values, as a user would pick
-    them). Then, in the frontend, CLIPLoader (Gemma-2-2b-it, type pixeldit) + CLIP Text Encode are
+    them). Then, in the frontend, CLIPLoader (Gemma-2-2b-it, type pixeldit) + PiD Text Encode are
     replaced by the test-only PiDTestConditioning node (a seeded random [1, 300, 2304] conditioning, the
-    shape of Gemma-2's), connected to PiD Decode's conditioning input: ComfyUI's Gemma-2 text encoder has
-    fixed full sizes (2.6 B parameters) and reads Gemma's SentencePiece tokenizer from the same file, so
-    no tiny one loads. Everything else runs as in the file:
+    shape of Gemma-2's), connected to PiD Decode's conditioning input (its negative input, for undistilled
+    checkpoints, stays unconnected: the 4-step student ignores it): CLIPLoader builds Gemma-2 at its
+    fixed full size (2.6 B parameters), far too large here. Everything else runs as in the file:
     Encode-Degrade (sigma 0.2, flux), PiD Loader (weight_dtype auto), PiD Decode (all auto), SaveImage.
     """
     wf = json.loads((ROOT / "workflows" / "pid_upscale_image_encode_degrade.json").read_text(encoding="utf-8"))
@@ -207,7 +207,7 @@ def test_upscale_workflow_runs_from_the_frontend(frontend, comfyui):
     by_type["LoadImage"]["widgets_values"][0] = TEST_IMAGE
     by_type["VAELoader"]["widgets_values"][0] = VAE_FILE
     by_type["PixelDiffusionDecoderLoader"]["widgets_values"][0] = PID_FILE
-    ids = [by_type[t]["id"] for t in ("CLIPLoader", "CLIPTextEncode", "PixelDiffusionDecoderDecode")]
+    ids = [by_type[t]["id"] for t in ("CLIPLoader", "PixelDiffusionDecoderTextEncode", "PixelDiffusionDecoderDecode")]
     save_id = str(by_type["SaveImage"]["id"])
 
     frontend.load(wf)

@@ -7,10 +7,19 @@
 * PiDTestCaptureState: one *full* stock sampler run that records, from the model side, the input x
   and sigma of the first model evaluation of step k (a post-CFG hook; with no churn that is the
   sampler's state at sigmas[k]), independent of the pack's own capture mechanism.
+* PiDTestTinyGemmaCLIP: core's own PixelDiT Gemma CLIP (comfy.sd.load_text_encoder_state_dicts, type
+  PIXELDIT, or LUMINA2 for a CLIP that does not fit PiD) for the narrow Gemma-2 of make_tiny_models.py:
+  core's CLIPLoader fixes Gemma's full size, so only the sizes are overridden (model_options
+  "gemma2_2b_model_config"), in fp32.
+* PiDTestReferenceText: pid_core.text.GemmaTextEncoder on the same file (its embedded SentencePiece
+  tokenizer), the reference contract to compare PiD Text Encode with.
+* PiDTestSaveConditioning: writes a CONDITIONING's tensor like PiDTestSaveLatent.
 """
 
 import json
 import os
+import pathlib
+import sys
 
 import torch
 from typing_extensions import override
@@ -18,6 +27,7 @@ from typing_extensions import override
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
+import comfy.utils
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
@@ -145,10 +155,85 @@ class PiDTestCaptureState(io.ComfyNode):
         return io.NodeOutput({"samples": state, "captured_sigma": sigma}, {"samples": final})
 
 
+def _text_encoder_path(name):
+    return folder_paths.get_full_path_or_raise("text_encoders", name)
+
+
+def _gemma_sizes(sd):
+    """The narrow Gemma-2's sizes from its tensors (Gemma's head width is 256)."""
+    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
+    return {
+        "vocab_size": sd["model.embed_tokens.weight"].shape[0],
+        "hidden_size": sd["model.embed_tokens.weight"].shape[1],
+        "intermediate_size": sd["model.layers.0.mlp.gate_proj.weight"].shape[0],
+        "num_hidden_layers": layers,
+        "num_attention_heads": sd["model.layers.0.self_attn.q_proj.weight"].shape[0] // 256,
+        "num_key_value_heads": sd["model.layers.0.self_attn.k_proj.weight"].shape[0] // 256,
+    }
+
+
+class PiDTestTinyGemmaCLIP(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="PiDTestTinyGemmaCLIP", category="_pid_tests",
+                         inputs=[io.String.Input("clip_name", default="pid_test_tiny_gemma2.safetensors"),
+                                 io.Combo.Input("type", options=["pixeldit", "lumina2"], default="pixeldit")],
+                         outputs=[io.Clip.Output()])
+
+    @classmethod
+    def execute(cls, clip_name, type="pixeldit"):
+        import comfy.sd
+        import comfy.utils
+
+        sd = comfy.utils.load_torch_file(_text_encoder_path(clip_name), safe_load=True)
+        options = {"gemma2_2b_model_config": _gemma_sizes(sd), "dtype": torch.float32}
+        clip_type = comfy.sd.CLIPType.PIXELDIT if type == "pixeldit" else comfy.sd.CLIPType.LUMINA2
+        clip = comfy.sd.load_text_encoder_state_dicts([sd], clip_type=clip_type, model_options=options,
+                                                      embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        return io.NodeOutput(clip)
+
+
+class PiDTestReferenceText(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="PiDTestReferenceText", category="_pid_tests",
+                         inputs=[io.String.Input("clip_name", default="pid_test_tiny_gemma2.safetensors"),
+                                 io.String.Input("text", multiline=True, default="")],
+                         outputs=[io.Conditioning.Output()])
+
+    @classmethod
+    def execute(cls, clip_name, text):
+        repo = str(pathlib.Path(__file__).resolve().parents[3])  # support_nodes -> comfyui -> tests -> repo
+        if repo not in sys.path:
+            sys.path.insert(0, repo)
+        from pid_core.text import GemmaTextEncoder
+
+        path = _text_encoder_path(clip_name)
+        width = comfy.utils.load_torch_file(path, safe_load=True)["model.embed_tokens.weight"].shape[1]
+        encoder = GemmaTextEncoder.from_pretrained(path, text_dim=width, dtype=torch.float32)
+        return io.NodeOutput([[encoder.encode([text]), {}]])
+
+
+class PiDTestSaveConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PiDTestSaveConditioning", category="_pid_tests", is_output_node=True,
+            inputs=[io.Conditioning.Input("conditioning"), io.String.Input("filename", default="cond.safetensors")],
+            outputs=[],
+        )
+
+    @classmethod
+    def execute(cls, conditioning, filename):
+        _save({"cond": conditioning[0][0]}, {"entries": len(conditioning)}, filename)
+        return io.NodeOutput()
+
+
 class PiDTestExtension(ComfyExtension):
     @override
     async def get_node_list(self):
-        return [PiDTestConditioning, PiDTestSaveLatent, PiDTestSaveImage, PiDTestCaptureState]
+        return [PiDTestConditioning, PiDTestSaveLatent, PiDTestSaveImage, PiDTestCaptureState, PiDTestTinyGemmaCLIP,
+                PiDTestReferenceText, PiDTestSaveConditioning]
 
 
 async def comfy_entrypoint():
