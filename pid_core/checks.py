@@ -102,12 +102,14 @@ def nonfinite_names(tensors: dict) -> list:
 
 
 def _finite(tensor: torch.Tensor) -> torch.Tensor:
-    """A 0-d bool tensor on the tensor's device. A float64 sum of float32 (or narrower) values cannot
-    overflow, so it is finite exactly when every element is; no tensor-size temporary is made."""
+    """A 0-d bool tensor on the tensor's device. The smallest and largest element are finite exactly
+    when every element is (NaN propagates through min and max): one pass in the tensor's own dtype, no
+    tensor-size temporary, several times faster than a sum (this check reads every weight at load)."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return torch.ones((), dtype=torch.bool, device=tensor.device)
-    if tensor.dtype == torch.float64 or tensor.device.type == "mps":  # (MPS has no float64)
+    if tensor.device.type == "mps":  # (min/max support on MPS varies by dtype and version)
         return torch.isfinite(tensor).all()
-    if tensor.dtype.itemsize == 1:  # float8 (quantized weights): no sum kernel on every device
+    if tensor.dtype.itemsize == 1:  # float8 (quantized weights): no min/max kernel on every device
         tensor = tensor.to(torch.float16)
-    return torch.isfinite(tensor.sum(dtype=torch.float64))
+    low, high = torch.aminmax(tensor)
+    return torch.isfinite(low) & torch.isfinite(high)

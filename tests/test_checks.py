@@ -61,3 +61,9 @@ def test_finite_checks(dtype):
     both[0, 0], both[0, 1] = float("inf"), float("-inf")
     assert not all_finite(both)
     assert nonfinite_names({"a": x, "b": both, "c": torch.arange(3)}) == ["b"]
+    long = torch.randn(100_003).to(dtype)  # past any vector width and thread split; NaN anywhere is found
+    for where in (0, 50_001, 100_002):
+        y = long.clone()
+        y[where] = float("nan")
+        assert not all_finite(y) and not all_finite(y[::3] if where % 3 == 0 else y[1::3] if where % 3 == 1 else y[2::3])
+    assert not all_finite(torch.tensor([float("nan")] * 7, dtype=dtype))  # every element NaN
