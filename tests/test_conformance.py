@@ -22,7 +22,8 @@ def test_command_line_summary(shared_cases, capsys):
 
 
 def test_command_line_fails_on_a_broken_case(tmp_path, shared_cases, capsys):
-    import json, shutil
+    import json
+    import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(shared_cases[0], broken)
@@ -93,7 +94,8 @@ def test_a_case_with_nothing_to_compare_fails(tmp_path, made_teacher_cases, caps
 
 
 def test_an_unknown_mode_fails(tmp_path, made_teacher_cases, capsys):
-    import json, shutil
+    import json
+    import shutil
 
     case = tmp_path / "odd_mode"
     shutil.copytree(made_teacher_cases["cfg1_2steps"], case)
@@ -105,7 +107,8 @@ def test_an_unknown_mode_fails(tmp_path, made_teacher_cases, capsys):
 
 
 def test_a_wrong_network_time_fails(tmp_path, made_teacher_cases):
-    import json, shutil
+    import json
+    import shutil
 
     case = tmp_path / "times"
     shutil.copytree(made_teacher_cases["cfg5_2steps"], case)
