@@ -360,17 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def reproducible_cpu_matmuls() -> None:
-    """Make CPU matmuls independent of the thread count, so an image is the same bytes whatever the
-    number of threads or torchrun ranks (docs/DESIGN.md §14). torch's x86 builds do their matmuls with
-    MKL, which splits some sums by thread count unless its strict reproducibility mode is on; that mode
-    costs a few percent of CPU time. MKL reads the setting once, before its first call, so this runs
-    before anything computes; an MKL_CBWR of the user's own is kept. No effect on GPUs."""
-    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
-
-
 def main(argv=None) -> int:
-    reproducible_cpu_matmuls()
     args = build_parser().parse_args(argv)
     if getattr(args, "negative_prompt", None) is not None and not args.text_encoder:
         build_parser().error("--negative-prompt needs --text-encoder (a Gemma-2-2b-it folder); or give --negative-embedding")

@@ -1,12 +1,9 @@
 """Launching the command line in one process or under torchrun (gloo on the CPU), for the tests of
 several ranks; run as a script it is a tile-parallel decode worker that saves its float image.
 
-Each rank runs one CPU thread (what torchrun gives its workers); the one-process runs of the command line
-keep torch's default (every core), since the command line makes its results independent of the thread
-count. The tile-parallel worker, which does not go through the command line, runs one thread everywhere.
+Every process runs one CPU thread: CPU matmul kernels may split their sums by thread count, so a
+bit-for-bit comparison needs the same count in each process (torchrun gives each worker one).
 """
-
-from __future__ import annotations
 
 import os
 import subprocess
@@ -16,14 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 600  # a 2-core CI machine shared with other jobs: generous
 
 
-def environment(threads: int | None = 1) -> dict:
-    """threads None: torch's default thread count (every core)."""
+def environment() -> dict:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                        "OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR")}
-    env.update(PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     return env
 
 
@@ -36,8 +29,8 @@ def command(args, ranks: int = 1, module: bool = True) -> list:
             "--max-restarts=0", *target]
 
 
-def run(args, ranks: int = 1, module: bool = True, cwd=None, threads: int | None = 1) -> subprocess.CompletedProcess:
-    return subprocess.run(command(args, ranks, module), env=environment(threads), cwd=cwd or ROOT, capture_output=True,
+def run(args, ranks: int = 1, module: bool = True, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(command(args, ranks, module), env=environment(), cwd=cwd or ROOT, capture_output=True,
                           text=True, timeout=TIMEOUT_S)
 
 

@@ -51,10 +51,10 @@ def good_entries(root):
     return entries
 
 
-def decode_many(root, *args, ranks=1, out="out", threads=1):
+def decode_many(root, *args, ranks=1, out="out"):
     return ranks_helper.run(["decode-many", "--checkpoint", str(root / CKPT), "--text-embedding",
                              str(root / "text.safetensors"), "--steps", "3", "--out-dir", str(root / out), *args],
-                            ranks=ranks, threads=threads)
+                            ranks=ranks)
 
 
 def pngs(folder):
@@ -169,7 +169,7 @@ def test_items_are_grouped_by_text_in_listed_order():
 
 def test_two_ranks_equal_one_process_and_resume_after_an_interruption(shared, tmp_path):
     manifest = write_manifest(shared / "ranks.jsonl", good_entries(shared))
-    one = decode_many(shared, "--manifest", str(manifest), out="one", threads=None)  # every core
+    one = decode_many(shared, "--manifest", str(manifest), out="one")
     assert one.returncode == 0, one.stderr[-3000:]
 
     # interrupted: stopped (SIGTERM to torchrun and its workers) once the first image is written

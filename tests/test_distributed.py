@@ -90,7 +90,7 @@ def test_decode_command_under_torchrun_writes_the_one_process_image(decode_files
     args = ["decode", "--checkpoint", str(root / "pid_flux1_512_to_2048_4step_bf16.safetensors"),
             "--latent", str(root / "latent.safetensors"), "--text-embedding", str(root / "text.safetensors"),
             "--tile", "128", "--overlap", "64", "--steps", "2", "--seed", "5"]
-    one = ranks_helper.run(args + ["--out", str(root / "one.png")], threads=None)  # every core: threads do not matter
+    one = ranks_helper.run(args + ["--out", str(root / "one.png")])
     two = ranks_helper.run(args + ["--out", str(root / "two.png")], ranks=2)
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
