@@ -92,14 +92,29 @@ def compute_device(requested: Optional[str] = None) -> torch.device:
     return device
 
 
+def one_thread_per_cpu_rank(device: torch.device, environ=None) -> None:
+    """Under torchrun on the CPU, compute with one thread per rank unless OMP_NUM_THREADS says otherwise.
+
+    torchrun gives its workers one thread when it starts several but leaves a single worker torch's
+    default (every core). CPU kernels round differently with different thread counts (each thread's
+    share ends in a scalar tail, and some matmuls split their sums), so without this a 1-rank and a
+    2-rank run would differ in the last bit. With it, any number of CPU ranks computes like
+    `OMP_NUM_THREADS=1 python -m pid_core ...` (docs/DESIGN.md §14)."""
+    env = os.environ if environ is None else environ
+    if device.type == "cpu" and "WORLD_SIZE" in env and "OMP_NUM_THREADS" not in env:
+        torch.set_num_threads(1)
+
+
 @contextlib.contextmanager
 def session(device: torch.device, *, timeout: Optional[timedelta] = None) -> Iterator[Ranks]:
     """Join torchrun's process group for the duration of the block and leave it after (NCCL for CUDA
-    devices, gloo for the CPU). Without torchrun (or with one rank) this does nothing.
+    devices, gloo for the CPU); under torchrun on the CPU, one thread per rank (`one_thread_per_cpu_rank`).
+    Without torchrun, or with one rank, there is no group to join.
 
     timeout: how long a collective waits for the slowest rank (torch's default: 30 minutes)."""
     global _joined
     ranks = ranks_from_environment()
+    one_thread_per_cpu_rank(device)
     if not ranks.several or dist.is_initialized():
         yield _joined if dist.is_initialized() else ranks
         return

@@ -5,6 +5,8 @@ Every process runs one CPU thread: CPU matmul kernels may split their sums by th
 bit-for-bit comparison needs the same count in each process (torchrun gives each worker one).
 """
 
+from __future__ import annotations
+
 import os
 import subprocess
 import sys
@@ -13,25 +15,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 600  # a 2-core CI machine shared with other jobs: generous
 
 
-def environment() -> dict:
+def environment(one_thread: bool = True) -> dict:
+    """one_thread False: OMP_NUM_THREADS unset (a plain process then uses every core)."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "OMP_NUM_THREADS")}
+    env.update(PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
+    if one_thread:
+        env["OMP_NUM_THREADS"] = "1"
     return env
 
 
-def command(args, ranks: int = 1, module: bool = True) -> list:
-    """python -m pid_core ARGS (ranks 1), or under torchrun with `ranks` processes."""
+def command(args, ranks: int = 1, module: bool = True, torchrun: bool | None = None) -> list:
+    """python -m pid_core ARGS, or under torchrun with `ranks` processes (torchrun default: ranks > 1)."""
     target = ["-m", "pid_core", *args] if module else list(args)
-    if ranks == 1:
+    if not (ranks > 1 if torchrun is None else torchrun):
         return [sys.executable, *target]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
             "--max-restarts=0", *target]
 
 
-def run(args, ranks: int = 1, module: bool = True, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(command(args, ranks, module), env=environment(), cwd=cwd or ROOT, capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+def run(args, ranks: int = 1, module: bool = True, cwd=None, torchrun: bool | None = None,
+        one_thread: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(command(args, ranks, module, torchrun), env=environment(one_thread), cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
 def worker(out_dir: str) -> None:

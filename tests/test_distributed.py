@@ -96,3 +96,34 @@ def test_decode_command_under_torchrun_writes_the_one_process_image(decode_files
     assert two.returncode == 0, two.stderr[-3000:]
     assert "tile batches shared by 2 ranks" in two.stdout and two.stdout.count("output     :") == 1  # rank 0 reports
     assert (root / "one.png").read_bytes() == (root / "two.png").read_bytes()
+
+
+def test_torchrun_on_the_cpu_gives_one_and_two_ranks_the_same_threads(decode_files):
+    """torchrun leaves a single worker every core but gives several one thread each; the command
+    evens that out (one thread per CPU rank unless OMP_NUM_THREADS is set), so 1 and 2 ranks agree."""
+    root = decode_files
+    args = ["decode", "--checkpoint", str(root / "pid_flux1_512_to_2048_4step_bf16.safetensors"),
+            "--latent", str(root / "latent.safetensors"), "--text-embedding", str(root / "text.safetensors"),
+            "--tile", "128", "--overlap", "64", "--steps", "2", "--seed", "5"]
+    for ranks in (1, 2):
+        done = ranks_helper.run(args + ["--out", str(root / f"torchrun{ranks}.png")], ranks=ranks, torchrun=True,
+                                one_thread=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert (root / "torchrun1.png").read_bytes() == (root / "torchrun2.png").read_bytes()
+    plain = ranks_helper.run(args + ["--out", str(root / "plain.png")])  # OMP_NUM_THREADS=1, no torchrun
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert (root / "torchrun1.png").read_bytes() == (root / "plain.png").read_bytes()
+
+
+def test_one_thread_per_cpu_rank_only_under_torchrun_and_unless_set():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        distributed.one_thread_per_cpu_rank(torch.device("cpu"), {})  # not torchrun
+        distributed.one_thread_per_cpu_rank(torch.device("cpu"), {"WORLD_SIZE": "1", "OMP_NUM_THREADS": "2"})
+        distributed.one_thread_per_cpu_rank(torch.device("meta"), {"WORLD_SIZE": "1"})  # not the CPU
+        assert torch.get_num_threads() == 2
+        distributed.one_thread_per_cpu_rank(torch.device("cpu"), {"WORLD_SIZE": "1"})
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
