@@ -4,29 +4,11 @@ import torch
 
 from pid_core import bench
 from pid_core.bench import seam_figure
-from pid_core.sampling import initial_noise, sample
 from pid_core.testing import narrow_config, random_model
 from pid_core.tiling import TileOptions, plan_tiling
 from pid_core.tiling.geometry import plan_tiles
-from pid_core.velocity import network_velocity
 
-SMALL = dict(text_dim=32, text_tokens=12)
-
-
-def _inputs(cfg, H, W, batch=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randn(batch, 7, cfg.text_dim, generator=g)
-    latent = torch.randn(batch, cfg.latent_channels, H // cfg.scale, W // cfg.scale, generator=g)
-    sigma = torch.tensor([0.3, 0.0])[:batch]
-    return text, latent, sigma
-
-
-def _decode(model, cfg, H, W, steps, plan, batch=1, seed=0, **kw):
-    text, latent, sigma = _inputs(cfg, H, W, batch)
-    plan = plan or plan_tiling(cfg, (H, W), TileOptions(mode="off"))
-    noise, gen = initial_noise((batch, 3, H, W), seed=seed)
-    with torch.no_grad():
-        return sample(network_velocity(model, text, latent, sigma, plan, **kw), noise, steps=steps, generator=gen)
+from small_decode import SMALL, small_decode
 
 
 def test_seam_figure_small_scale():
@@ -36,8 +18,8 @@ def test_seam_figure_small_scale():
     H = W = 448
     plan = plan_tiling(cfg, (H, W), TileOptions(mode="manual", tile_px=192, overlap_px=64, max_batch_tiles=4))
     assert plan.grid == (3, 3)
-    tiled = _decode(model, cfg, H, W, 4, plan)
-    whole = _decode(model, cfg, H, W, 4, None)
+    tiled = small_decode(model, cfg, H, W, 4, plan)
+    whole = small_decode(model, cfg, H, W, 4, None)
     figure = seam_figure(tiled, plan.tiles, cfg.patch_size)
     assert figure <= 1.2
     assert abs(seam_figure(whole, plan.tiles, cfg.patch_size) - 1) < 0.2  # the statistic itself is unbiased

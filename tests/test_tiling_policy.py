@@ -12,15 +12,7 @@ from pid_core.tiling.policy import choose_tile
 from pid_core.variants import VARIANTS
 from pid_core.velocity import network_velocity
 
-SMALL = dict(text_dim=32, text_tokens=12)
-
-
-def _inputs(cfg, H, W, batch=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randn(batch, 7, cfg.text_dim, generator=g)
-    latent = torch.randn(batch, cfg.latent_channels, H // cfg.scale, W // cfg.scale, generator=g)
-    sigma = torch.tensor([0.3, 0.0])[:batch]
-    return text, latent, sigma
+from small_decode import SMALL, small_inputs
 
 
 def test_estimates_follow_the_design():
@@ -75,7 +67,7 @@ def test_tiled_memory_is_bounded_by_the_tile():
     model = random_model(cfg)
 
     def peak(H, W, plan):
-        text, latent, sigma = _inputs(cfg, H, W)
+        text, latent, sigma = small_inputs(cfg, H, W)
         velocity = network_velocity(model, text, latent, sigma, plan or plan_tiling(cfg, (H, W), TileOptions(mode="off")))
         x = torch.randn(1, 3, H, W)
         t = torch.tensor([0.9])

@@ -15,23 +15,7 @@ from pid_core.tiling.fusion import TiledVelocity
 from pid_core.tiling.geometry import plan_tiles
 from pid_core.velocity import network_velocity
 
-SMALL = dict(text_dim=32, text_tokens=12)
-
-
-def _inputs(cfg, H, W, batch=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randn(batch, 7, cfg.text_dim, generator=g)
-    latent = torch.randn(batch, cfg.latent_channels, H // cfg.scale, W // cfg.scale, generator=g)
-    sigma = torch.tensor([0.3, 0.0])[:batch]
-    return text, latent, sigma
-
-
-def _decode(model, cfg, H, W, steps, plan, batch=1, seed=0, **kw):
-    text, latent, sigma = _inputs(cfg, H, W, batch)
-    plan = plan or plan_tiling(cfg, (H, W), TileOptions(mode="off"))
-    noise, gen = initial_noise((batch, 3, H, W), seed=seed)
-    with torch.no_grad():
-        return sample(network_velocity(model, text, latent, sigma, plan, **kw), noise, steps=steps, generator=gen)
+from small_decode import SMALL, small_decode, small_inputs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -39,7 +23,7 @@ def test_single_tile_equals_untiled_bit_exact(dtype):
     cfg = narrow_config(**SMALL)
     model = random_model(cfg, dtype=dtype)
     H, W = 128, 192
-    text, latent, sigma = _inputs(cfg, H, W)
+    text, latent, sigma = small_inputs(cfg, H, W)
 
     def whole(x, t):
         with compute_context(model, "cpu"):
@@ -84,7 +68,7 @@ def test_tiled_decode_runs_every_variant_and_step_count(spec, steps):
     tile = max(align, 2 * align if align < 128 else align)
     plan = plan_tiling(cfg, (H, W), TileOptions(mode="manual", tile_px=tile, overlap_px=align // 2, max_batch_tiles=2))
     assert plan.tiled and all(t.y0 % cfg.scale == 0 and t.x0 % cfg.scale == 0 for t in plan.tiles)
-    out = _decode(model, cfg, H, W, steps, plan, batch=2 if steps == 2 else 1)
+    out = small_decode(model, cfg, H, W, steps, plan, batch=2 if steps == 2 else 1)
     assert out.shape[-2:] == (H, W) and torch.isfinite(out).all()
     assert out.abs().max() <= 1
 
@@ -96,7 +80,7 @@ def test_compiled_network_matches_eager_on_static_tiles():
     cfg = narrow_config(**SMALL)
     model = random_model(cfg)
     H, W = 128, 320
-    text, latent, sigma = _inputs(cfg, H, W)
+    text, latent, sigma = small_inputs(cfg, H, W)
     plan = plan_tiling(cfg, (H, W), TileOptions(mode="manual", tile_px=128, overlap_px=32, max_batch_tiles=2))
     x = torch.randn(1, 3, H, W)
     eager = network_velocity(model, text, latent, sigma, plan)(x, torch.tensor([0.9]))
@@ -113,7 +97,7 @@ def _teacher_decode(model, cfg, H, W, steps, plan, *, guidance=5.0, seed=0, **kw
     from pid_core.teacher import dpm_solver_pp, teacher_schedule, teacher_shift
     from pid_core.velocity import network_denoiser
 
-    text, latent, sigma = _inputs(cfg, H, W, batch=2)
+    text, latent, sigma = small_inputs(cfg, H, W, batch=2)
     negative = torch.randn(1, 7, cfg.text_dim, generator=torch.Generator().manual_seed(9))
     noise, _ = initial_noise((2, 3, H, W), seed=seed)
     denoiser = network_denoiser(model, text, latent, sigma, plan, cfg=guidance, negative=negative, **kw)
