@@ -30,6 +30,8 @@ def require_device(device) -> torch.device:
     if dev.type not in DEVICE_TYPES:
         raise DeviceError(f"PiD runs on cpu, cuda, mps or xpu, not on {str(dev)!r}.")
     if dev.type == "cpu":
+        if dev.index not in (None, 0):
+            raise DeviceError(f"The device {str(dev)!r} does not exist: the CPU takes no index. Use cpu.")
         return dev
     backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None), "xpu": getattr(torch, "xpu", None)}[dev.type]
     available = backend is not None and backend.is_available()

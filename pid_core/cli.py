@@ -67,14 +67,16 @@ def tile_options(tile, overlap: Optional[int], budget_bytes: Optional[int] = Non
     memory budget."""
     from .tiling import TileOptions
     from .tiling.geometry import SMALLEST_TILE_PX
+    from .tiling.policy import LARGEST_PX
 
     value = str(tile).strip().lower()
     mode = value if value in ("off", "auto") else "manual"
     side = int(value) if value.isdigit() else 0
-    if mode == "manual" and side < SMALLEST_TILE_PX:
-        raise ArgumentError(f"--tile takes off, auto or a tile size of at least {SMALLEST_TILE_PX} px, not {tile!r}.")
+    if mode == "manual" and not SMALLEST_TILE_PX <= side <= LARGEST_PX:
+        raise ArgumentError(f"--tile takes off, auto or a tile size from {SMALLEST_TILE_PX} to {LARGEST_PX} px, "
+                            f"not {tile!r}.")
     overlap = overlap or 0
-    if overlap < 0 or (mode == "manual" and overlap > side // 2):
+    if not 0 <= overlap <= LARGEST_PX or (mode == "manual" and overlap > side // 2):
         limit = f", at most half the tile ({side // 2} px)" if mode == "manual" else ""
         raise ArgumentError(f"--overlap takes 0 (automatic) or a number of pixels{limit}, not {overlap}.")
     return TileOptions(mode=mode, tile_px=side, overlap_px=overlap, memory_budget_bytes=budget_bytes)
@@ -126,25 +128,26 @@ def output_paths(out: str, batch: int) -> list[str]:
 
 
 def write_images(image: torch.Tensor, out: str, *, only: Optional[Sequence[int]] = None) -> list[str]:
-    """The images [B, 3, H, W] in [0, 1] of a decode to output_paths(out) (`only`: those indices), each
-    written atomically in the format its extension names; all are encoded before the first is written."""
-    from .images import encode_image, image_format, to_uint8, write_atomically
+    """The images [B, 3, H, W] in [0, 1] of a decode to output_paths(out) (`only`: those indices), in the
+    format the extension names; all are encoded, then written together atomically: either every file is
+    replaced or none is."""
+    from .images import encode_image, image_format, to_uint8, write_all_atomically
 
     ext = image_format(out)
     paths = output_paths(out, image.shape[0])
     chosen = range(len(paths)) if only is None else only
     encoded = [(paths[i], encode_image(to_uint8(image[i]), ext)) for i in chosen]
-    for n, (path, data) in enumerate(encoded):
-        try:
+    try:
+        for path, _ in encoded:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            write_atomically(path, data)
-        except OSError as exc:
-            written = f" ({', '.join(p for p, _ in encoded[:n])} written)" if n else ""
-            fix = {errno.ENOSPC: "Free disk space or choose another folder.",
-                   errno.EFBIG: "The file-size limit (ulimit -f) is below the image's size: raise it or write elsewhere.",
-                   errno.EDQUOT: "The disk quota is used up: free space or choose another folder."}
-            raise OutputError(f"Could not write {path} ({exc.strerror or exc}){written}; a file already there is "
-                              f"unchanged. {fix.get(exc.errno, 'Check the folder and choose another if needed.')}") from None
+        write_all_atomically(encoded)
+    except OSError as exc:
+        fix = {errno.ENOSPC: "Free disk space or choose another folder.",
+               errno.EFBIG: "The file-size limit (ulimit -f) is below the image's size: raise it or write elsewhere.",
+               errno.EDQUOT: "The disk quota is used up: free space or choose another folder."}
+        raise OutputError(f"Could not write {exc.filename or out} ({exc.strerror or exc}); nothing was written and "
+                          f"files already there are unchanged. "
+                          f"{fix.get(exc.errno, 'Check the folder and choose another if needed.')}") from None
     return [p for p, _ in encoded]
 
 
@@ -311,7 +314,7 @@ def add_decode_options(p: argparse.ArgumentParser, *, text_required: bool) -> No
     p.add_argument("--text-encoder", help="Gemma-2-2b-it folder (Hugging Face layout) for --prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None,
-                   help="sampler steps: students 1-4 (default 4), undistilled checkpoints 1-100 (default 25)")
+                   help="sampler steps: students 1-4 (default 4), undistilled checkpoints 1-100 (default 25); 0 = the default")
     p.add_argument("--sampler", default="auto", choices=["auto", "student", "teacher"],
                    help="auto: from the checkpoint's file name (undistilled -> teacher); override when the name cannot tell")
     p.add_argument("--cfg", type=float, default=None,
@@ -328,8 +331,16 @@ def add_decode_options(p: argparse.ArgumentParser, *, text_required: bool) -> No
     p.add_argument("--overlap", type=int, default=None, help="tile overlap in output pixels")
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """A usage mistake ends like every other error of the command: one line `error: ...`, exit code 2
+    (argparse would print the whole usage first); --help still shows it."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pid_core", description="PiD pixel-diffusion decoder")
+    parser = OneLineErrors(prog="python -m pid_core", description="PiD pixel-diffusion decoder")
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("decode", help="decode a latent file to an image (under torchrun: its tiles shared by the ranks)")
@@ -364,7 +375,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "negative_prompt", None) is not None and not args.text_encoder:
         build_parser().error("--negative-prompt needs --text-encoder (a Gemma-2-2b-it folder); or give --negative-embedding")
-    if getattr(args, "prompt", None) and not args.text_encoder:
+    if getattr(args, "prompt", None) is not None and not args.text_encoder:
         build_parser().error("--prompt needs --text-encoder (a Gemma-2-2b-it folder)")
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:

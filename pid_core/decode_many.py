@@ -111,7 +111,9 @@ def defaults_from(args) -> dict:
 def folder_items(folder: str, out_dir: str, defaults: dict) -> list[Item]:
     """Every latent file in `folder` (not its subfolders), by name -> out_dir/<name>.png."""
     if not os.path.isdir(folder):
-        raise PidError(f"Latent folder not found: {folder}")
+        if os.path.isfile(folder):
+            raise PidError(f"--latents takes a folder of latent files; {folder} is a file (use decode for one latent).")
+        raise PidError(f"Latent folder not found: {folder!r}")
     names = sorted(n for n in os.listdir(folder) if n.endswith(LATENT_SUFFIXES) and not n.startswith("."))
     if not names:
         raise PidError(f"No latent files ({', '.join(LATENT_SUFFIXES)}) in {folder}.")
@@ -124,22 +126,32 @@ def manifest_items(path: str, out_dir: Optional[str], defaults: dict) -> list[Un
     are ignored), in order, with a Problem in place of each line that is not a valid item. Relative
     input paths are taken from the manifest's folder, relative outputs from out_dir (default: that
     folder too); `out` defaults to <latent name>.png."""
+    if not os.path.exists(path):
+        raise PidError(f"Manifest not found: {path!r}")
     if not os.path.isfile(path):
-        raise PidError(f"Manifest not found: {path}")
+        raise PidError(f"The manifest {path} is a folder: give the JSON Lines file (or the folder as --latents).")
     base = os.path.dirname(os.path.abspath(path))
     out_dir = out_dir or base
     entries: list[Union[Item, Problem]] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            where = f"{os.path.basename(path)}:{number}"
-            try:
-                entries.append(_manifest_item(json.loads(line), where, base, out_dir, defaults))
-            except json.JSONDecodeError as exc:
-                entries.append((where, f"not a JSON object: {exc.msg} at column {exc.colno}"))
-            except PidError as exc:
-                entries.append((where, str(exc)))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError:
+        raise PidError(f"The manifest {path} is not a text file (JSON Lines, UTF-8): one JSON object per line, "
+                       "such as {\"latent\": \"a.safetensors\"}.") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        where = f"{os.path.basename(path)}:{number}"
+        try:
+            entries.append(_manifest_item(json.loads(line), where, base, out_dir, defaults))
+        except json.JSONDecodeError as exc:
+            entries.append((where, f"not a JSON object: {exc.msg} at column {exc.colno}"))
+        except PidError as exc:
+            entries.append((where, str(exc)))
+    if not entries:
+        raise PidError(f"The manifest {path} lists no items: one JSON object per line, such as "
+                       "{\"latent\": \"a.safetensors\"}.")
     return entries
 
 
@@ -174,6 +186,9 @@ def _manifest_item(entry, where: str, base: str, out_dir: str, defaults: dict) -
         raise PidError(f"\"steps\" must be a number of steps (0: the sampler's default), not {steps}")
     out = _typed(entry, "out", str, None)
     out = os.path.join(out_dir, out if out is not None else os.path.splitext(os.path.basename(latent))[0] + ".png")
+    inside = os.path.abspath(out_dir)
+    if os.path.commonpath([inside, os.path.abspath(out)]) != inside:
+        raise PidError(f"\"out\" {entry['out']!r} is outside the output folder {out_dir}: give a name inside it")
     return Item(
         where=where, latent=os.path.join(base, latent), out=out, prompt=prompt,
         embedding=os.path.join(base, embedding) if "embedding" in entry else embedding, sigma=sigma,
@@ -245,7 +260,7 @@ def list_jobs(entries: list[Union[Item, Problem]], *, text_encoder: Optional[str
 def _listing_or_error(args) -> Union[Listing, str]:
     try:
         defaults = defaults_from(args)
-        if args.manifest:
+        if args.manifest is not None:
             entries = manifest_items(args.manifest, args.out_dir, defaults)
         elif not args.out_dir:
             raise PidError("--latents needs --out-dir (where the PNGs go)")

@@ -4,6 +4,7 @@ present); atomic writes and the checks of an output path (docs/DESIGN.md §13); 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -121,22 +122,50 @@ def write_atomically(path: str, data: bytes) -> None:
     """Write `data` to a temporary file in the target's folder, then rename it over `path` in one step:
     `path` holds either its old content or all of the new, never part of it. A new file gets the usual
     permissions (0o666 less the umask); a replaced file keeps its own."""
+    write_all_atomically([(path, data)])
+
+
+def write_all_atomically(files) -> None:
+    """Write several (path, data) so that either every target is replaced or none is: each is first
+    written in full to a temporary file beside its target, and only when all are written are they
+    renamed into place (a rename within a folder does not fail for want of space). An OSError names
+    the target it failed on (`filename`)."""
+    for path, _ in files:
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, "is a folder", path)
+    staged = []
+    try:
+        for path, data in files:
+            try:
+                staged.append((_write_temporary(path, data), path))
+            except OSError as exc:
+                exc.filename = path
+                raise
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+
+
+def _write_temporary(path: str, data: bytes) -> str:
+    """`data` in a new temporary file beside `path`, with the permissions `path` has (when it exists)."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
         mode = None
-    tmp = None
     for _ in range(100):
-        candidate = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
         try:
-            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue
-        tmp = candidate
         break
-    if tmp is None:
-        raise FileExistsError(f"no free temporary name in {folder}")
+    else:
+        raise FileExistsError(errno.EEXIST, "no free temporary name", folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -144,11 +173,11 @@ def write_atomically(path: str, data: bytes) -> None:
             os.fsync(f.fileno())
         if mode is not None:
             os.chmod(tmp, mode)
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return tmp
 
 
 def numbered_path(path: str, index: int) -> str:

@@ -308,6 +308,8 @@ def _sigma_vector(sigma, batch: int, device: torch.device) -> torch.Tensor:
                 "sigma for the whole batch or one per sample."
             )
     else:
+        if isinstance(sigma, (str, bytes, bool)):  # float() would take "0.3" and True
+            raise SigmaError(f"sigma must be a number or a tensor, got {sigma!r}.")
         try:
             value = float(sigma)
         except (TypeError, ValueError):

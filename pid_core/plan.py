@@ -80,24 +80,14 @@ def resolve_latent_format(choice: Optional[str], meta: LatentMeta, model, sample
 
 
 def resolve_sigma(explicit: Optional[Sigma], meta: LatentMeta) -> tuple[Sigma, str]:
-    """(sigma, where it came from): an explicit value (None or a negative number: not given), else the
-    latent's own, else 0 (a clean latent)."""
-    if _given(explicit):
+    """(sigma, where it came from): an explicit value (None: not given), else the latent's own, else 0
+    (a clean latent). PiD Decode's -1 = auto becomes None in the node; a negative value given here is
+    checked, and refused, like any other."""
+    if explicit is not None:
         return explicit, "given"
     if meta.sigma is not None:
         return meta.sigma, f"pid_sigma of {meta.source}"
     return 0.0, "none given: taken as clean"
-
-
-def _given(explicit) -> bool:
-    """A negative number means "not given" (PiD Decode's -1 = auto); NaN, lists and tensors count as given
-    (and are then checked as values)."""
-    if explicit is None or isinstance(explicit, torch.Tensor):
-        return explicit is not None
-    try:
-        return not float(explicit) < 0
-    except (TypeError, ValueError):
-        return True
 
 
 def check_latent_format_name(choice: Optional[str]) -> str:
@@ -330,6 +320,9 @@ def plan_decode(
         raise ArgumentError(f"meta must be a LatentMeta, got {type(meta).__name__}.")
     if not isinstance(samples, torch.Tensor):
         raise LatentError(f"The latent must be a torch tensor, got {type(samples).__name__}.")
+    for name, value in (("latent", samples), ("text", text), ("sigma", sigma), ("negative", negative)):
+        if isinstance(value, torch.Tensor) and value.is_meta:
+            raise ArgumentError(f"The {name} is a meta tensor (a shape without values): give it on the CPU or a GPU.")
     config = model.config
     fmt = resolve_latent_format(latent_format, meta, model, samples)
     sigma_value, sigma_source = resolve_sigma(sigma, meta)

@@ -273,10 +273,39 @@ def test_a_batch_file_is_never_an_input(inputs, tmp_path, capsys, monkeypatch):
     (["--sigma", "nan"], "--sigma takes"),
     (["--sigma", "-0.5"], "--sigma takes"),
     (["--latent-format", "flux3"], "Unknown latent format 'flux3'"),
+    (["--device", "cpu:1"], "the CPU takes no index"),
+    (["--tile", "1000000000"], "--tile takes off, auto or a tile size from 64"),
+    (["--overlap", "1000000000"], "--overlap takes 0"),
 ])
 def test_bad_options(inputs, out_dir, capsys, monkeypatch, extra, cause):
     refused(capsys, decode_args(inputs, out_dir / "keep.png", *extra), cause, before_loading=True,
             monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("extra,cause", [
+    (["--sigma", "abc"], "argument --sigma: invalid float value"),
+    (["--dtype", "fp8"], "argument --dtype: invalid choice"),
+    (["--prompt", ""], "--prompt needs --text-encoder"),
+])
+def test_usage_mistakes_are_one_line(inputs, out_dir, capsys, extra, cause):
+    argv = decode_args(inputs, out_dir / "keep.png", *extra)
+    if "--prompt" in extra:
+        argv = [a for a in argv if a != "--text-embedding" and a != inputs["text.safetensors"]]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1 and cause in err, err
+
+
+def test_a_batch_that_cannot_all_be_written_replaces_nothing(inputs, tmp_path, capsys):
+    latent = tmp_path / "pair.safetensors"
+    save_file({"latent": torch.randn(2, 16, 3, 4)}, str(latent))
+    (tmp_path / "x_00.png").write_bytes(GOOD_IMAGE)
+    (tmp_path / "x_01.png").mkdir()  # in the way of the second image
+    assert main(decode_args(inputs, tmp_path / "x.png", latent=str(latent))) == 2
+    assert "x_01.png" in capsys.readouterr().err
+    assert (tmp_path / "x_00.png").read_bytes() == GOOD_IMAGE
+    assert sorted(os.listdir(tmp_path)) == ["pair.safetensors", "x_00.png", "x_01.png"]  # no temporary left
 
 
 def test_missing_devices_are_named(inputs, out_dir, capsys, monkeypatch):
@@ -350,6 +379,14 @@ def test_api_arguments(inputs):
     plan = plan_decode(model, latent, text)
     with pytest.raises(ArgumentError, match="seed must be a whole number"):
         run_plan(model, plan, seed=2.7)
+    for sigma in ("0.3", True, -0.5, [-0.5]):  # a negative sigma is refused, never taken as "not given"
+        with pytest.raises(PidError, match="sigma"):
+            decode(model, latent, text=text, sigma=sigma, steps=1)
+    for what, kwargs in [("latent", dict(latent=latent.to("meta"), text=text)),
+                         ("text", dict(latent=latent, text=text.to("meta"))),
+                         ("sigma", dict(latent=latent, text=text, sigma=torch.zeros(1, device="meta")))]:
+        with pytest.raises(ArgumentError, match=f"The {what} is a meta tensor"):
+            decode(model, steps=1, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_bad_items_are_reported_and_skipped_then_a_rerun_finishes_only_them(shar
         {"latent": str(shared / "l5.safetensors"), "out": "a.png"},
         {"latent": str(shared / "l5.safetensors"), "sigma": 7.0, "out": "sigma.png"},
         {"latent": str(shared / "l5.safetensors"), "out": str(shared / "l5.safetensors")[:-12] + ".png", "colour": 1},
-        {"latent": str(shared / "l5.safetensors"), "out": str(shared / "l5.safetensors")},
+        {"latent": str(shared / "l5.safetensors"), "out": "l5.safetensors"},
         {"latent": str(shared / "l5.safetensors"), "steps": 9, "out": "s.png"},
         "{not json",
     ]
@@ -128,6 +128,28 @@ def test_bad_items_are_reported_and_skipped_then_a_rerun_finishes_only_them(shar
     assert "2 item(s): 1 done, 1 skipped (finished before), 0 failed" in capsys.readouterr().out
     assert (out / "a.png").stat().st_mtime_ns == first and is_complete_png(out / "late.png")
     assert not [n for n in os.listdir(out) if n.startswith(".pid-")]  # no temporary files left
+
+
+def test_manifests_that_cannot_be_read_and_outputs_outside_the_folder(shared, tmp_path, capsys):
+    base = ["decode-many", "--checkpoint", str(shared / CKPT), "--text-embedding", str(shared / "text.safetensors"),
+            "--out-dir", str(tmp_path / "out")]
+    empty = write_manifest(tmp_path / "empty.jsonl", ["# nothing yet"])
+    for manifest, reason in [("", "Manifest not found"), (str(tmp_path), "is a folder"),
+                             (str(shared / "l3.safetensors"), "not a text file"), (str(empty), "lists no items")]:
+        assert main(base + ["--manifest", manifest]) == 2
+        assert reason in capsys.readouterr().err, manifest
+    assert main(base[:-2] + ["--latents", str(shared / "l3.safetensors"), "--out-dir", str(tmp_path)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    escaping = write_manifest(tmp_path / "escape.jsonl", [
+        {"latent": str(shared / "l3.safetensors"), "out": "../escaped.png"},
+        {"latent": str(shared / "l3.safetensors"), "out": str(tmp_path / "absolute.png")},
+        {"latent": str(shared / "l3.safetensors"), "out": str(tmp_path / "out" / "inside.png"), "sigma": -0.5},
+    ])
+    assert main(base + ["--manifest", str(escaping), "--steps", "1"]) == 1
+    printed = capsys.readouterr().out
+    assert printed.count("outside the output folder") == 2 and "sigma" in printed
+    assert not (tmp_path / "escaped.png").exists() and not (tmp_path / "absolute.png").exists()
+    assert not (tmp_path / "out" / "inside.png").exists()  # a negative sigma is refused, never taken as "not given"
 
 
 def test_each_distinct_prompt_is_encoded_once(shared, tmp_path, monkeypatch, capsys):

@@ -21,7 +21,7 @@ def _text(batch=1):
 def test_sigma_explicit_then_the_latents_own_then_clean():
     meta = LatentMeta(sigma=3.5, latent_format="sdxl", source="the LATENT")
     assert resolve_sigma(None, meta) == (3.5, "pid_sigma of the LATENT")
-    assert resolve_sigma(-1.0, meta)[0] == 3.5  # a negative number means "not given" (the node's auto)
+    assert resolve_sigma(-1.0, meta)[0] == -1.0  # given (and then refused): only None means "not given"
     assert resolve_sigma(0.1, meta)[0] == 0.1
     assert resolve_sigma(0.0, meta)[0] == 0.0  # 0 means clean, not auto
     assert resolve_sigma(None, LatentMeta()) == (0.0, "none given: taken as clean")

@@ -33,6 +33,9 @@ def trained_tile_range(config: PidConfig, variant=None) -> tuple[int, int]:
     return (2048, 4096) if config.layout == "v1.5" else (2048, 2048)
 
 
+LARGEST_PX = 1 << 20  # a bound on tile and overlap sizes, far beyond any image PiD makes
+
+
 @dataclass(frozen=True)
 class TileOptions:
     """How PiD Decode tiles. mode "auto": tile only when the canvas is larger than the checkpoint's
@@ -58,7 +61,7 @@ class TileOptions:
         if self.mode not in ("auto", "off", "manual"):
             raise ArgumentError(f"The tiling mode must be auto, off or manual, got {self.mode!r}.")
         for name in ("tile_px", "overlap_px", "max_batch_tiles"):
-            whole_number(getattr(self, name), name, 0, 1 << 20)
+            whole_number(getattr(self, name), name, 0, LARGEST_PX)
         if self.mode == "manual" and self.tile_px <= 0:
             raise ArgumentError("Manual tiling needs a tile size in pixels (tile_px > 0).")
         if self.max_batch_tiles < 1:
