@@ -372,11 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if getattr(args, "negative_prompt", None) is not None and not args.text_encoder:
-        build_parser().error("--negative-prompt needs --text-encoder (a Gemma-2-2b-it folder); or give --negative-embedding")
+        parser.error("--negative-prompt needs --text-encoder (a Gemma-2-2b-it folder); or give --negative-embedding")
     if getattr(args, "prompt", None) is not None and not args.text_encoder:
-        build_parser().error("--prompt needs --text-encoder (a Gemma-2-2b-it folder)")
+        parser.error("--prompt needs --text-encoder (a Gemma-2-2b-it folder)")
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
         return args.func(args)
