@@ -49,7 +49,7 @@ def worker(out_dir: str) -> None:
     from pid_core import distributed
     from pid_core.decode import run_plan
     from pid_core.plan import plan_decode
-    from pid_core.testing import narrow_config, random_model
+    from pid_core.commands.random_checkpoints import narrow_config, random_model
     from pid_core.tiling import TileOptions
 
     torch.set_num_threads(1)
@@ -67,6 +67,7 @@ def worker(out_dir: str) -> None:
                                tiling=options, steps=3)
             assert plan.tiles.tiled and len(plan.tiles.tiles) == 10, plan.tiles.reason
             results[batch_tiles] = run_plan(model, plan, seed=11, batch_runner=distributed.tile_runner())
+            results[f"tiles per forward, at most {batch_tiles}"] = plan.tiles.batch_tiles
         name = f"rank{ranks.rank}" if ranks.several else "single"
     torch.save(results, os.path.join(out_dir, f"{name}.pt"))
 

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from pid_core.checkpoint import load_pid
-from pid_core.conformance import CHECKED_FIELDS
-from pid_core.testing import make_random_checkpoint
+from pid_core.commands.conformance import CHECKED_FIELDS
+from pid_core.commands.random_checkpoints import make_random_checkpoint
 
 
 def _times(steps: int, shift: float) -> torch.Tensor:

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 import pid_core.checkpoint
 import pid_core.tiling
 from pid_core.checkpoint import load_pid
-from pid_core.cli import main
+from pid_core.commands import main
 from pid_core.decode import decode, run_plan
 from pid_core.errors import (
     ArgumentError,
@@ -34,7 +34,7 @@ from pid_core.errors import (
     TextEmbeddingError,
 )
 from pid_core.plan import plan_decode
-from pid_core.testing import (
+from pid_core.commands.random_checkpoints import (
     config_shapes,
     make_random_checkpoint,
     narrow_config,
@@ -174,7 +174,7 @@ def test_fp16_weights_compute_in_fp32_on_the_cpu(inputs, out_dir, capsys, latent
 def _overflowing_checkpoint(inputs, tmp_path):
     """A finite checkpoint whose output layer overflows fp32 (a damaged file the value check cannot see)."""
     from pid_core.checkpoint import read_state_dict
-    from pid_core.testing import save_checkpoint
+    from pid_core.commands.random_checkpoints import save_checkpoint
 
     sd = read_state_dict(inputs[FLUX])
     sd["final_layer.linear.weight"] = sd["final_layer.linear.weight"].float() * 3e38

@@ -2,9 +2,9 @@
 
 import torch
 
-from pid_core import bench
-from pid_core.bench import seam_figure
-from pid_core.testing import narrow_config, random_model
+from pid_core.commands import bench, main
+from pid_core.commands.bench import seam_figure
+from pid_core.commands.random_checkpoints import narrow_config, random_model
 from pid_core.tiling import TileOptions, plan_tiling
 from pid_core.tiling.geometry import plan_tiles
 
@@ -35,14 +35,14 @@ def test_seam_figure_sees_a_seam():
 
 def test_bench_worker_and_seam_in_process(capsys):
     """The benchmark's measurement and seam paths, on a narrow model at a tiny size (the real runs
-    use the full-size model in subprocesses: python -m pid_core.bench)."""
+    use the full-size model in subprocesses: python -m pid_core bench)."""
 
     row = bench.worker(dict(mode="tiled", chunk="on", dtype="fp32", device="cpu", size=[128, 192], tile=128,
                             overlap=32, steps=2, batch_tiles=1, narrow=True, max_tile_batches=1))
     assert row["tiles"] == 2 and row["cut"] and row["forwards"] == 2 and row["working"] >= 0 and "forward" in row
     assert "cut: 2 of 4 forwards" in bench._format_row(dict(row, mode="tiled", chunk="on", dtype="fp32", device="cpu",
                                                             size=[128, 192], steps=2))
-    bench.main(["--seam-only", "--seam-sizes", "192", "--seam-tile", "128", "--seam-steps", "1", "--overlap", "32"])
+    main(["bench", "--seam-only", "--seam-sizes", "192", "--seam-tile", "128", "--seam-steps", "1", "--overlap", "32"])
     out = capsys.readouterr().out
     assert "192x192" in out
 

@@ -1,6 +1,6 @@
 """The rank benchmark reads the decode times the commands print (the timing itself is never a test)."""
 
-from pid_core.bench_ranks import command_line, decode_seconds
+from pid_core.commands.bench_ranks import command_line, decode_seconds
 
 
 def test_reads_the_decode_time_of_each_command():

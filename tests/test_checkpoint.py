@@ -11,7 +11,7 @@ from pid_core.checkpoint import load_pid, read_state_dict
 from pid_core.errors import ArgumentError, CheckpointError, DeviceError
 from pid_core.network.ops import CastOps
 from pid_core.precision import compute_dtype, storage_dtype
-from pid_core.testing import config_shapes, make_random_checkpoint, narrow_config, random_state_dict, save_checkpoint
+from pid_core.commands.random_checkpoints import config_shapes, make_random_checkpoint, narrow_config, random_state_dict, save_checkpoint
 
 
 @pytest.mark.parametrize(

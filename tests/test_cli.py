@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pid_core.cli import main
+from pid_core.commands import main
 from images_helper import read_png
-from pid_core.testing import make_random_checkpoint
+from pid_core.commands.random_checkpoints import make_random_checkpoint
 
 from test_decode import BACKBONES
 

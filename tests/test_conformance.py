@@ -2,8 +2,8 @@
 
 import pytest
 
-from pid_core import conformance
-from conftest import SHARED, reference_case_dirs
+from pid_core.commands import conformance, main
+from conftest import ROOT, SHARED, reference_case_dirs
 
 
 @pytest.mark.parametrize("case", reference_case_dirs() or [None], ids=lambda p: p.name if p else "none")
@@ -15,10 +15,21 @@ def test_reference_case(case):
 
 
 def test_command_line_summary(shared_cases, capsys):
-    code = conformance.main([str(c) for c in shared_cases])
+    code = main(["conformance", *[str(c) for c in shared_cases]])
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1] == f"{len(shared_cases)} passed, 0 failed"
     assert code == 0
+
+
+def test_the_module_launcher_runs_the_command(shared_cases):
+    """`python -m pid_core.conformance` (what scripts call) is `python -m pid_core conformance`."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pid_core.conformance", str(shared_cases[0])], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "1 passed, 0 failed"
 
 
 def test_command_line_fails_on_a_broken_case(tmp_path, shared_cases, capsys):
@@ -30,7 +41,7 @@ def test_command_line_fails_on_a_broken_case(tmp_path, shared_cases, capsys):
     case = json.loads((broken / "case.json").read_text())
     case["tolerance"]["forward_max_abs"] = -1.0  # nothing can pass
     (broken / "case.json").write_text(json.dumps(case))
-    assert conformance.main([str(broken)]) == 1
+    assert main(["conformance", str(broken)]) == 1
     assert capsys.readouterr().out.strip().splitlines()[-1] == "0 passed, 1 failed"
 
 
@@ -88,7 +99,7 @@ def test_a_case_with_nothing_to_compare_fails(tmp_path, made_teacher_cases, caps
     shutil.copytree(made_teacher_cases["cfg1_2steps"], case)
     io = load_file(str(case / "io.safetensors"))
     save_file({k: v for k, v in io.items() if not k.startswith("sample.")}, str(case / "io.safetensors"))
-    assert conformance.main([str(case)]) == 1
+    assert main(["conformance", str(case)]) == 1
     out = capsys.readouterr().out
     assert "nothing compared" in out and out.strip().splitlines()[-1] == "0 passed, 1 failed"
 
@@ -102,7 +113,7 @@ def test_an_unknown_mode_fails(tmp_path, made_teacher_cases, capsys):
     spec = json.loads((case / "case.json").read_text())
     spec["mode"] = "distillation"
     (case / "case.json").write_text(json.dumps(spec))
-    assert conformance.main([str(case)]) == 1
+    assert main(["conformance", str(case)]) == 1
     assert "unknown mode 'distillation'" in capsys.readouterr().out
 
 

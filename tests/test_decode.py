@@ -8,7 +8,7 @@ from pid_core.decode import decode
 from pid_core.errors import LatentError, PidError, TextEmbeddingError
 from pid_core.latents import LATENT_FORMATS
 from pid_core.sampling import sample
-from pid_core.testing import make_random_checkpoint
+from pid_core.commands.random_checkpoints import make_random_checkpoint
 
 # (file name that names the variant, layout, checkpoint latent channels, latent the user has, format)
 BACKBONES = {

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 import ranks_helper
-from pid_core.cli import main
-from pid_core.decode_many import Item, in_text_order
+from pid_core.commands import main
+from pid_core.commands.decode_many import Item, in_text_order
 from pid_core.images import is_complete_png
-from pid_core.testing import make_random_checkpoint
+from pid_core.commands.random_checkpoints import make_random_checkpoint
 
 CKPT = "pid_flux1_512_to_2048_4step_bf16.safetensors"  # named like the FLUX.1 2K file: format flux
 

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 import ranks_helper
 from pid_core import distributed
 from pid_core.errors import PidError
-from pid_core.testing import make_random_checkpoint
+from pid_core.commands.random_checkpoints import make_random_checkpoint
 
 
 def test_one_process_without_torchrun():
@@ -71,7 +71,9 @@ def test_two_ranks_share_the_tiles_of_one_image_bit_for_bit(tmp_path):
         shared = torch.load(tmp_path / f"rank{rank}.pt")
         for key in (4, 16):
             assert torch.equal(shared[key], single[key]), (rank, key)
-    assert not torch.equal(single[4], single[16])  # the tile batches differ, so do the results: each is checked
+    # the two configurations batch the tiles differently, so each sharing pattern is checked (their images may
+    # or may not differ in the last bit: that depends on this CPU's kernels)
+    assert (single["tiles per forward, at most 4"], single["tiles per forward, at most 16"]) == (4, 10)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 
 from conftest import KEY_FILES
 from pid_core.checkpoint import load_pid
-from pid_core.testing import random_state_dict, read_key_file, save_checkpoint
+from pid_core.commands.random_checkpoints import random_state_dict, read_key_file, save_checkpoint
 
 KEY_LISTS = sorted(KEY_FILES.glob("*.txt")) if KEY_FILES.is_dir() else []
 

@@ -9,7 +9,7 @@ from pid_core.network.layers import attention_backend, heads_merged_backend
 from pid_core.network.ops import CastOps
 from pid_core.precision import compute_context, psnr
 from pid_core.checkpoint import build_model
-from pid_core.testing import config_shapes, narrow_config, random_model, random_state_dict
+from pid_core.commands.random_checkpoints import config_shapes, narrow_config, random_model, random_state_dict
 
 SMALL = dict(text_dim=32, text_tokens=12)
 
@@ -34,7 +34,8 @@ def test_chunked_pixel_blocks_equal_whole(layout):
     with torch.no_grad():
         whole = model(*args)
         chunked = model(*args, chunk_tokens=7)  # does not divide the token count on purpose
-    assert (whole - chunked).abs().max().item() < 1e-5
+    # float rounding only: relative to the output's size (how far rounding goes depends on the CPU's kernels)
+    assert (whole - chunked).abs().max().item() < 1e-5 * whole.abs().max().item()
 
 
 def test_bf16_weights_track_fp32():

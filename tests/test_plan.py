@@ -5,7 +5,7 @@ import torch
 
 from pid_core.errors import LatentError, TextEmbeddingError
 from pid_core.plan import LatentMeta, match_text_batch, plan_decode, resolve_latent_format, resolve_sigma
-from pid_core.testing import narrow_config, random_model
+from pid_core.commands.random_checkpoints import narrow_config, random_model
 from pid_core.tiling import TileOptions
 
 
@@ -76,7 +76,7 @@ def test_nan_and_lists_are_given_sigmas():
 
 def test_a_chosen_format_that_contradicts_the_checkpoint_warns(tmp_path, caplog):
     from pid_core.checkpoint import load_pid
-    from pid_core.testing import make_random_checkpoint
+    from pid_core.commands.random_checkpoints import make_random_checkpoint
 
     path = str(tmp_path / "pid_flux1_512_to_2048_4step_bf16.safetensors")
     make_random_checkpoint(path, text_dim=32, text_tokens=12)

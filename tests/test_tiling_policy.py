@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pid_core.sampling import velocity_to_x0
-from pid_core.testing import narrow_config, random_model, released_config
+from pid_core.commands.random_checkpoints import narrow_config, random_model, released_config
 from pid_core.tiling import TileOptions, plan_tiling
 from pid_core.tiling.memory import tile_memory_estimate
 from pid_core.tiling.policy import choose_tile

@@ -9,7 +9,7 @@ import torch
 
 from pid_core.precision import compute_context
 from pid_core.sampling import initial_noise, sample
-from pid_core.testing import narrow_config, random_model
+from pid_core.commands.random_checkpoints import narrow_config, random_model
 from pid_core.tiling import TileOptions, plan_tiling
 from pid_core.tiling.fusion import TiledVelocity
 from pid_core.tiling.geometry import plan_tiles

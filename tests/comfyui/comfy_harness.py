@@ -223,7 +223,7 @@ def _make_models(models: pathlib.Path, comfy_path: pathlib.Path, comfy_py: str):
          str(models / "text_encoders" / GEMMA_FILE)],
         cwd=str(models), check=True, timeout=300, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
-    from pid_core.testing import make_random_checkpoint
+    from pid_core.commands.random_checkpoints import make_random_checkpoint
 
     # narrow (hidden 64, 2 heads, 3 patch blocks), full text contract (300 x 2304)
     for name, layout, channels in ((PID_FILE, "v1", 16), (PID_SDXL_FILE, "v1", 4), (TEACHER_FILE, "v1.5", 16)):

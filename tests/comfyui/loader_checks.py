@@ -48,7 +48,7 @@ from pid_pack.pid_core.checkpoint import load_pid  # noqa: E402
 from pid_pack.pid_core.decode import run_plan  # noqa: E402
 from pid_pack.pid_core.plan import plan_decode  # noqa: E402
 from pid_pack.pid_core.precision import psnr  # noqa: E402
-from pid_pack.pid_core.testing import config_shapes, narrow_config, random_state_dict  # noqa: E402
+from pid_pack.pid_core.commands.random_checkpoints import config_shapes, narrow_config, random_state_dict  # noqa: E402
 
 TEXT_DIM = 64
 # Narrow, with every quantized matmul a multiple of 32 (mxfp8 blocks).

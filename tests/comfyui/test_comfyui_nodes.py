@@ -273,7 +273,7 @@ def test_non_finite_decode_fails_with_the_cause(comfyui, model_files):
     # a checkpoint whose weights are finite but whose output layer overflows (a damaged file): the result
     # is NaN or infinite; PiD Decode must fail with the cause and the fix, never hand on a black IMAGE
     from pid_core.checkpoint import read_state_dict
-    from pid_core.testing import save_checkpoint
+    from pid_core.commands.random_checkpoints import save_checkpoint
 
     pid_dir = comfyui.base_dir / "models" / "pid"
     sd = read_state_dict(str(pid_dir / model_files["pid"]))

@@ -5,7 +5,7 @@
     torchrun --nproc-per-node 8 -m pid_core decode-many ...          (the same, on 8 GPUs)
 
 Every item is one decode as `python -m pid_core decode` runs it: plan.plan_decode + decode.run_plan,
-with the command line's loading and options (cli.load_model, cli.tile_options, cli.write_images).
+with the command line's loading and options (options.load_model, options.tile_options, options.write_images).
 
   1. Rank 0 lists the items (a manifest or a folder), checks what it can without decoding (the latent
      file's shape, output paths, options), and sets aside items whose outputs all exist as complete
@@ -36,8 +36,9 @@ from typing import Optional, Union
 
 import torch
 
-from . import distributed
-from .errors import PidError
+from .. import distributed
+from ..errors import PidError
+from .options import add_decode_options
 
 LATENT_SUFFIXES = (".safetensors", ".latent", ".pt", ".pth", ".npy")
 MANIFEST_KEYS = ("latent", "out", "sigma", "prompt", "embedding", "seed", "steps", "latent_format", "tile",
@@ -217,9 +218,9 @@ def list_jobs(entries: list[Union[Item, Problem]], *, text_encoder: Optional[str
     """What is left to decode, what was finished before (skipped), and the items that cannot be decoded
     (reported without decoding): an output that is not a .png or is another item's too, an output that
     exists but is not a complete PNG (never overwritten), unreadable latent files, a text missing."""
-    from .cli import output_paths
-    from .files import latent_file_shape
-    from .images import is_complete_png
+    from .options import output_paths
+    from ..files import latent_file_shape
+    from ..images import is_complete_png
 
     listing = Listing()
     claimed: dict[str, str] = {}  # output path -> the item writing it
@@ -297,23 +298,23 @@ class Texts:
         return self.value
 
     def negative(self, args) -> torch.Tensor:
-        """The unconditional text of a guided decode, made once for the run (cli.negative_embedding)."""
+        """The unconditional text of a guided decode, made once for the run (options.negative_embedding)."""
         if not hasattr(self, "_negative"):
-            from .cli import negative_embedding
+            from .options import negative_embedding
 
             self._negative = negative_embedding(args, self._encoder)
         return self._negative
 
     def _encoder(self):
         if self.encoder is None and self.text_encoder:
-            from .text import GemmaTextEncoder
+            from ..text import GemmaTextEncoder
 
             self.encoder = GemmaTextEncoder.from_pretrained(self.text_encoder, device=self.device)
         return self.encoder
 
     def _make(self, item: Item) -> torch.Tensor:
-        from .decode import encode_text
-        from .files import load_text_embedding
+        from ..decode import encode_text
+        from ..files import load_text_embedding
 
         if item.embedding:
             return load_text_embedding(item.embedding)
@@ -331,10 +332,10 @@ def in_text_order(jobs: list[Job]) -> list[Job]:
 def decode_job(model, job: Job, text: torch.Tensor, device: torch.device, args, texts: "Texts") -> torch.Tensor:
     """One item, as the decode command runs it: its images [B, 3, H, W] in [0, 1]. The run's sampler
     options (--sampler, --cfg, the negative text of a guided decode) apply to every item."""
-    from .cli import tile_options
-    from .decode import run_plan
-    from .files import load_latent_file
-    from .plan import plan_decode
+    from .options import tile_options
+    from ..decode import run_plan
+    from ..files import load_latent_file
+    from ..plan import plan_decode
 
     item = job.item
     latent, meta = load_latent_file(item.latent)
@@ -359,7 +360,7 @@ def decode_share(jobs: list[Job], args, device: torch.device) -> RankReport:
 
     An item's PNGs are encoded and written in a second thread while the next item decodes (zlib
     releases the GIL): at 8K, encoding takes seconds of one CPU core, as long as a GPU's decode."""
-    from .cli import load_model, write_images
+    from .options import load_model, write_images
 
     ranks = distributed.current()
     report = RankReport()
@@ -467,9 +468,6 @@ def cmd_decode_many(args) -> int:
 
 
 def add_parser(sub) -> None:
-    """Register `decode-many` (cli.build_parser)."""
-    from .cli import add_decode_options
-
     m = sub.add_parser("decode-many", help="decode many latent files (a folder or a JSON Lines manifest) to PNGs; "
                                            "under torchrun the ranks share them",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=MANIFEST_HELP)

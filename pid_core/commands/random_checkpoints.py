@@ -12,8 +12,8 @@ import re
 
 import torch
 
-from .network import PidConfig, PidNet
-from .variants import adapter_in_channels_for, latent_geometry
+from ..network import PidConfig, PidNet
+from ..variants import adapter_in_channels_for, latent_geometry
 
 NARROW = dict(
     hidden_size=64, num_heads=2, patch_depth=3, mlp_hidden=170, pixel_depth=2, pixel_hidden_size=16,
@@ -104,7 +104,7 @@ def make_random_checkpoint(path: str, *, layout: str = "v1", latent_channels: in
 
 def random_model(config: PidConfig, *, seed: int = 0, dtype=torch.float32) -> PidNet:
     """A random PidNet in memory (no file)."""
-    from .checkpoint import build_model
+    from ..checkpoint import build_model
 
     return build_model(random_state_dict(config_shapes(config), seed=seed, dtype=dtype), config)
 

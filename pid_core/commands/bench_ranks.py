@@ -1,9 +1,9 @@
 """Time of the commands in one process and under torchrun, on this machine (gloo on the CPU, NCCL on GPUs).
 
-    python -m pid_core.bench_ranks --mode tiles [--size 1024] [--tile 256] [--steps 2] [--ranks 2] [--runs 3]
-    python -m pid_core.bench_ranks --mode many [--items 8] [--size 512] [--steps 2] [--ranks 2] [--runs 3]
+    python -m pid_core bench-ranks --mode tiles [--size 1024] [--tile 256] [--steps 2] [--ranks 2] [--runs 3]
+    python -m pid_core bench-ranks --mode many [--items 8] [--size 512] [--steps 2] [--ranks 2] [--runs 3]
 
-It writes a random checkpoint (narrow by default: `testing.narrow_config`; --full: the released sizes),
+It writes a random checkpoint (narrow by default: `random_checkpoints.narrow_config`; --full: the released sizes),
 latents and a text embedding to a temporary folder and runs the real commands, in turn (A B C A B C ...,
 so a drift of the machine's speed hits every configuration alike):
 
@@ -38,7 +38,7 @@ def prepare(root: str, args) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from .testing import make_random_checkpoint, released_config
+    from .random_checkpoints import make_random_checkpoint, released_config
 
     changes = {} if not args.full else {k: getattr(released_config(), k) for k in (
         "hidden_size", "num_heads", "patch_depth", "mlp_hidden", "pixel_depth", "pixel_hidden_size",
@@ -80,8 +80,9 @@ def images(folder: str) -> dict:
     return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder)) if n.endswith(".png")}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench-ranks", help="the commands timed in one process and under torchrun",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["tiles", "many"], default="tiles")
     p.add_argument("--size", type=int, default=1024, help="output side in px (a multiple of 32)")
     p.add_argument("--tile", default=None, help="tile side in px (default: tiles 256, many auto)")
@@ -91,11 +92,14 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--full", action="store_true", help="the released model sizes instead of a narrow model")
-    args = p.parse_args(argv)
+    p.set_defaults(func=cmd_bench_ranks)
+
+
+def cmd_bench_ranks(args) -> int:
     args.tile = args.tile or ("256" if args.mode == "tiles" else "auto")
     configs = [("1 process", 1, {}), ("1 process, 1 thread", 1, {"OMP_NUM_THREADS": "1"}),
                (f"{args.ranks} ranks, 1 thread each", args.ranks, {"OMP_NUM_THREADS": "1"})]
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with tempfile.TemporaryDirectory() as root:
         prepare(root, args)
         walls: dict = {c[0]: [] for c in configs}
@@ -126,6 +130,3 @@ def main(argv=None) -> int:
               f"{'yes' if outputs[name] == reference else 'no'}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,77 @@
+"""python -m pid_core decode: one latent file to an image (under torchrun: its tiles shared by the ranks).
+
+    python -m pid_core decode --checkpoint F --latent L.safetensors --text-embedding E --out out.png
+    python -m pid_core decode --checkpoint UNDISTILLED --latent L --prompt P --text-encoder G [--cfg 5 --steps 25]
+    torchrun --nproc-per-node 8 -m pid_core decode ...     (several GPUs: distributed.py)
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import distributed
+from .options import (ProgressBar, TextEncoderOnDemand, add_decode_options, check_decode_arguments, load_model,
+                      negative_embedding, peak_memory_text, tile_options, write_images)
+
+
+@distributed.joins_torchrun
+def cmd_decode(args) -> int:
+    from ..checkpoint import describe
+    from ..decode import encode_text, run_plan
+    from ..files import load_latent_file, load_text_embedding
+    from ..images import check_image_size
+    from ..plan import plan_decode
+
+    device = check_decode_arguments(args)
+    ranks = distributed.current()  # several under torchrun: they share the tile batches of this image
+    started = time.perf_counter()
+    latent, meta = load_latent_file(args.latent)
+    model = load_model(args.checkpoint, device, args.dtype)
+    encoder = TextEncoderOnDemand(args.text_encoder, device)
+    if args.text_embedding:
+        text = load_text_embedding(args.text_embedding)
+    else:  # the other ranks take rank 0's embeddings, so every rank decodes the same inputs
+        text = distributed.from_main(encode_text(args.prompt, encoder()) if ranks.is_main else None)
+
+    def negative():
+        return distributed.from_main(negative_embedding(args, encoder) if ranks.is_main else None)
+
+    budget = distributed.smallest(distributed.memory_budget(device))  # the same tiles on every rank
+    plan = plan_decode(model, latent, text, meta=meta, latent_format=args.latent_format, sigma=args.sigma,
+                       leftover_noise=args.leftover_noise, tiling=tile_options(args.tile, args.overlap, budget),
+                       sampler=args.sampler, steps=args.steps, cfg=args.cfg, negative=negative)
+    check_image_size(args.out, *plan.output_hw)
+    if ranks.several and not plan.tiles.tiled:
+        distributed.say(f"note: one pass over the whole canvas, nothing to share: each of the {ranks.world_size} "
+                        f"ranks runs it (give --tile, e.g. --tile 1024, to share tiles among them)")
+    loaded = time.perf_counter()
+    steps = plan.sampler.steps
+    progress = ProgressBar(steps) if ranks.is_main else None
+    image = run_plan(model, plan, seed=args.seed, compile=args.compile, callback=progress,
+                     tile_callback=progress.tile if progress else None, batch_runner=distributed.tile_runner())
+    finished = time.perf_counter()
+    if not ranks.is_main:
+        return 0  # every rank holds the same image; rank 0 writes it
+    outputs = write_images(image, args.out)
+    print(f"checkpoint : {describe(model)}")
+    sigma = args.sigma if args.sigma is not None else (meta.sigma if meta.sigma is not None else 0.0)
+    sigmas = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).tolist()
+    print(f"latent     : {list(latent.shape)} as {plan.latent_format}, sigma {', '.join(f'{s:.3g}' for s in sigmas)} "
+          f"({plan.sigma_source})")
+    print(f"sampler    : {plan.sampler.describe()} ({plan.sampler.kind_source})")
+    print(f"tiling     : {plan.tiles.reason}" + (f"; tile batches shared by {ranks.world_size} ranks" if ranks.several else ""))
+    print(f"output     : {image.shape[0]} x {image.shape[-1]}x{image.shape[-2]} px -> {', '.join(outputs)}")
+    print(f"time       : load {loaded - started:.1f}s, decode {finished - loaded:.1f}s ({steps} steps, {device.type})")
+    print(f"peak memory: {peak_memory_text(device)}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    d = sub.add_parser("decode", help="decode a latent file to an image (under torchrun: its tiles shared by the ranks)")
+    d.add_argument("--latent", required=True, help="latent: .safetensors / ComfyUI .latent / .pt / .npy")
+    add_decode_options(d, text_required=True)
+    d.add_argument("--compile", action="store_true", help="torch.compile the network (pays off for many decodes of one size on a GPU)")
+    d.add_argument("--out", required=True, help="output image: .png, or .jpg / .webp with Pillow (numbered name_00.png ... when the batch has several images)")
+    d.set_defaults(func=cmd_decode)
