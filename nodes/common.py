@@ -8,9 +8,12 @@ from typing import Optional
 from comfy_api.latest import io
 
 from ..pid_core.errors import PidError
-from ..pid_core.plan import LatentMeta
+from ..pid_core.latent_formats import COMFY_FORMATS
+from ..pid_core.latents import LatentMeta
 
 CATEGORY = "PiD"
+# The formats a user can pick on the nodes: those a ComfyUI model or VAE produces.
+LATENT_FORMAT_NAMES = tuple(COMFY_FORMATS.values())
 
 # Node ids: distinctive, never a core id (core has `PiDConditioning`) nor a likely id of another PiD pack.
 NODE_ID_EARLY_STOP = "PixelDiffusionDecoderKSamplerEarlyStop"

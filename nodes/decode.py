@@ -24,8 +24,8 @@ from ..pid_core.images import preview_uint8
 from ..pid_core.network.layers import attention_backend, heads_merged_backend
 from ..pid_core.plan import plan_decode
 from ..pid_core.tiling import TileOptions
-from .comfy_models import LATENT_FORMAT_NAMES
-from .common import CATEGORY, NODE_ID_DECODE, NodeInputError, PidModel, read_pid_metadata, user_errors
+from .common import (CATEGORY, LATENT_FORMAT_NAMES, NODE_ID_DECODE, NodeInputError, PidModel, read_pid_metadata,
+                     user_errors)
 
 log = logging.getLogger("pid_decoder")
 
@@ -165,9 +165,8 @@ class PiDDecode(io.ComfyNode):
                                latent_format=latent_format, sigma=None if sigma < 0 else sigma, tiling=options,
                                device=device, sampler=sampler, steps=int(steps), cfg=None if cfg < 0 else cfg,
                                negative=lambda: negative_embedding(negative))
-            log.info("PiD Decode: latent %s as %s, sigma %s (%s); %s", list(latent["samples"].shape),
-                     plan.latent_format, [round(s, 6) for s in plan.sigma.tolist()], plan.sigma_source,
-                     plan.sampler.describe())
+            said = plan.summary()
+            log.info("PiD Decode: latent %s; sampler %s", said["latent"], said["sampler"])
             # ComfyUI makes room for what the plan wants (unloading other models) and loads PiD fully, or
             # partially when the rest does not fit (its layers then stream their weights per call); the
             # tiles then fit what is really free.

@@ -37,9 +37,10 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..pid_core.early_stop import choose_stop_step, split_sigmas
-from ..pid_core.latents import convert_state_frame, get_latent_format
+from ..pid_core.latent_formats import COMFY_FORMATS, get_latent_format
+from ..pid_core.latents import convert_state_frame
 from ..pid_core.variants import recommended_stop_step
-from .comfy_models import describe_model
+from .comfy_models import backbone_for_model_config, noise_frame_for_model_sampling
 from .common import CATEGORY, NODE_ID_EARLY_STOP, NodeInputError, user_errors, write_pid_metadata
 
 log = logging.getLogger("pid_decoder")
@@ -48,6 +49,21 @@ log = logging.getLogger("pid_decoder")
 # Samplers whose step callback does not report the state at sigmas[i] (dpm_fast / dpm_adaptive pick
 # their own steps; uni_pc's callback carries no sigma): their run is split at the stop step.
 SPLIT_SAMPLERS = ("dpm_fast", "dpm_adaptive", "uni_pc", "uni_pc_bh2")
+
+
+def _mro_names(obj) -> list[str]:
+    return [c.__name__ for c in type(obj).__mro__]
+
+
+def describe_model(model) -> dict:
+    """What PiD needs to know about a ComfyUI MODEL: latent format, backbone, distilled, noise frame."""
+    base = model.model
+    latent_format = COMFY_FORMATS.get(type(base.latent_format).__name__)
+    backbone, distilled = backbone_for_model_config(_mro_names(base.model_config))
+    if latent_format is None:
+        backbone = None
+    frame = noise_frame_for_model_sampling(_mro_names(model.get_model_object("model_sampling")))
+    return {"latent_format": latent_format, "backbone": backbone, "distilled": distilled, "frame": frame}
 
 
 class _StopHere(Exception):

@@ -13,25 +13,27 @@ import torch
 
 from comfy_api.latest import io
 
-from ..pid_core.latents import get_latent_format, noise_latent, vp_to_euler
-from .comfy_models import LATENT_FORMAT_NAMES, latent_format_for_vae
-from .common import CATEGORY, NODE_ID_ENCODE_DEGRADE, NodeInputError, user_errors, write_pid_metadata
+from ..pid_core.latent_formats import LATENT_FORMATS, formats_for_vae, get_latent_format
+from ..pid_core.latents import noise_latent, vp_to_euler
+from .common import CATEGORY, LATENT_FORMAT_NAMES, NODE_ID_ENCODE_DEGRADE, NodeInputError, user_errors, write_pid_metadata
 
 
 def resolve_vae_format(choice: str, vae) -> str:
+    """The latent format of the VAE's latents: the choice, else the one its shape allows (a 3-D VAE gives
+    5-D latents); several of the same shape (16-channel 2-D) ask the user."""
     if choice != "auto":
         return choice
-    fmt = latent_format_for_vae(vae)
-    if fmt is None:
-        channels = getattr(vae, "latent_channels", "?")
-        if channels == 16:
-            raise NodeInputError(
-                "This 16-channel VAE can be the FLUX.1 / Z-Image AE or the SD3 VAE, which PiD normalizes "
-                "differently: set latent_format to 'flux' or 'sd3'.")
-        raise NodeInputError(
-            f"A {channels}-channel VAE is not one PiD decodes (FLUX.1, FLUX.2, SD3, SDXL, Qwen-Image). "
-            "Connect the VAE of a supported model, or set latent_format by hand.")
-    return fmt
+    channels, video = int(getattr(vae, "latent_channels", 0)), int(getattr(vae, "latent_dim", 2)) == 3
+    fits = formats_for_vae(channels, video, LATENT_FORMAT_NAMES)
+    if len(fits) == 1:
+        return fits[0].name
+    if fits:
+        which = " or ".join(f"'{f.name}' ({f.label})" for f in fits)
+        raise NodeInputError(f"This {channels}-channel VAE can be that of {which}, which PiD normalizes "
+                             f"differently: set latent_format to {' or '.join(repr(f.name) for f in fits)}.")
+    known = ", ".join(LATENT_FORMATS[name].label for name in LATENT_FORMAT_NAMES)
+    raise NodeInputError(f"A {channels}-channel VAE is not one PiD decodes ({known}). Connect the VAE of a "
+                         "supported model, or set latent_format by hand.")
 
 
 class PiDEncodeDegrade(io.ComfyNode):

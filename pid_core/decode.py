@@ -2,9 +2,9 @@
 
     image = decode(model, latent, text=embedding, sigma=0.3, seed=0)
 
-decode() resolves a plan (plan.plan_decode: format, sigma, PiD-space latent, size, text batch, tiles)
-and runs it (run_plan): the student sampler drives the network through network_velocity (the whole
-canvas or tiles fused at every step); the result is clamped and mapped to [0, 1].
+decode() resolves a plan (plan.plan_decode: every fact of the decode, decided once) and runs it
+(run_plan): the plan's sampler drives the network through velocity.py (the whole canvas, or tiles fused
+at every step); the result is clamped and mapped to [0, 1].
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import torch
 
 from .checks import all_finite, check_seed
 from .errors import ArgumentError, DecodeError, TextEmbeddingError
-from .plan import NO_META, DecodePlan, LatentMeta, Sigma, plan_decode
-from .precision import compute_dtype, storage_dtype
+from .latents import NO_META, LatentMeta, Sigma
+from .plan import DecodePlan, plan_decode
 from .sampling import initial_noise, sample
-from .teacher import dpm_solver_pp, teacher_schedule
+from .teacher import dpm_solver_pp
 from .text import NEGATIVE_PROMPT
 from .variants import TEACHER
 from .velocity import network_denoiser, network_velocity
@@ -66,9 +66,9 @@ def decode(
         (explicit noise without renoise: the re-noise draws come from seed; the teacher draws no re-noise).
     sampler: "auto" (the checkpoint's kind: the 4-step student, or the teacher's guided DPM-Solver++ for
         the undistilled checkpoints), "student" or "teacher". steps: None for the kind's default (4 or 25).
-    cfg: the teacher's guidance scale (None: 5; 1: no guidance). negative: its unconditional text, an
-        embedding or prompt(s); None: the reference's negative prompt through text_encoder. shift: the
-        teacher's schedule shift (None: the reference's value for the output size).
+    cfg: the teacher's guidance scale, 0 or more (None: the default, 5; 1: no guidance). negative: its
+        unconditional text, an embedding or prompt(s); None: the reference's negative prompt through
+        text_encoder. shift: the teacher's schedule shift (None: the reference's value for the output size).
     callback(step, steps, x0): after each step with x0 in [-1, 1]; raise from it to cancel.
     tiling: None (one pass over the whole canvas) or tiling.TileOptions (auto: tiles only beyond the
         trained size or the memory budget; manual: fixed tiles).
@@ -112,25 +112,24 @@ def run_plan(
     running out of memory becomes a DecodeError; so a result is never black or lost silently
     (docs/DESIGN.md §13)."""
     seed = check_seed(seed)
-    steps = plan.sampler.steps
-    teacher = plan.sampler.kind == TEACHER
-    device = plan.device
+    spec = plan.sampler.spec
+    steps, device, canvas_device = plan.sampler.steps, plan.device, plan.canvas_device
     shape = (plan.batch, 3, *plan.output_hw)
     noise = _check_noise(noise, shape, "noise")
     if renoise is not None:
-        if teacher:
-            raise ArgumentError("The teacher sampler is an ODE solver: it draws no re-noise, so renoise does not apply.")
+        if not spec.draws_renoise:
+            raise ArgumentError(f"The {spec.kind} sampler is an ODE solver: it draws no re-noise, so renoise does "
+                                "not apply.")
         if not isinstance(renoise, (list, tuple)) or len(renoise) != steps - 1:
             count = len(renoise) if isinstance(renoise, (list, tuple)) else type(renoise).__name__
             raise ArgumentError(f"renoise takes {steps - 1} tensors for {steps} steps (one per re-noise), got {count}.")
         renoise = [_check_noise(eps, shape, f"renoise[{i}]") for i, eps in enumerate(renoise)]
     check_memory(plan)
-    canvas_device = device if plan.tiles.canvas_on_device else torch.device("cpu")
 
     def checked(step, total, x0):
         # x0 before the final clamp: infinities are still visible (clamping would make them white)
         if not all_finite(x0):
-            raise DecodeError(nonfinite_message(model, plan, step, total))
+            raise DecodeError(nonfinite_message(plan, step, total))
         if callback is not None:
             callback(step, total, x0)
 
@@ -141,21 +140,18 @@ def run_plan(
         owned = True
     else:
         owned = False  # the caller's tensor is left as it is
-        if renoise is None and not teacher:  # the re-noise draws still follow the seed
+        if renoise is None and spec.draws_renoise:  # the re-noise draws still follow the seed
             generator = torch.Generator(device=device).manual_seed(seed)
-    network = dict(device=device, callback_per_tile=tile_callback, after_forward=after_forward, compile=compile,
+    network = dict(callback_per_tile=tile_callback, after_forward=after_forward, compile=compile,
                    batch_runner=batch_runner)
     failure = None
     try:
-        if teacher:
-            denoiser = network_denoiser(model, plan.text, plan.latent, plan.sigma, plan.tiles, cfg=plan.sampler.cfg,
-                                        negative=plan.negative, **network)
-            x0 = dpm_solver_pp(denoiser, noise.to(canvas_device), teacher_schedule(steps, plan.sampler.shift),
+        if spec.kind == TEACHER:  # the one place the two samplers part (docs/DESIGN.md §7)
+            x0 = dpm_solver_pp(network_denoiser(model, plan, **network), noise.to(canvas_device), plan.sampler.times,
                                callback=checked, overwrite_noise=owned)
         else:
-            velocity = network_velocity(model, plan.text, plan.latent, plan.sigma, plan.tiles, **network)
-            x0 = sample(velocity, noise.to(canvas_device), steps=steps, renoise=renoise, generator=generator,
-                        callback=checked, overwrite_noise=owned)
+            x0 = sample(network_velocity(model, plan, **network), noise.to(canvas_device), plan.sampler.times,
+                        renoise=renoise, generator=generator, callback=checked, overwrite_noise=owned)
     except Exception as exc:  # only running out of memory is translated
         if not is_out_of_memory(exc):
             raise
@@ -184,12 +180,12 @@ LARGE_TEXT_VALUE = 1e4
 LARGE_LATENT_VALUE = 100.0
 
 
-def nonfinite_message(model, plan: DecodePlan, step: int, steps: int) -> str:
+def nonfinite_message(plan: DecodePlan, step: int, steps: int) -> str:
     """Why a decode gave NaN or infinity, most likely cause first: float16 overflow, text or latent values
     far out of their range, else damaged weights or inputs."""
     text_peak = plan.text.abs().amax().item()
     latent_peak = plan.latent.abs().amax().item()
-    if compute_dtype(storage_dtype(model), plan.device) == torch.float16:
+    if plan.compute_dtype == torch.float16:
         cause = ("the network overflowed float16 (its largest value is 65504): load the weights as bf16 or fp32 "
                  "(--dtype bf16, or weight_dtype bf16 in PiD Loader)")
     elif text_peak > LARGE_TEXT_VALUE:
@@ -213,7 +209,7 @@ def check_memory(plan: DecodePlan) -> None:
     tiles, options = plan.tiles, plan.tile_options
     gib = 2**30
     budget, fits = options.memory_budget_bytes, tiles.fits_budget
-    if budget is None and options.mode == "off":
+    if budget is None and not tiles.tiled:  # one pass planned without a budget: what is free now decides
         budget = device_memory_budget(plan.device)
         fits = budget is None or tiles.memory_bytes <= budget
     H, W = plan.output_hw
@@ -229,11 +225,9 @@ def check_memory(plan: DecodePlan) -> None:
             fix = "Free memory (other programs or models), decode fewer images at once, or use another device."
         raise DecodeError(f"Decoding {what} needs about {need:.1f} GiB of working memory on {plan.device}, and about "
                           f"{free:.1f} GiB are free. {fix}")
-    if not tiles.canvas_on_device or plan.device.type == "cpu":
-        from .tiling.memory import canvas_memory_estimate
-
+    if plan.canvas_device.type == "cpu":
         cpu_free = device_memory_budget("cpu")
-        state = canvas_memory_estimate(plan.output_hw, plan.batch)
+        state = tiles.state_bytes
         if cpu_free is not None and state > cpu_free:
             raise DecodeError(f"The sampler's state for {what} takes about {state / gib:.1f} GiB of CPU memory, and "
                               f"about {cpu_free / gib:.1f} GiB are free. Decode fewer images at once or a smaller latent.")

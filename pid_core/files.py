@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, LatentError, PidError, TextEmbeddingError
-from .plan import LatentMeta
+from .latent_formats import Flux2BNStats, flux2_bn_stats_from_state_dict
+from .latents import LatentMeta
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ LATENT_FILE = FileRole(
 TEXT_EMBEDDING_FILE = FileRole(
     "text embedding file", TextEmbeddingError,
     "Re-save it with safetensors.torch.save_file({'text_embedding': t}, path) or numpy.save.")
+FLUX2_VAE_FILE = FileRole(
+    "FLUX.2 VAE file", LatentError,
+    "Give the FLUX.2 VAE (flux2-vae.safetensors), or a file of its bn.running_mean and bn.running_var.")
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
@@ -231,3 +235,23 @@ def load_text_embedding(path: str | os.PathLike) -> torch.Tensor:
             f"{name} holds a {type(data).__name__}, not a tensor. Save the embedding tensor itself."
         )
     return data
+
+
+def load_flux2_bn_stats(path: str | os.PathLike) -> Flux2BNStats:
+    """The BatchNorm statistics of a FLUX.2 VAE file, which a raw 32-channel FLUX.2 latent needs (format
+    flux2_raw). From a safetensors file only those two tensors are read, not the whole VAE."""
+    kind = sniff(path, FLUX2_VAE_FILE)
+    if kind == "safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys() if k.endswith(("bn.running_mean", "bn.running_var"))}
+        except Exception as exc:  # noqa: BLE001 - a damaged header
+            raise LatentError(f"{Path(path).name} could not be read as safetensors ({_first_line(exc)}). The file is "
+                              "truncated or corrupt: download it again.") from None
+    else:
+        tensors = read_tensor_file(path, FLUX2_VAE_FILE)
+        if not isinstance(tensors, dict):
+            tensors = {}
+    return flux2_bn_stats_from_state_dict(tensors)

@@ -4,58 +4,43 @@
     image = run_plan(model, plan, seed=0)          # decode.decode() does both
 
 The command line, the Python API and PiD Decode build the same plan from (model, latent, what travels
-with the latent, options). Each fact is decided by one function:
+with the latent, options); what runs after it (decode.run_plan, velocity, tiling) reads the plan and
+decides nothing again. Each fact is decided by one function:
 
-  latent format        resolve_latent_format   explicit choice > the latent's own > detected
-  sigma                resolve_sigma           explicit value > the latent's own > 0 (clean)
-  PiD-space latent     latents.prepare_latent  format, noise frame (docs/DESIGN.md §5)
-  output size          output_hw               latent cells x pixels per cell
-  text batch           match_text_batch        one embedding for all, or one per latent
-  sampler              resolve_sampler         student or teacher (chosen > file name), steps, cfg, shift
-  negative text        (guided decodes)        the unconditional text, matched to the batch
-  tiles and memory     tiling.plan_tiling      tile size, tiles per forward, guidance batching, memory
+  latent format        resolve_latent_format     explicit choice > the latent's own > detected
+  sigma                resolve_sigma             explicit value > the latent's own > 0 (clean)
+  PiD-space latent     latents.prepare_latent    format, noise frame (docs/DESIGN.md §5), on the device
+  output size          output_hw                 latent cells x pixels per cell
+  text batch           match_text_batch          one embedding for all, or one per latent
+  sampler              samplers.resolve_sampler  student or teacher (chosen > file name), steps, cfg,
+                                                 shift, the times it visits
+  negative text        (guided decodes)          the unconditional text, matched to the batch
+  compute device/dtype precision.compute_dtype   fp32 on the CPU, the weights' half dtype on GPUs
+  tiles and memory     tiling.plan_tiling        tile size, tiles per forward, guidance batching, memory,
+                                                 where the sampler's state lives
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-import math
-import numbers
 from typing import Callable, Optional, Union
 
 import torch
 
-from .checks import require_device, whole_number
+from .checks import require_device
 from .errors import ArgumentError, LatentError, SigmaError, TextEmbeddingError
-from .latents import LATENT_FORMATS, detect_latent_format, prepare_latent
+from .latent_formats import LATENT_FORMATS
+from .latents import NO_META, LatentMeta, Sigma, detect_latent_format, prepare_latent
 from .precision import compute_dtype, storage_dtype
-from .teacher import MAX_TEACHER_STEPS, teacher_shift
+from .samplers import SamplerPlan, resolve_sampler
 from .text import validate_text_embedding
 from .tiling import TileOptions, TilePlan, plan_tiling
-from .tiling.memory import CANVASES, TEACHER_CANVASES
-from .variants import (
-    BACKBONES, KINDS, SAMPLER_DEFAULTS, STUDENT, TEACHER, check_output_size, kind_from_filename, variants_for_backbone,
-)
+from .variants import BACKBONES, check_output_size, variants_for_backbone
 
 log = logging.getLogger("pid_core")
 
-Sigma = Union[float, torch.Tensor]
 
-
-@dataclass(frozen=True)
-class LatentMeta:
-    """What travels with a latent beside its samples: its noise level and the format its writer knew.
-
-    From a ComfyUI LATENT's pid_* keys (KSampler Early Stop, PiD Encode-Degrade) or a latent file's
-    pid_* tensors. `source` says where it came from, for messages."""
-
-    sigma: Optional[Sigma] = None
-    latent_format: Optional[str] = None
-    source: str = "the latent"
-
-
-NO_META = LatentMeta()
 
 
 def resolve_latent_format(choice: Optional[str], meta: LatentMeta, model, samples: torch.Tensor) -> str:
@@ -64,19 +49,12 @@ def resolve_latent_format(choice: Optional[str], meta: LatentMeta, model, sample
     and the checkpoint's variant tell ("auto")."""
     name = check_latent_format_name(choice)
     if name == "auto" and meta.latent_format:
-        name = meta.latent_format.strip().lower()
+        name = check_latent_format_name(meta.latent_format)
     if name == "auto":
         config = model.config
         return detect_latent_format(samples, adapter_in_channels=config.adapter_in_channels,
                                     unpatchify=config.latent_unpatchify, variant=model.variant)
-    if name in LATENT_FORMATS:
-        return name
-    if name in BACKBONES:
-        return variants_for_backbone(name)[0].latent_format
-    raise LatentError(
-        f"Unknown latent format {name!r}. Choose auto, one of {', '.join(LATENT_FORMATS)}, "
-        f"or a backbone name ({', '.join(BACKBONES)})."
-    )
+    return name if name in LATENT_FORMATS else variants_for_backbone(name)[0].latent_format
 
 
 def resolve_sigma(explicit: Optional[Sigma], meta: LatentMeta) -> tuple[Sigma, str]:
@@ -133,128 +111,25 @@ def match_text_batch(text: torch.Tensor, batch: int) -> torch.Tensor:
     )
 
 
-STUDENT_MAX_STEPS = 4  # the released student schedule has 4 steps; 1-3 subsample it
-# Steps at or below which an undistilled checkpoint is clearly under-sampled (its reference runs 25).
-TEACHER_FEW_STEPS = 4
-
-
-@dataclass(frozen=True)
-class SamplerPlan:
-    """How the decode samples: the student's 4-step loop or the teacher's guided DPM-Solver++."""
-
-    kind: str  # variants.STUDENT or variants.TEACHER
-    kind_source: str  # why: chosen, or what the checkpoint's name says
-    steps: int
-    cfg: float  # classifier-free guidance scale; 1.0 = none (always for the student)
-    shift: Optional[float] = None  # the teacher's flow-schedule shift (from the output size)
-
-    @property
-    def guided(self) -> bool:
-        """Two network branches per step (conditional and unconditional text)."""
-        return self.kind == TEACHER and self.cfg != 1.0
-
-    def describe(self) -> str:
-        if self.kind == STUDENT:
-            return f"student, {self.steps} steps"
-        guidance = f"cfg {self.cfg:g}" if self.guided else "no guidance"
-        return f"teacher (DPM-Solver++), {self.steps} steps, {guidance}, shift {self.shift:.3g}"
-
-
-def checkpoint_kind(model) -> tuple[str, str]:
-    """(STUDENT or TEACHER, why) for a loaded model: its variant, else the file name's cue, else a
-    student (the weights cannot tell)."""
-    if model.variant is not None:
-        return model.variant.kind, f"the checkpoint is {model.variant.name}"
-    path = model.checkpoint.path if getattr(model, "checkpoint", None) is not None else None
-    if kind_from_filename(path) == TEACHER:
-        return TEACHER, "the file name says undistilled"
-    return STUDENT, "the file name does not say undistilled"
-
-
-def resolve_sampler(
-    model,
-    output_hw: tuple[int, int],
-    *,
-    sampler: Optional[str] = "auto",
-    steps: Optional[int] = None,
-    cfg: Optional[float] = None,
-    shift: Optional[float] = None,
-) -> tuple[SamplerPlan, list[str]]:
-    """The sampler of a decode and warnings about mismatched settings.
-
-    sampler: "auto" (the checkpoint's kind), "student" or "teacher". steps: None or 0 for the kind's
-    default (4, or 25 for the teacher); students take 1-4, the teacher 1-100. cfg: None or negative for
-    the default (5 for the teacher); students take no guidance. shift: the teacher's schedule shift,
-    None for the reference's value for the output size."""
-    name = (sampler or "auto").strip().lower()
-    checkpoint, why = checkpoint_kind(model)
-    if name == "auto":
-        kind, source = checkpoint, why
-    elif name in KINDS:
-        kind, source = name, "chosen"
-    else:
-        raise ArgumentError(f"Unknown sampler {sampler!r}: choose auto, {STUDENT} or {TEACHER}.")
-    defaults = SAMPLER_DEFAULTS[kind]
-    limit = STUDENT_MAX_STEPS if kind == STUDENT else MAX_TEACHER_STEPS
-    if steps is not None and not (isinstance(steps, numbers.Integral) and not isinstance(steps, bool)):
-        steps = whole_number(steps, "steps", 0, limit, "0 gives the sampler's default.")  # 2.7 is refused, 2.0 taken
-    steps = int(steps) if steps else defaults.steps
-    if cfg is not None and (isinstance(cfg, bool) or not isinstance(cfg, numbers.Real) or not math.isfinite(cfg)):
-        raise ArgumentError(f"cfg must be a finite number (negative: the default), got {cfg!r}.")
-    cfg_given = cfg is not None and float(cfg) >= 0
-    cfg = float(cfg) if cfg_given else defaults.cfg
-    label = model.variant.name if model.variant is not None else "this checkpoint"
-    warnings = []
-    if kind == STUDENT:
-        if not 1 <= steps <= STUDENT_MAX_STEPS:
-            raise ArgumentError(
-                f"The PiD student sampler runs 1 to {STUDENT_MAX_STEPS} steps; got {steps}. Use 4 for the released "
-                f"quality; many guided steps are for the undistilled checkpoints (sampler 'teacher')."
-            )
-        if cfg_given and cfg != 1.0:
-            warnings.append(f"{label} is sampled as a 4-step student, which takes no guidance: cfg {cfg:g} is "
-                            "ignored. Guidance is for the undistilled checkpoints.")
-        cfg = 1.0
-        if checkpoint == TEACHER:
-            warnings.append(f"{label} is an undistilled checkpoint ({why}), decoded here with the 4-step student "
-                            "sampler and no guidance: expect a poor image. Use sampler auto or teacher "
-                            f"({SAMPLER_DEFAULTS[TEACHER].steps} steps, cfg {SAMPLER_DEFAULTS[TEACHER].cfg:g}).")
-        return SamplerPlan(kind, source, steps, cfg), warnings
-    if not 1 <= steps <= MAX_TEACHER_STEPS:
-        raise ArgumentError(f"The teacher sampler runs 1 to {MAX_TEACHER_STEPS} steps; got {steps}. "
-                       f"The reference uses {SAMPLER_DEFAULTS[TEACHER].steps}.")
-    if cfg < 0:
-        raise ArgumentError(f"cfg must not be negative, got {cfg}.")
-    if checkpoint == STUDENT:
-        warnings.append(f"{label} is a 4-step student ({why}), decoded here with the teacher's DPM-Solver++ over "
-                        f"{steps} steps" + (f" with cfg {cfg:g}" if cfg != 1.0 else "") + ": students are "
-                        "distilled for 4 steps without guidance, so this costs more and does not improve them. "
-                        "Use sampler auto, or load an undistilled checkpoint.")
-    elif steps <= TEACHER_FEW_STEPS and cfg == 1.0:
-        warnings.append(f"{label} is undistilled: {steps} steps without guidance under-sample it. Use about "
-                        f"{SAMPLER_DEFAULTS[TEACHER].steps} steps with cfg {SAMPLER_DEFAULTS[TEACHER].cfg:g}, or the "
-                        "4-step student checkpoint for speed.")
-    shift = float(shift) if shift is not None else teacher_shift(*output_hw)
-    return SamplerPlan(kind, source, steps, cfg, shift), warnings
-
-
 NegativeText = Union[torch.Tensor, Callable[[], torch.Tensor], None]
 
 
 @dataclass(frozen=True)
 class DecodePlan:
-    """A decode, resolved. Run it with decode.run_plan."""
+    """A decode, resolved: every fact the run needs, decided once. Run it with decode.run_plan."""
 
     latent_format: str
     latent: torch.Tensor  # [B, C, h, w] in PiD space, rounded to bf16 as the reference does, on `device`
-    sigma: torch.Tensor  # [B] float32, in PiD's frame
+    latent_sigma: torch.Tensor  # [B] float32: the noise level the latent carries, in its own frame (as given)
+    sigma: torch.Tensor  # [B] float32 on `device`: the same in PiD's frame, what the network sees
     sigma_source: str
-    text: torch.Tensor  # [B, T, text_dim] float32 on `device`
+    text: torch.Tensor  # [B, T, text_dim] float32 on `device` (one embedding is shared by the batch)
+    negative: Optional[torch.Tensor]  # [B, T', text_dim] float32 on `device`: guided decodes only
+    sampler: SamplerPlan
     tiles: TilePlan
     tile_options: TileOptions
-    device: torch.device
-    sampler: SamplerPlan = SamplerPlan(STUDENT, "default", SAMPLER_DEFAULTS[STUDENT].steps, 1.0)
-    negative: Optional[torch.Tensor] = None  # [B, T', text_dim] float32 on `device`, guided decodes only
+    device: torch.device  # where the network runs
+    compute_dtype: torch.dtype  # what the network computes in there (precision.compute_dtype)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -266,6 +141,11 @@ class DecodePlan:
         return self.tiles.canvas_hw
 
     @property
+    def canvas_device(self) -> torch.device:
+        """Where the sampler's state lives: with the network, or on the CPU for canvases too large for it."""
+        return self.device if self.tiles.canvas_on_device else torch.device("cpu")
+
+    @property
     def memory_bytes(self) -> int:
         """Working memory the decode needs on the compute device beside the weights."""
         return self.tiles.memory_bytes
@@ -273,14 +153,35 @@ class DecodePlan:
     def within(self, model, budget_bytes: Optional[int]) -> "DecodePlan":
         """This plan with its tiles chosen for a memory budget (None: no limit); the rest stays."""
         options = replace(self.tile_options, memory_budget_bytes=budget_bytes)
-        return replace(self, tiles=_tiles(model, self.output_hw, options, self.batch, self.sampler, self.device),
+        return replace(self, tiles=_tiles(model, self.output_hw, options, self.batch, self.sampler,
+                                          self.compute_dtype, _branches_batchable(self.text, self.negative)),
                        tile_options=options)
 
+    def summary(self) -> dict[str, str]:
+        """What the plan says, in words: {"latent": ..., "sampler": ..., "tiling": ..., "output": ...}."""
+        given = ", ".join(f"{s:.4g}" for s in self.latent_sigma.tolist())
+        in_pid = ", ".join(f"{s:.4g}" for s in self.sigma.tolist())
+        frame = f"; {in_pid} in PiD's frame" if in_pid != given else ""
+        H, W = self.output_hw
+        return {
+            "latent": f"{list(self.latent.shape)} in PiD space as {self.latent_format}, sigma {given} "
+                      f"({self.sigma_source}{frame})",
+            "sampler": f"{self.sampler.describe()} ({self.sampler.kind_source})",
+            "tiling": self.tiles.reason,
+            "output": f"{self.batch} x {W}x{H} px, computed in {str(self.compute_dtype).replace('torch.', '')} "
+                      f"on {self.device}",
+        }
 
-def _tiles(model, output_hw, options: TileOptions, batch: int, sampler: SamplerPlan, device) -> TilePlan:
-    return plan_tiling(model.config, output_hw, options, dtype=compute_dtype(storage_dtype(model), device), variant=model.variant,
-                       batch=batch, guidance=sampler.guided,
-                       state_canvases=TEACHER_CANVASES if sampler.kind == TEACHER else CANVASES)
+
+def _branches_batchable(text: torch.Tensor, negative: Optional[torch.Tensor]) -> bool:
+    """Guidance's two texts can share one forward only when they have the same shape."""
+    return negative is not None and negative.shape[1:] == text.shape[1:]
+
+
+def _tiles(model, output_hw, options: TileOptions, batch: int, sampler: SamplerPlan, dtype: torch.dtype,
+           batchable: bool) -> TilePlan:
+    return plan_tiling(model.config, output_hw, options, dtype=dtype, variant=model.variant, batch=batch,
+                       guidance=sampler.guided, batch_branches=batchable, state_canvases=sampler.spec.state_canvases)
 
 
 def plan_decode(
@@ -307,10 +208,11 @@ def plan_decode(
     meta: what travels with the latent (its sigma and format); latent_format and sigma override it.
     leftover_noise: the samples are a stock ComfyUI leftover latent x_t / (1 - sigma).
     tiling: None (one pass over the whole canvas, the same as TileOptions(mode="off")) or TileOptions.
+    bn_stats: the FLUX.2 VAE's statistics (latent_formats.Flux2BNStats), for the flux2_raw format.
     device: where the network runs (default: the model's).
-    sampler, steps, cfg, shift: see resolve_sampler. negative: the unconditional text of a guided
-    decode ([B or 1, T, text_dim]), or a function returning it, called only when the decode is guided
-    (so a text encoder runs only when needed)."""
+    sampler, steps, cfg, shift: see samplers.resolve_sampler (None: the sampler's defaults). negative: the
+    unconditional text of a guided decode ([B or 1, T, text_dim]), or a function returning it, called only
+    when the decode is guided (so a text encoder runs only when needed)."""
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise ArgumentError(f"model must be a PiD model loaded with checkpoint.load_pid, got {type(model).__name__}.")
     device = require_device(device) if device is not None else next(model.parameters()).device
@@ -327,7 +229,7 @@ def plan_decode(
     fmt = resolve_latent_format(latent_format, meta, model, samples)
     sigma_value, sigma_source = resolve_sigma(sigma, meta)
     try:
-        z, degrade_sigma = prepare_latent(
+        z, latent_sigma, degrade_sigma = prepare_latent(
             samples.to(device), fmt, sigma_value, expected_channels=config.latent_channels, bn_stats=bn_stats,
             undo_noise_scaling=leftover_noise,
         )
@@ -337,8 +239,9 @@ def plan_decode(
         raise
     # The reference hands the latent to the network as bf16 (docs/DESIGN.md §10): keep that rounding.
     z = z.to(torch.bfloat16).float()
+    batch = z.shape[0]
     embedding = validate_text_embedding(text, text_dim=config.text_dim, max_tokens=config.text_max_tokens)
-    embedding = match_text_batch(embedding.to(device=device, dtype=torch.float32), z.shape[0])
+    embedding = match_text_batch(embedding.to(device=device, dtype=torch.float32), batch)
 
     height, width = output_hw(config, z.shape[-2:])
     warnings = []
@@ -352,7 +255,7 @@ def plan_decode(
     warnings += sampler_warnings
     negative_embedding = None
     if sampling.guided:
-        negative_embedding = _negative_embedding(negative() if callable(negative) else negative, config, z.shape[0],
+        negative_embedding = _negative_embedding(negative() if callable(negative) else negative, config, batch,
                                                  device, sampling.cfg)
     if model.variant is not None:
         size_warning = check_output_size(model.variant, height, width)
@@ -361,11 +264,13 @@ def plan_decode(
     for warning in warnings:
         log.warning(warning)
     options = tiling or TileOptions(mode="off")
-    tiles = _tiles(model, (height, width), options, z.shape[0], sampling, device)
+    dtype = compute_dtype(storage_dtype(model), device)
+    tiles = _tiles(model, (height, width), options, batch, sampling, dtype,
+                   _branches_batchable(embedding, negative_embedding))
     log.info("PiD sampler: %s (%s); tiling: %s", sampling.describe(), sampling.kind_source, tiles.reason)
-    return DecodePlan(latent_format=fmt, latent=z, sigma=degrade_sigma, sigma_source=sigma_source,
-                      text=embedding, tiles=tiles, tile_options=options, device=device, sampler=sampling,
-                      negative=negative_embedding, warnings=tuple(warnings))
+    return DecodePlan(latent_format=fmt, latent=z, latent_sigma=latent_sigma.cpu(), sigma=degrade_sigma,
+                      sigma_source=sigma_source, text=embedding, negative=negative_embedding, sampler=sampling,
+                      tiles=tiles, tile_options=options, device=device, compute_dtype=dtype, warnings=tuple(warnings))
 
 
 def _negative_embedding(negative, config, batch: int, device, cfg: float) -> torch.Tensor:

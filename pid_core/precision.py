@@ -11,8 +11,6 @@ call), so bf16 weights compute in fp32 at half the memory of fp32 weights, bit-i
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
-
 import torch
 import torch.nn as nn
 
@@ -44,15 +42,14 @@ def operations_for(storage: torch.dtype, device):
     return CastOps if storage in HALF and compute_dtype(storage, device) != storage else nn
 
 
-def compute_context(model: nn.Module, device, dtype: Optional[torch.dtype] = None):
-    """The precision the network runs under on `device`: nothing for fp32 compute, else autocast in the
-    compute dtype. dtype forces one (the conformance check runs the GPU's bf16 semantics on a CPU).
+def compute_context(device, dtype: torch.dtype):
+    """The precision the network runs under on `device` in the compute dtype (compute_dtype, decided by
+    the plan): nothing for fp32, else autocast in that dtype.
 
     The reference keeps fp32 weights and autocasts to bf16; holding the weights in bf16 instead gives
     the same matmul inputs (the checkpoints are bf16), and the layers upcast norm weights and gate
     scalars themselves, so the numerics match without an fp32 copy of the model.
     """
-    dtype = dtype if dtype is not None else compute_dtype(storage_dtype(model), device)
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)

@@ -11,19 +11,20 @@ from typing import Callable, Optional, Sequence
 import torch
 
 STUDENT_T_LIST = (0.999, 0.866, 0.634, 0.342, 0.0)
+STUDENT_MAX_STEPS = len(STUDENT_T_LIST) - 1  # the released schedule's steps; fewer subsample it
 ONE_STEP_T = 1.0  # a single step runs at t = 1.0, not 0.999 (the reference's student_timestep)
 
 
-def student_schedule(steps: int = 4) -> torch.Tensor:
+def student_schedule(steps: int = STUDENT_MAX_STEPS) -> torch.Tensor:
     """The t values visited, ending at 0. 1-3 steps subsample the 5-point list by rounded linspace indices."""
-    if not 1 <= steps <= 4:
-        raise ValueError(f"PiD students run 1 to 4 steps, got {steps}.")
+    if not 1 <= steps <= STUDENT_MAX_STEPS:
+        raise ValueError(f"PiD students run 1 to {STUDENT_MAX_STEPS} steps, got {steps}.")
     full = torch.tensor(STUDENT_T_LIST, dtype=torch.float32)
     if steps == 1:
         return torch.tensor([ONE_STEP_T, 0.0], dtype=torch.float32)
-    if steps == len(full) - 1:
+    if steps == STUDENT_MAX_STEPS:
         return full
-    return full[torch.linspace(0, len(full) - 1, steps + 1).round().long()]
+    return full[torch.linspace(0, STUDENT_MAX_STEPS, steps + 1).round().long()]
 
 
 X0_SLICE_ELEMENTS = 1 << 20  # float64 temporaries of at most 8 MiB each per row slice
@@ -57,14 +58,15 @@ StepCallback = Callable[[int, int, torch.Tensor], None]
 def sample(
     velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     noise: torch.Tensor,
+    times: torch.Tensor,
     *,
-    steps: int = 4,
     renoise: Optional[Sequence[torch.Tensor]] = None,
     generator: Optional[torch.Generator] = None,
     callback: Optional[StepCallback] = None,
     overwrite_noise: bool = False,
 ) -> torch.Tensor:
-    """Run the student loop and return x0 clamped to [-1, 1].
+    """Run the student loop over `times` (student_schedule(steps): the t of each step, ending at 0) and
+    return x0 clamped to [-1, 1].
 
     velocity_fn(x_t, t[B]) -> v. noise is the initial x at t = 1. The fresh noise of each re-noise
     step comes from `renoise` (explicit tensors, to match a reference run) or is drawn from
@@ -77,7 +79,8 @@ def sample(
     over x itself and never holds a whole-canvas v; noise is then copied first unless
     overwrite_noise=True hands its storage to the loop. The arithmetic is the reference's either way.
     """
-    t_list = student_schedule(steps).to(noise.device)
+    t_list = times.to(device=noise.device, dtype=torch.float32)
+    steps = len(t_list) - 1
     B = noise.shape[0]
     x = noise.float()
     owned = overwrite_noise or x.data_ptr() != noise.data_ptr()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 
 from .errors import CheckpointError, LatentError, SizeError
+from .latent_formats import LATENT_FORMATS
 
 LICENSE_NOTE = (
     "PiD weights: NVIDIA Source Code License (NSCLv1), non-commercial research and evaluation use "
@@ -69,11 +70,8 @@ class Variant:
     experiment: str  # official experiment name (the folder on the Hub)
     backbones: tuple[str, ...]  # the LDMs whose latents it decodes (names and aliases)
     layout: str  # "v1" (hidden 512, per-dim gate) or "v1.5" (hidden 1024, per-token gate, PiT gate)
-    latent_format: str  # name of the format in latents.py that this checkpoint takes
-    latent_channels: int  # channels of the PiD-space latent it takes (lq_latent_channels)
-    adapter_in_channels: int  # input channels of the adapter's first conv (after un-packing)
+    latent_format: str  # the latent_formats.LATENT_FORMATS row it takes: its channels and VAE factor
     adapter_hidden: int  # lq_hidden_dim
-    latent_down_factor: int  # pixels per latent cell of the VAE (latent_spatial_down_factor)
     unpatchify: int  # lq_latent_unpatchify_factor (2 only for FLUX.2 v1.5)
     sr_scale: int  # output pixels per VAE-decoded pixel
     rope_ref_px: int  # rope_ref_h = rope_ref_w
@@ -88,13 +86,19 @@ class Variant:
     license: str = field(default=LICENSE_NOTE, repr=False)
 
     @property
-    def defaults(self) -> SamplerDefaults:
-        return SAMPLER_DEFAULTS[self.kind]
+    def latent_channels(self) -> int:
+        """Channels of the PiD-space latent it takes (lq_latent_channels)."""
+        return LATENT_FORMATS[self.latent_format].pid_channels
 
     @property
-    def pixels_per_latent(self) -> int:
-        """Output pixels per latent cell: VAE factor x super-resolution scale (docs/DESIGN.md §8)."""
-        return self.latent_down_factor * self.sr_scale
+    def latent_down_factor(self) -> int:
+        """Image pixels per cell of the latent it takes: the VAE's factor (latent_spatial_down_factor)."""
+        return LATENT_FORMATS[self.latent_format].down_factor
+
+    @property
+    def adapter_in_channels(self) -> int:
+        """Input channels of the adapter's first conv, after un-packing."""
+        return self.latent_channels // self.unpatchify**2
 
 
 # Widest trained aspect ratio: 2688 x 1536 (1.75, about 16:9).
@@ -115,14 +119,13 @@ _FLUX2_BACKBONES = ("flux2", "flux2-klein-4b", "flux2-klein-9b")
 _QWEN_BACKBONES = ("qwenimage", "qwenimage-2512")
 
 
-def _v1(name, label, experiment, backbones, latent_format, channels, down, *, sr=4, params,
+def _v1(name, label, experiment, backbones, latent_format, *, sr=4, params,
         size="2k", repackaged=None, deprecated=False) -> Variant:
     """A v1-layout student (preset pid_sr4x: hidden 512, zeros padding, RoPE ref 1024)."""
     stems = (repackaged,) if isinstance(repackaged, str) else tuple(repackaged or ())
     return Variant(
         name=name, label=label, experiment=experiment, backbones=backbones, layout="v1",
-        latent_format=latent_format, latent_channels=channels, adapter_in_channels=channels,
-        adapter_hidden=512, latent_down_factor=down, unpatchify=1, sr_scale=sr, rope_ref_px=1024,
+        latent_format=latent_format, adapter_hidden=512, unpatchify=1, sr_scale=sr, rope_ref_px=1024,
         num_tensors=456, num_params=params,
         trained_px=(2048, 2048) if size == "2k" else (2048, 3840),
         official_file=_official(experiment, deprecated),
@@ -131,15 +134,13 @@ def _v1(name, label, experiment, backbones, latent_format, channels, down, *, sr
     )
 
 
-def _v15(name, label, experiment, backbones, latent_format, channels, down, *, unpatchify=1,
+def _v15(name, label, experiment, backbones, latent_format, *, unpatchify=1,
          params, repackaged=(), kind=STUDENT) -> Variant:
     """A v1.5-layout checkpoint (preset pid_sr4x_v1pt5: hidden 1024, replicate padding, RoPE ref 2048)."""
     stems = (repackaged,) if isinstance(repackaged, str) else tuple(repackaged)
     return Variant(
         name=name, label=label, experiment=experiment, backbones=backbones, layout="v1.5",
-        latent_format=latent_format, latent_channels=channels,
-        adapter_in_channels=channels // unpatchify**2, adapter_hidden=1024, latent_down_factor=down,
-        unpatchify=unpatchify, sr_scale=4, rope_ref_px=2048, num_tensors=467, num_params=params,
+        latent_format=latent_format, adapter_hidden=1024, unpatchify=unpatchify, sr_scale=4, rope_ref_px=2048, num_tensors=467, num_params=params,
         trained_px=(2048, 3840),
         official_file=_official(experiment), repackaged_file=_repackaged(stems[0]) if stems else None,
         repackaged_stems=stems, kind=kind,
@@ -149,38 +150,38 @@ def _v15(name, label, experiment, backbones, latent_format, channels, down, *, u
 # The released students (the upstream checkpoint registry), with their parameter counts.
 _CURRENT = (
     _v1("flux-2k", "FLUX.1 / Z-Image 2K", "PiD_res2k_sr4x_official_flux_distill_4step",
-        _FLUX_BACKBONES, "flux", 16, 8, params=1_362_348_170,
+        _FLUX_BACKBONES, "flux", params=1_362_348_170,
         repackaged="pid_flux1_512_to_2048_4step"),
     _v15("flux-2kto4k-v1.5", "FLUX.1 / Z-Image 2K-to-4K (v1.5)",
          "PiD_v1pt5_res2kto4k_sr4x_official_flux_distill_4step",
-         _FLUX_BACKBONES, "flux", 16, 8, params=1_401_300_163,
+         _FLUX_BACKBONES, "flux", params=1_401_300_163,
          repackaged="pid_flux1_1024_to_4096_4step"),
     _v1("flux2-2k", "FLUX.2 / Klein 2K", "PiD_res2k_sr4x_official_flux2_distill_4step",
-        _FLUX2_BACKBONES, "flux2", 128, 16, params=1_362_864_266,
+        _FLUX2_BACKBONES, "flux2", params=1_362_864_266,
         repackaged="pid_flux2_512_to_2048_4step"),
     # The only variant that un-packs its input: 128 packed channels -> 32 at twice the size.
     _v15("flux2-2kto4k-v1.5", "FLUX.2 / Klein 2K-to-4K (v1.5)",
          "PiD_v1pt5_res2kto4k_sr4x_official_flux2_distill_4step",
-         _FLUX2_BACKBONES, "flux2", 128, 16, unpatchify=2, params=1_401_447_619,
+         _FLUX2_BACKBONES, "flux2", unpatchify=2, params=1_401_447_619,
          # Comfy-Org's bf16 FLUX.2 4K file carries a _2606 tag; v1 or v1.5, the weights tell.
          repackaged=("pid_flux2_1024_to_4096_4step", "pid_flux2_1024_to_4096_4step_2606")),
     _v1("sd3-2k", "SD3 2K", "PiD_res2k_sr4x_official_sd3_distill_4step",
-        ("sd3",), "sd3", 16, 8, params=1_362_348_170, repackaged="pid_sd3_512_to_2048_4step"),
+        ("sd3",), "sd3", params=1_362_348_170, repackaged="pid_sd3_512_to_2048_4step"),
     _v1("sd3-2kto4k", "SD3 2K-to-4K", "PiD_res2kto4k_sr4x_official_sd3_distill_4step",
-        ("sd3",), "sd3", 16, 8, params=1_362_348_170, size="2kto4k",
+        ("sd3",), "sd3", params=1_362_348_170, size="2kto4k",
         repackaged="pid_sd3_1024_to_4096_4step"),
     _v1("sdxl-2kto4k", "SDXL 2K-to-4K", "PiD_res2kto4k_sr4x_official_sdxl_distill_4step",
-        ("sdxl",), "sdxl", 4, 8, params=1_362_292_874, size="2kto4k",
+        ("sdxl",), "sdxl", params=1_362_292_874, size="2kto4k",
         repackaged="pid_sdxl_1024_to_4096_4step"),
     _v15("qwenimage-2kto4k-v1.5", "Qwen-Image 2K-to-4K (v1.5)",
          "PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_distill_4step",
-         _QWEN_BACKBONES, "qwenimage", 16, 8, params=1_401_300_163,
+         _QWEN_BACKBONES, "qwenimage", params=1_401_300_163,
          repackaged="pid_qwenimage_1024_to_4096_4step"),
     _v1("dinov2-2k", "DINOv2-RAE 2K", "PiD_res2k_sr4x_official_dinov2_distill_4step",
-        ("dinov2",), "dinov2", 768, 16, params=1_365_813_386),
+        ("dinov2",), "dinov2", params=1_365_813_386),
     # SigLIP is the one 8x model: a 256 px image (16x16 tokens) becomes 2048 px.
     _v1("siglip-2k", "SigLIP-2 Scale-RAE 2K (8x)", "PiD_res2k_sr8x_official_siglip_distill_4step",
-        ("siglip",), "siglip", 1152, 16, sr=8, params=1_367_582_858),
+        ("siglip",), "siglip", sr=8, params=1_367_582_858),
 )
 
 # The undistilled v1.5 teachers the students were distilled from: the same networks (keys, shapes,
@@ -188,13 +189,13 @@ _CURRENT = (
 _UNDISTILLED = (
     _v15("flux-2kto4k-v1.5-undistilled", "FLUX.1 / Z-Image 2K-to-4K (v1.5, undistilled)",
          "PiD_v1pt5_res2kto4k_sr4x_official_flux_undistilled",
-         _FLUX_BACKBONES, "flux", 16, 8, params=1_401_300_163, kind=TEACHER),
+         _FLUX_BACKBONES, "flux", params=1_401_300_163, kind=TEACHER),
     _v15("flux2-2kto4k-v1.5-undistilled", "FLUX.2 / Klein 2K-to-4K (v1.5, undistilled)",
          "PiD_v1pt5_res2kto4k_sr4x_official_flux2_undistilled",
-         _FLUX2_BACKBONES, "flux2", 128, 16, unpatchify=2, params=1_401_447_619, kind=TEACHER),
+         _FLUX2_BACKBONES, "flux2", unpatchify=2, params=1_401_447_619, kind=TEACHER),
     _v15("qwenimage-2kto4k-v1.5-undistilled", "Qwen-Image 2K-to-4K (v1.5, undistilled)",
          "PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_undistilled",
-         _QWEN_BACKBONES, "qwenimage", 16, 8, params=1_401_300_163, kind=TEACHER),
+         _QWEN_BACKBONES, "qwenimage", params=1_401_300_163, kind=TEACHER),
 )
 
 # The first 2K-to-4K students of FLUX.1, FLUX.2 and Qwen-Image, replaced by v1.5 and moved to
@@ -203,19 +204,19 @@ _UNDISTILLED = (
 # before v1.5, which the structure tells apart) is recognised instead of misread.
 _DEPRECATED = (
     _v1("flux-2kto4k-v1", "FLUX.1 / Z-Image 2K-to-4K (v1, deprecated)",
-        "PiD_res2kto4k_sr4x_official_flux_distill_4step", _FLUX_BACKBONES, "flux", 16, 8,
+        "PiD_res2kto4k_sr4x_official_flux_distill_4step", _FLUX_BACKBONES, "flux",
         params=1_362_348_170, size="2kto4k", repackaged="pid_flux1_1024_to_4096_4step",
         deprecated=True),
     _v1("flux2-2kto4k-v1", "FLUX.2 / Klein 2K-to-4K (v1, deprecated)",
-        "PiD_res2kto4k_sr4x_official_flux2_distill_4step", _FLUX2_BACKBONES, "flux2", 128, 16,
+        "PiD_res2kto4k_sr4x_official_flux2_distill_4step", _FLUX2_BACKBONES, "flux2",
         params=1_362_864_266, size="2kto4k", repackaged="pid_flux2_1024_to_4096_4step",
         deprecated=True),
     _v1("flux2-2kto4k-v1-2606", "FLUX.2 / Klein 2K-to-4K (v1 2606 re-release, deprecated)",
-        "PiD_res2kto4k_sr4x_official_flux2_distill_4step_2606", _FLUX2_BACKBONES, "flux2", 128, 16,
+        "PiD_res2kto4k_sr4x_official_flux2_distill_4step_2606", _FLUX2_BACKBONES, "flux2",
         params=1_362_864_266, size="2kto4k", repackaged="pid_flux2_1024_to_4096_4step_2606",
         deprecated=True),
     _v1("qwenimage-2kto4k-v1", "Qwen-Image 2K-to-4K (v1, deprecated)",
-        "PiD_res2kto4k_sr4x_official_qwenimage_distill_4step", _QWEN_BACKBONES, "qwenimage", 16, 8,
+        "PiD_res2kto4k_sr4x_official_qwenimage_distill_4step", _QWEN_BACKBONES, "qwenimage",
         params=1_362_348_170, size="2kto4k", repackaged="pid_qwenimage_1024_to_4096_4step",
         deprecated=True),
 )

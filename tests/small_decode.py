@@ -1,10 +1,10 @@
-"""Narrow-model inputs and an untiled or tiled student decode, shared by the tests of the tiling, the
-velocity and the benchmark."""
+"""Narrow-model inputs, their decode plan and an untiled or tiled student decode, shared by the tests of
+the tiling, the velocity and the benchmark."""
 
 import torch
 
+from pid_core.plan import plan_decode
 from pid_core.sampling import initial_noise, sample
-from pid_core.tiling import TileOptions, plan_tiling
 from pid_core.velocity import network_velocity
 
 SMALL = dict(text_dim=32, text_tokens=12)  # narrow_config changes: short text, few channels
@@ -19,10 +19,15 @@ def small_inputs(cfg, H, W, batch=1, seed=0):
     return text, latent, sigma
 
 
-def small_decode(model, cfg, H, W, steps, plan, batch=1, seed=0, **kw):
-    """The student sampler over network_velocity with `plan` (None: untiled)."""
-    text, latent, sigma = small_inputs(cfg, H, W, batch)
-    plan = plan or plan_tiling(cfg, (H, W), TileOptions(mode="off"))
+def small_plan(model, H, W, tiling=None, batch=1, **options):
+    """The decode plan of small_inputs (a latent already in PiD space) with these tiling options."""
+    text, latent, sigma = small_inputs(model.config, H, W, batch)
+    return plan_decode(model, latent, text, latent_format="pid", sigma=sigma, tiling=tiling, **options)
+
+
+def small_decode(model, cfg, H, W, steps, tiling=None, batch=1, seed=0, **kw):
+    """The student sampler over network_velocity with `tiling` (TileOptions; None: untiled)."""
+    plan = small_plan(model, H, W, tiling, batch, steps=steps)
     noise, gen = initial_noise((batch, 3, H, W), seed=seed)
     with torch.no_grad():
-        return sample(network_velocity(model, text, latent, sigma, plan, **kw), noise, steps=steps, generator=gen)
+        return sample(network_velocity(model, plan, **kw), noise, plan.sampler.times, generator=gen)

@@ -187,15 +187,17 @@ def test_a_non_finite_result_raises_in_the_api(inputs, tmp_path):
         decode(model, torch.randn(1, 16, 3, 4), text=torch.randn(1, TEXT_TOKENS, TEXT_DIM), steps=1)
 
 
-def test_fp16_overflow_is_named_where_the_network_computes_in_fp16(inputs, monkeypatch):
+def test_fp16_overflow_is_named_where_the_network_computes_in_fp16(inputs):
     """On a GPU fp16 weights compute in fp16 (autocast): an overflow there names bf16 or fp32 as the fix."""
+    from dataclasses import replace
+
     import pid_core.decode as decode_module
 
     model = load_pid(inputs[FLUX], dtype="fp16")
-    monkeypatch.setattr(decode_module, "compute_dtype", lambda storage, device: torch.float16)
     plan = decode_module.plan_decode(model, torch.randn(1, 16, 3, 4), torch.randn(1, TEXT_TOKENS, TEXT_DIM))
-    assert "float16" in decode_module.nonfinite_message(model, plan, 1, 4)
-    assert "bf16 or fp32" in decode_module.nonfinite_message(model, plan, 1, 4)
+    plan = replace(plan, compute_dtype=torch.float16)  # what the plan decides for fp16 weights on a GPU
+    assert "float16" in decode_module.nonfinite_message(plan, 1, 4)
+    assert "bf16 or fp32" in decode_module.nonfinite_message(plan, 1, 4)
 
 
 def test_non_finite_explicit_noise_is_refused(inputs):
@@ -440,6 +442,62 @@ def test_a_giant_untiled_decode_is_refused_before_allocating(inputs, out_dir, ca
     model = load_pid(inputs[FLUX], dtype=torch.float32)
     with pytest.raises(DecodeError, match="16384x16384.*tiling"):
         decode(model, torch.randn(1, 16, 512, 512), text=torch.randn(1, TEXT_TOKENS, TEXT_DIM), steps=1)
+
+
+def test_an_auto_plan_that_runs_untiled_is_checked_against_free_memory_too(inputs, monkeypatch):
+    """TileOptions() without a budget (the API's auto) can end untiled: what is free now decides, as for off."""
+    from pid_core.tiling import TileOptions
+
+    monkeypatch.setattr(pid_core.tiling, "device_memory_budget", lambda device, **k: 1 << 20)
+    model = load_pid(inputs[FLUX], dtype=torch.float32)
+    with pytest.raises(DecodeError, match="256x256 px needs about .* GiB of working memory on cpu"):
+        decode(model, torch.randn(1, 16, 8, 8), text=torch.randn(1, TEXT_TOKENS, TEXT_DIM), steps=1,
+               tiling=TileOptions())
+
+
+def test_the_memory_check_counts_the_teachers_three_canvases(inputs, monkeypatch):
+    """A teacher's state kept on the CPU is three canvases, as the tile plan counts: a CPU with room for two is
+    refused."""
+    from pid_core.decode import check_memory
+    from pid_core.plan import plan_decode
+    from pid_core.tiling import TileOptions
+    from pid_core.tiling.memory import canvas_memory_estimate
+
+    model = load_pid(inputs[FLUX], dtype=torch.float32)
+    plan = plan_decode(model, torch.randn(1, 16, 8, 8), torch.randn(1, TEXT_TOKENS, TEXT_DIM), sampler="teacher",
+                       cfg=1.0, tiling=TileOptions(mode="manual", tile_px=128, canvas_on_device=False))
+    two, three = (canvas_memory_estimate(plan.output_hw, 1, n) for n in (2, 3))
+    assert plan.tiles.state_bytes == three
+    free = {"cpu": (two + three) // 2}
+    monkeypatch.setattr(pid_core.tiling, "device_memory_budget", lambda device, **k: free.get(str(device)))
+    with pytest.raises(DecodeError, match="sampler's state"):
+        check_memory(plan)
+
+
+def test_a_raw_flux2_latent_decodes_with_the_vae_statistics(tmp_path, capsys):
+    """--latent-format flux2_raw needs the FLUX.2 VAE's BatchNorm statistics: --bn-stats reads them from the
+    VAE file (only those tensors); without it the message says what is missing."""
+    from safetensors.torch import save_file
+
+    from pid_core.commands.random_checkpoints import make_random_checkpoint
+
+    ckpt = str(tmp_path / "pid_flux2_512_to_2048_4step_bf16.safetensors")
+    make_random_checkpoint(ckpt, layout="v1", latent_channels=128, text_dim=TEXT_DIM, text_tokens=TEXT_TOKENS)
+    vae = tmp_path / "flux2-vae.safetensors"
+    save_file({"bn.running_mean": torch.zeros(128), "bn.running_var": torch.ones(128),
+               "decoder.conv_in.weight": torch.zeros(4, 32, 3, 3)}, str(vae))
+    save_file({"latent": torch.randn(1, 32, 8, 8)}, str(tmp_path / "raw.safetensors"))
+    save_file({"text_embedding": torch.randn(1, TEXT_TOKENS, TEXT_DIM)}, str(tmp_path / "text.safetensors"))
+    argv = ["decode", "--checkpoint", ckpt, "--latent", str(tmp_path / "raw.safetensors"), "--latent-format",
+            "flux2_raw", "--text-embedding", str(tmp_path / "text.safetensors"), "--steps", "1", "--out",
+            str(tmp_path / "out.png")]
+    assert main([*argv, "--bn-stats", str(vae)]) == 0 and (tmp_path / "out.png").exists()
+    assert "[1, 128, 4, 4] in PiD space as flux2_raw" in capsys.readouterr().out
+    (tmp_path / "out.png").unlink()
+    assert main(argv) == 2
+    assert "BatchNorm statistics" in capsys.readouterr().err and not (tmp_path / "out.png").exists()
+    assert main([*argv, "--bn-stats", str(tmp_path / "text.safetensors")]) == 2
+    assert "no FLUX.2 BatchNorm statistics" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,10 +5,10 @@ import torch
 from pid_core.commands import bench, main
 from pid_core.commands.bench import seam_figure
 from pid_core.commands.random_checkpoints import narrow_config, random_model
-from pid_core.tiling import TileOptions, plan_tiling
+from pid_core.tiling import TileOptions
 from pid_core.tiling.geometry import plan_tiles
 
-from small_decode import SMALL, small_decode
+from small_decode import SMALL, small_decode, small_plan
 
 
 def test_seam_figure_small_scale():
@@ -16,9 +16,10 @@ def test_seam_figure_small_scale():
     cfg = narrow_config(**SMALL)
     model = random_model(cfg)
     H = W = 448
-    plan = plan_tiling(cfg, (H, W), TileOptions(mode="manual", tile_px=192, overlap_px=64, max_batch_tiles=4))
+    tiling = TileOptions(mode="manual", tile_px=192, overlap_px=64, max_batch_tiles=4)
+    plan = small_plan(model, H, W, tiling).tiles
     assert plan.grid == (3, 3)
-    tiled = small_decode(model, cfg, H, W, 4, plan)
+    tiled = small_decode(model, cfg, H, W, 4, tiling)
     whole = small_decode(model, cfg, H, W, 4, None)
     figure = seam_figure(tiled, plan.tiles, cfg.patch_size)
     assert figure <= 1.2

@@ -6,8 +6,8 @@ import torch
 from pid_core.checkpoint import load_pid
 from pid_core.decode import decode
 from pid_core.errors import LatentError, PidError, TextEmbeddingError
-from pid_core.latents import LATENT_FORMATS
-from pid_core.sampling import sample
+from pid_core.latent_formats import LATENT_FORMATS
+from pid_core.sampling import sample, student_schedule
 from pid_core.commands.random_checkpoints import make_random_checkpoint
 
 # (file name that names the variant, layout, checkpoint latent channels, latent the user has, format)
@@ -50,7 +50,7 @@ def test_every_backbone_decodes_to_the_right_size(checkpoints, backbone):
 
 
 def test_raw_flux2_latent_with_bn_statistics(checkpoints):
-    from pid_core.latents import Flux2BNStats
+    from pid_core.latent_formats import Flux2BNStats
 
     model = load_pid(checkpoints["flux2"], dtype=torch.float32)
     raw = torch.randn(1, 32, 4, 6)
@@ -71,7 +71,7 @@ def test_matches_the_plain_sampler_with_explicit_noise(checkpoints):
     image = decode(model, latent, text=text, sigma=sigma, noise=noise, renoise=renoise)
     z = ((latent - 0.1159) * 0.3611).to(torch.bfloat16).float()
     with torch.no_grad():
-        ref = sample(lambda x, t: model(x, t, text, z, sigma), noise, renoise=renoise)
+        ref = sample(lambda x, t: model(x, t, text, z, sigma), noise, student_schedule(4), renoise=renoise)
     assert torch.equal(image, (ref + 1) / 2)
 
 

@@ -5,15 +5,11 @@ import math
 import pytest
 import torch
 
-from pid_core.errors import CheckpointError, LatentError
+from pid_core.errors import LatentError
+from pid_core.latent_formats import LATENT_FORMATS, Flux2BNStats
 from pid_core.latents import (
-    LATENT_FORMATS,
-    Flux2BNStats,
     convert_state_frame,
     detect_latent_format,
-    flux2_bn_stats_from_state_dict,
-    flux2_patchify,
-    flux2_unpatchify,
     noise_latent,
     prepare_latent,
     sigma_to_pid,
@@ -37,132 +33,6 @@ def close(a, b, tol=1e-6):
 # ---------------------------------------------------------------- constants and conversions
 
 
-def test_format_shapes():
-    got = {n: (f.channels, f.down_factor, f.pid_channels, f.frame) for n, f in LATENT_FORMATS.items()}
-    assert got == {
-        "flux": (16, 8, 16, "flow"),
-        "sd3": (16, 8, 16, "flow"),
-        "sdxl": (4, 8, 4, "euler"),
-        "flux2": (128, 16, 128, "flow"),
-        "flux2_raw": (32, 8, 128, "flow"),
-        "qwenimage": (16, 8, 16, "flow"),
-        "dinov2": (768, 16, 768, "flow"),
-        "siglip": (1152, 16, 1152, "flow"),
-        "pid": (None, None, None, "pid"),
-    }
-
-
-@pytest.mark.parametrize("name", [n for n in LATENT_FORMATS if n != "flux2_raw"])
-def test_round_trip(name):
-    fmt = LATENT_FORMATS[name]
-    z = randn(2, fmt.channels or 7, 4, 6, scale=3.0)
-    assert close(fmt.from_pid(fmt.to_pid(z)), z)
-    assert close(fmt.to_pid(fmt.from_pid(z)), z)
-
-
-def test_round_trip_flux2_raw():
-    fmt, stats = LATENT_FORMATS["flux2_raw"], bn_stats()
-    raw = randn(2, 32, 8, 10, scale=2.0)
-    packed = fmt.to_pid(raw, stats)
-    assert packed.shape == (2, 128, 4, 5)
-    assert close(fmt.from_pid(packed, stats), raw)
-    z = randn(1, 128, 3, 4)
-    assert close(fmt.to_pid(fmt.from_pid(z, stats), stats), z)
-
-
-def test_conversion_keeps_dtype_and_device():
-    z = randn(1, 16, 2, 2).to(torch.float64)
-    assert LATENT_FORMATS["qwenimage"].to_pid(z).dtype == torch.float64
-    assert LATENT_FORMATS["flux"].from_pid(z).dtype == torch.float64
-
-
-# ---------------------------------------------------------------- FLUX.2 packing
-
-
-def test_flux2_patchify_order():
-    x = randn(2, 32, 6, 8)
-    p = flux2_patchify(x)
-    assert p.shape == (2, 128, 3, 4)
-    for c in (0, 5, 31):
-        for pi in (0, 1):
-            for pj in (0, 1):
-                for h in range(3):
-                    for w in range(4):
-                        assert p[1, c * 4 + pi * 2 + pj, h, w] == x[1, c, 2 * h + pi, 2 * w + pj]
-
-
-def _unpack_as_spec_says(z, f=2):
-    """channel c*f^2 + i*f + j goes to spatial offset (i, j), i the row offset."""
-    b, ch, h, w = z.shape
-    out = torch.empty(b, ch // f**2, h * f, w * f)
-    for c in range(ch // f**2):
-        for i in range(f):
-            for j in range(f):
-                out[:, c, i::f, j::f] = z[:, c * f * f + i * f + j]
-    return out
-
-
-def test_flux2_patchify_is_the_inverse_of_the_adapter_unpacking():
-    z = randn(2, 128, 3, 5)
-    assert torch.equal(flux2_unpatchify(z), _unpack_as_spec_says(z))
-    assert torch.equal(flux2_patchify(_unpack_as_spec_says(z)), z)
-    x = randn(1, 32, 4, 6)
-    assert torch.equal(_unpack_as_spec_says(flux2_patchify(x)), x)
-
-
-def test_flux2_patchify_is_the_inverse_of_the_network_adapter():
-    try:
-        from pid_core.network.adapter import LatentAdapter
-        from pid_core.network.config import PidConfig
-
-        cfg = PidConfig(layout="v1.5", adapter_in_channels=32, latent_unpatchify=2, latent_down_factor=16,
-                        adapter_hidden=8, hidden_size=16, num_heads=1)
-        adapter = LatentAdapter(cfg)
-    except Exception as exc:  # the network is another module's business; only cross-check it here
-        pytest.skip(f"network adapter not constructible: {exc}")
-    x = randn(1, 32, 4, 6)
-    assert torch.equal(adapter.unpack(flux2_patchify(x)), x)
-
-
-def test_flux2_raw_to_pid_is_patchify_then_batchnorm():
-    stats, raw = bn_stats(), randn(1, 32, 4, 4)
-    expected = (flux2_patchify(raw) - stats.running_mean.view(1, -1, 1, 1)) / torch.sqrt(
-        stats.running_var.view(1, -1, 1, 1) + 1e-4
-    )
-    assert close(LATENT_FORMATS["flux2_raw"].to_pid(raw, stats), expected)
-
-
-def test_flux2_raw_needs_stats_and_even_sizes():
-    with pytest.raises(LatentError, match="BatchNorm statistics.*FLUX.2 VAE"):
-        LATENT_FORMATS["flux2_raw"].to_pid(randn(1, 32, 4, 4))
-    with pytest.raises(LatentError, match="must be even; got 5x4"):
-        LATENT_FORMATS["flux2_raw"].to_pid(randn(1, 32, 5, 4), bn_stats())
-
-
-def test_flux2_bn_stats_from_state_dict():
-    mean, var = torch.randn(128), torch.rand(128)
-    sd = {"encoder.conv_in.weight": torch.zeros(3), "bn.running_mean": mean.bfloat16(), "bn.running_var": var}
-    stats = flux2_bn_stats_from_state_dict(sd)
-    assert stats.running_mean.dtype == torch.float32 and torch.equal(stats.running_mean, mean.bfloat16().float())
-    assert torch.equal(stats.running_var, var)
-    prefixed = {"first_stage_model.bn.running_mean": mean, "first_stage_model.bn.running_var": var}
-    assert torch.equal(flux2_bn_stats_from_state_dict(prefixed).running_mean, mean)
-
-
-@pytest.mark.parametrize(
-    "sd, message",
-    [
-        ({"decoder.conv_in.weight": torch.zeros(1)}, "no FLUX.2 BatchNorm statistics"),
-        ({"bn.running_mean": torch.zeros(64), "bn.running_var": torch.ones(64)}, "no FLUX.2 BatchNorm"),
-        ({"bn.running_mean": torch.zeros(128)}, "no FLUX.2 BatchNorm"),
-        ({"bn.running_mean": torch.zeros(128), "bn.running_var": -torch.ones(128)}, "damaged"),
-    ],
-)
-def test_flux2_bn_stats_errors(sd, message):
-    with pytest.raises(CheckpointError, match=message):
-        flux2_bn_stats_from_state_dict(sd)
-
-
 # ---------------------------------------------------------------- Qwen-Image 5-D latents
 
 
@@ -173,7 +43,7 @@ def test_qwenimage_5d_single_frame():
     assert z.shape == (2, 16, 4, 6)
     assert torch.equal(z, fmt.to_pid(x5[:, :, 0]))
     assert close(fmt.from_pid(z).unsqueeze(2), x5)
-    z, s = prepare_latent(x5, "qwenimage", 0.0, expected_channels=16)
+    z, _, s = prepare_latent(x5, "qwenimage", 0.0, expected_channels=16)
     assert z.shape == (2, 16, 4, 6) and s.shape == (2,)
 
 
@@ -198,7 +68,7 @@ def test_sdxl_euler_frame_becomes_the_vp_frame():
     sigma_eu = torch.tensor([0.0, 0.5, 14.6])
     x_eu = x0 + sigma_eu.view(-1, 1, 1, 1) * eps
     latent = fmt.from_pid(x_eu)
-    z, s = prepare_latent(latent, "sdxl", sigma_eu, expected_channels=4)
+    z, _, s = prepare_latent(latent, "sdxl", sigma_eu, expected_channels=4)
     root = torch.sqrt(sigma_eu**2 + 1)
     assert close(z, x_eu / root.view(-1, 1, 1, 1), 1e-5)
     assert close(s, sigma_eu / root)
@@ -211,7 +81,7 @@ def test_sdxl_euler_frame_becomes_the_vp_frame():
 def test_sdxl_scalar_sigma():
     x0, eps = randn(1, 4, 3, 3, seed=1), randn(1, 4, 3, 3, seed=2)
     latent = (x0 + 3.0 * eps) / 0.13025
-    z, s = prepare_latent(latent, "sdxl", 3.0, expected_channels=4)
+    z, _, s = prepare_latent(latent, "sdxl", 3.0, expected_channels=4)
     assert close(z, (x0 + 3.0 * eps) / math.sqrt(10), 1e-5)
     assert s.tolist() == pytest.approx([3.0 / math.sqrt(10)])
 
@@ -225,15 +95,15 @@ def test_flow_early_stop_latent_gives_x_t(name):
     x_t = noise_latent(x0, sigma, eps, latent_format=name)
     assert close(x_t, (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps)
     latent = fmt.from_pid(x_t / (1 - sigma.view(-1, 1, 1, 1)))
-    z, s = prepare_latent(latent, name, sigma, expected_channels=fmt.pid_channels, undo_noise_scaling=True)
+    z, _, s = prepare_latent(latent, name, sigma, expected_channels=fmt.pid_channels, undo_noise_scaling=True)
     assert close(z, x_t, 1e-5) and torch.equal(s, sigma)
-    z_raw, _ = prepare_latent(fmt.from_pid(x_t), name, sigma, expected_channels=c, undo_noise_scaling=False)
+    z_raw, _, _ = prepare_latent(fmt.from_pid(x_t), name, sigma, expected_channels=c, undo_noise_scaling=False)
     assert close(z_raw, x_t, 1e-5)
 
 
 def test_prepare_latent_output_types():
     latent = randn(3, 16, 4, 4).bfloat16()
-    z, s = prepare_latent(latent, "flux", torch.tensor(0.25), expected_channels=16)
+    z, _, s = prepare_latent(latent, "flux", torch.tensor(0.25), expected_channels=16)
     assert z.dtype == torch.float32 and s.dtype == torch.float32
     assert z.is_contiguous() and s.shape == (3,) and s.tolist() == [0.25] * 3
     assert close(z, (latent.float() - 0.1159) * 0.3611)  # x_t itself: no leftover-noise scaling by default
@@ -241,13 +111,13 @@ def test_prepare_latent_output_types():
 
 def test_prepare_latent_pid_format_is_taken_as_is():
     z0 = randn(2, 128, 3, 3)
-    z, s = prepare_latent(z0, "pid", 0.4, expected_channels=128)
+    z, _, s = prepare_latent(z0, "pid", 0.4, expected_channels=128)
     assert torch.equal(z, z0) and s.tolist() == pytest.approx([0.4, 0.4])
 
 
 def test_prepare_flux2_raw():
     raw, stats = randn(1, 32, 8, 8), bn_stats()
-    z, _ = prepare_latent(raw, "flux2_raw", 0.0, expected_channels=128, bn_stats=stats)
+    z, _, _ = prepare_latent(raw, "flux2_raw", 0.0, expected_channels=128, bn_stats=stats)
     assert z.shape == (1, 128, 4, 4)
     assert close(z, LATENT_FORMATS["flux2_raw"].to_pid(raw, stats))
 
@@ -382,12 +252,12 @@ def test_an_absurd_sdxl_sigma_is_refused_not_decoded_as_clean(sigma):
     # in fp32, 1e30 squared overflows: the latent would become 0 with sigma 0, a "clean" decode of nothing
     with pytest.raises(LatentError, match="far beyond SDXL's noise schedule"):
         prepare_latent(randn(1, 4, 4, 4), "sdxl", sigma, expected_channels=4)
-    z, s = prepare_latent(randn(1, 4, 4, 4), "sdxl", 1000.0, expected_channels=4)
+    z, _, s = prepare_latent(randn(1, 4, 4, 4), "sdxl", 1000.0, expected_channels=4)
     assert torch.isfinite(z).all() and 0.99 < s.item() <= 1.0
 
 
 def test_per_sample_sigmas_as_a_list():
-    _, s = prepare_latent(randn(2, 16, 4, 4), "flux", [0.1, 0.4], expected_channels=16)
+    _, _, s = prepare_latent(randn(2, 16, 4, 4), "flux", [0.1, 0.4], expected_channels=16)
     assert s.tolist() == pytest.approx([0.1, 0.4])
     with pytest.raises(LatentError, match="3 values but the latent batch has 2"):
         prepare_latent(randn(2, 16, 4, 4), "flux", [0.1, 0.2, 0.3], expected_channels=16)
@@ -453,7 +323,7 @@ def test_vp_to_euler_inverts_the_sdxl_frame_change():
     vp = math.sqrt(1 - s * s) * x0 + s * eps  # noise_latent's SDXL frame, in PiD space
     eu, s_eu = vp_to_euler(vp, s)
     raw = eu / 0.13025  # SDXL process_out
-    z, sigma = prepare_latent(raw, "sdxl", s_eu, expected_channels=4)
+    z, _, sigma = prepare_latent(raw, "sdxl", s_eu, expected_channels=4)
     torch.testing.assert_close(z, vp, rtol=1e-5, atol=1e-5)
     assert float(sigma[0]) == pytest.approx(s, abs=1e-6)
     with pytest.raises(LatentError):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from pid_core.network import layers
 from pid_core.network.layers import attention_backend, heads_merged_backend
 from pid_core.network.ops import CastOps
-from pid_core.precision import compute_context, psnr
+from pid_core.precision import compute_context, compute_dtype, psnr, storage_dtype
 from pid_core.checkpoint import build_model
 from pid_core.commands.random_checkpoints import config_shapes, narrow_config, random_model, random_state_dict
 
@@ -45,7 +45,7 @@ def test_bf16_weights_track_fp32():
     with torch.no_grad():
         ref = model(*args)
         model16 = model.to(torch.bfloat16)
-        with compute_context(model16, "cpu", dtype=torch.bfloat16):  # the GPU's bf16 autocast, on the CPU
+        with compute_context("cpu", torch.bfloat16):  # the GPU's bf16 autocast, on the CPU
             out = model16(*args)
     assert out.dtype == torch.bfloat16  # the velocity leaves final_layer.linear in bf16, as in the reference
     assert psnr(out.float().clamp(-1, 1), ref.clamp(-1, 1)) > 30
@@ -63,7 +63,7 @@ def test_bf16_storage_with_fp32_compute_equals_fp32_weights(layout):
     assert type(fp32.patch_blocks[0].attn.qkv_x) is torch.nn.Linear
     assert all(p.dtype == torch.bfloat16 for p in stored.parameters())
     args = _inputs(config)
-    with torch.no_grad(), compute_context(stored, "cpu"):
+    with torch.no_grad(), compute_context("cpu", compute_dtype(storage_dtype(stored), "cpu")):  # fp32 on the CPU
         for chunk in (None, 5):
             out = stored(*args, chunk_tokens=chunk)
             assert out.dtype == torch.float32
@@ -120,7 +120,7 @@ def test_chunked_bf16_under_autocast_matches_whole():
     H, W = 96, 160
     args = (torch.randn(1, 3, H, W, generator=g), torch.tensor([0.9]), torch.randn(1, 7, 32, generator=g),
             torch.randn(1, 16, H // 32, W // 32, generator=g), torch.tensor([0.3]))
-    with torch.no_grad(), compute_context(model, "cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), compute_context("cpu", torch.bfloat16):
         whole = model(*args)
         chunked = model(*args, chunk_tokens=7)
     assert chunked.dtype == whole.dtype == torch.bfloat16

@@ -60,3 +60,28 @@ def test_engine_never_imports_comfyui():
         names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         names |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
         assert not names & comfy_modules, f"{path.relative_to(ROOT)} imports {names & comfy_modules}"
+
+
+# The module-level entry points that run a command (python -m pid_core, python -m pid_core.conformance, ...)
+LAUNCHERS = {"__main__.py", "conformance.py", "bench.py"}
+
+
+def test_the_library_never_imports_a_command():
+    """pid_core's library modules (everything outside pid_core/commands and the launchers) import no command."""
+    for path in (ROOT / "pid_core").rglob("*.py"):
+        relative = path.relative_to(ROOT / "pid_core")
+        if relative.parts[0] == "commands" or (len(relative.parts) == 1 and relative.name in LAUNCHERS):
+            continue
+        package = ["pid_core", *relative.parts[:-1]]
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):  # `from ..commands import x` seen from package: pid_core.commands
+                base = package[: len(package) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                imported |= {target} | {f"{target}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+        commands = sorted(name for name in imported if name.startswith("pid_core.commands"))
+        assert not commands, f"pid_core/{relative} imports {commands}"
+    launchers = [(ROOT / "pid_core" / name).read_text() for name in sorted(LAUNCHERS)]
+    assert all('if __name__ == "__main__":' in text or "sys.exit(main())" in text for text in launchers)

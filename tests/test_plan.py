@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pid_core.errors import LatentError, TextEmbeddingError
-from pid_core.plan import LatentMeta, match_text_batch, plan_decode, resolve_latent_format, resolve_sigma
+from pid_core.latents import LatentMeta
+from pid_core.plan import match_text_batch, plan_decode, resolve_latent_format, resolve_sigma
 from pid_core.commands.random_checkpoints import narrow_config, random_model
 from pid_core.tiling import TileOptions
 
@@ -163,66 +164,20 @@ def teacher_model():
                   UNDISTILLED_VARIANTS["flux-2kto4k-v1.5-undistilled"])
 
 
-def test_sampler_follows_the_checkpoint_unless_chosen(model, teacher_model):
-    from pid_core.plan import resolve_sampler
-
-    student, warnings = resolve_sampler(model, (2048, 2048))
-    assert (student.kind, student.steps, student.cfg, student.shift, warnings) == ("student", 4, 1.0, None, [])
-    teacher, warnings = resolve_sampler(teacher_model, (2048, 2048))
-    assert (teacher.kind, teacher.steps, teacher.cfg, warnings) == ("teacher", 25, 5.0, [])
-    assert teacher.shift == pytest.approx(6.0) and teacher.guided
-    assert "flux-2kto4k-v1.5-undistilled" in teacher.kind_source
-    assert resolve_sampler(teacher_model, (4096, 4096))[0].shift == pytest.approx(8.485, abs=1e-3)
-    given = resolve_sampler(teacher_model, (64, 64), steps=30, cfg=3.5, shift=2.0)[0]
-    assert (given.steps, given.cfg, given.shift) == (30, 3.5, 2.0)
-    assert not resolve_sampler(teacher_model, (64, 64), cfg=1.0)[0].guided
-    # a renamed teacher file: the name's cue; the override wins over both
-    renamed = _named(model, "/models/pid/my_flux_undistilled.pth")
-    assert resolve_sampler(renamed, (64, 64))[0].kind == "teacher"
-    assert resolve_sampler(renamed, (64, 64), sampler="student")[0].kind == "student"
-    chosen = resolve_sampler(model, (64, 64), sampler="teacher")[0]
-    assert (chosen.kind, chosen.kind_source) == ("teacher", "chosen")
-
-
-def test_mismatched_settings_warn_clearly(model, teacher_model):
-    from pid_core.plan import resolve_sampler
-
-    _, warnings = resolve_sampler(model, (64, 64), sampler="teacher", steps=25, cfg=5.0)
-    assert len(warnings) == 1 and "4-step student" in warnings[0] and "does not improve" in warnings[0]
-    plan, warnings = resolve_sampler(model, (64, 64), cfg=5.0)
-    assert plan.cfg == 1.0 and "cfg 5 is ignored" in warnings[0]
-    _, warnings = resolve_sampler(teacher_model, (64, 64), sampler="student")
-    assert "undistilled" in warnings[0] and "poor image" in warnings[0]
-    _, warnings = resolve_sampler(teacher_model, (64, 64), steps=4, cfg=1.0)
-    assert "under-sample" in warnings[0] and "25 steps" in warnings[0]
-    assert resolve_sampler(teacher_model, (64, 64), steps=4)[1] == []  # 4 guided steps: the user's choice
-
-
-def test_steps_and_cfg_are_checked_per_sampler(model, teacher_model):
-    from pid_core.errors import PidError
-    from pid_core.plan import resolve_sampler
-
-    with pytest.raises(PidError, match="student sampler runs 1 to 4 steps; got 25.*undistilled"):
-        resolve_sampler(model, (64, 64), steps=25)
-    with pytest.raises(PidError, match="teacher sampler runs 1 to 100 steps; got 101"):
-        resolve_sampler(teacher_model, (64, 64), steps=101)
-    with pytest.raises(PidError, match="Unknown sampler 'fast'"):
-        resolve_sampler(model, (64, 64), sampler="fast")
-    auto = resolve_sampler(teacher_model, (64, 64), steps=0, cfg=-1)[0]  # the nodes' "auto"
-    assert (auto.steps, auto.cfg) == (25, 5.0)
-
-
 def test_a_guided_plan_needs_the_negative_text_only_when_guided(teacher_model):
     samples = torch.randn(2, 16, 2, 3)
     asked = []
 
     def negative():
         asked.append(1)
-        return torch.randn(1, 5, 32)
+        return torch.randn(1, 7, 32)
 
     plan = plan_decode(teacher_model, samples, _text(), latent_format="flux", negative=negative)
-    assert asked == [1] and plan.negative.shape == (2, 5, 32) and plan.sampler.guided
+    assert asked == [1] and plan.negative.shape == (2, 7, 32) and plan.sampler.guided
     assert plan.tiles.branches == 2 and plan.tiles.state_canvases == 3
+    # texts of two lengths cannot share a forward: the plan says two
+    shorter = plan_decode(teacher_model, samples, _text(), latent_format="flux", negative=torch.randn(1, 5, 32))
+    assert shorter.tiles.branches == 1
     plain = plan_decode(teacher_model, samples, _text(), latent_format="flux", cfg=1.0, negative=negative)
     assert asked == [1] and plain.negative is None and plain.tiles.branches == 1
     with pytest.raises(TextEmbeddingError, match="needs the negative text's embedding"):

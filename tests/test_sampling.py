@@ -37,7 +37,7 @@ def test_loop_renoises_with_fresh_noise_and_reports_each_step():
     noise = torch.randn(2, 3, 8, 8)
     renoise = [torch.randn(2, 3, 8, 8) for _ in range(3)]
     steps = []
-    out = sample(velocity, noise, steps=4, renoise=renoise, callback=lambda i, n, x0: steps.append((i, n)))
+    out = sample(velocity, noise, student_schedule(4), renoise=renoise, callback=lambda i, n, x0: steps.append((i, n)))
     assert torch.allclose(out, target, atol=1e-5)
     assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert [t[0].item() for t in seen_t] == pytest.approx([0.999, 0.866, 0.634, 0.342])
@@ -50,7 +50,7 @@ def test_generator_draws_in_reference_order():
     ref = torch.Generator().manual_seed(7)
     assert torch.equal(noise, torch.randn(1, 3, 4, 4, generator=ref))
     calls = []
-    sample(lambda x, t: calls.append(x) or torch.zeros_like(x), noise, steps=2, generator=gen)
+    sample(lambda x, t: calls.append(x) or torch.zeros_like(x), noise, student_schedule(2), generator=gen)
     eps1 = torch.randn(1, 3, 4, 4, generator=ref)
     assert torch.allclose(calls[1], 0.366 * noise + 0.634 * eps1, atol=1e-6)
 
@@ -63,7 +63,7 @@ def test_callback_exception_cancels():
         raise Cancelled
 
     with pytest.raises(Cancelled):
-        sample(lambda x, t: torch.zeros_like(x), torch.randn(1, 3, 4, 4), callback=cancel)
+        sample(lambda x, t: torch.zeros_like(x), torch.randn(1, 3, 4, 4), student_schedule(4), callback=cancel)
 
 
 def test_chunked_x0_update_equals_whole(monkeypatch):

@@ -39,8 +39,7 @@ def test_schedule_from_near_one_to_zero():
     assert teacher_schedule(4, 1.0).tolist() == pytest.approx([0.999, 0.74925, 0.4995, 0.24975, 0.0])
     with pytest.raises(ValueError):
         teacher_schedule(0, 6.0)
-    with pytest.raises(ValueError):
-        teacher_schedule(101, 6.0)
+    assert len(teacher_schedule(150, 6.0)) == 151  # the limit of 100 steps is the sampler table's, not the math's
 
 
 @pytest.mark.skipif(not (TEACHER_CASE / "case.json").exists(), reason="the shared teacher case is not available")

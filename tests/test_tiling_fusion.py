@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pid_core.sampling import sample, velocity_to_x0
+from pid_core.sampling import sample, student_schedule, velocity_to_x0
 from pid_core.tiling.fusion import TiledVelocity
 from pid_core.tiling.geometry import plan_tiles
 
@@ -30,7 +30,7 @@ def test_tiled_velocity_of_a_local_model_is_exact(batch_tiles):
         calls.append(xs.shape[0])
         return _local_model(xs, ts, zs, ys, ss)
 
-    tiled = TiledVelocity(call, latent, plan_tiles((H, W), 128, 64, 32), scale=scale,
+    tiled = TiledVelocity(call, latent, plan_tiles((H, W), 128, 64, 32), scale=scale, device="cpu",
                           batch_tiles=batch_tiles, conditioning=(text, sigma))
     v = tiled(x, t)
     assert torch.allclose(v, _local_model(x, t, latent, text, sigma), atol=1e-5)
@@ -41,7 +41,7 @@ def test_tiled_velocity_of_a_local_model_is_exact(batch_tiles):
 def test_tile_progress_callback_and_cancel():
     seen = []
     latent = torch.zeros(1, 4, 8, 8)
-    tiled = TiledVelocity(lambda x, t, z: x, latent, plan_tiles((256, 256), 128, 32, 32), scale=32,
+    tiled = TiledVelocity(lambda x, t, z: x, latent, plan_tiles((256, 256), 128, 32, 32), scale=32, device="cpu",
                           batch_tiles=2, callback_per_tile=lambda done, total: seen.append((done, total)))
     tiled(torch.zeros(1, 3, 256, 256), torch.ones(1))
     total = len(tiled.tiles)
@@ -55,7 +55,7 @@ def test_tile_progress_callback_and_cancel():
 
     tiled.callback_per_tile = cancel
     with pytest.raises(Cancelled):
-        sample(tiled, torch.zeros(1, 3, 256, 256), steps=2, generator=torch.Generator().manual_seed(0))
+        sample(tiled, torch.zeros(1, 3, 256, 256), student_schedule(2), generator=torch.Generator().manual_seed(0))
 
 
 def test_padded_batches_keep_one_shape():
@@ -66,7 +66,7 @@ def test_padded_batches_keep_one_shape():
         shapes.append(tuple(x.shape))
         return x
 
-    tiled = TiledVelocity(call, latent, plan_tiles((384, 128), 128, 64, 32), scale=32, batch_tiles=2,
+    tiled = TiledVelocity(call, latent, plan_tiles((384, 128), 128, 64, 32), scale=32, device="cpu", batch_tiles=2,
                           pad_batches=True)
     assert len(tiled.tiles) == 5
     x = torch.randn(1, 3, 384, 128)
@@ -91,7 +91,7 @@ def test_streamed_x0_equals_fused_velocity_bit_exact(canvas_hw, tile, batch):
     """denoise_in_place (band of rows, x0 written as rows finish) == x0 from the whole fused v."""
     H, W = canvas_hw
     latent = torch.randn(2, 4, H // 32, W // 32, generator=torch.Generator().manual_seed(1))
-    tiled = TiledVelocity(_nonlinear_call, latent, plan_tiles((H, W), tile, 64, 32), scale=32,
+    tiled = TiledVelocity(_nonlinear_call, latent, plan_tiles((H, W), tile, 64, 32), scale=32, device="cpu",
                           batch_tiles=batch)
     x = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(2))
     t = torch.tensor([0.866, 0.342])
@@ -103,26 +103,26 @@ def test_streamed_x0_equals_fused_velocity_bit_exact(canvas_hw, tile, batch):
 
 def test_sampler_streams_tiles_without_touching_given_noise():
     latent = torch.randn(1, 4, 8, 8)
-    tiled = TiledVelocity(_nonlinear_call, latent, plan_tiles((256, 256), 128, 32, 32), scale=32)
+    tiled = TiledVelocity(_nonlinear_call, latent, plan_tiles((256, 256), 128, 32, 32), scale=32, device="cpu")
     noise = torch.randn(1, 3, 256, 256)
     kept = noise.clone()
     renoise = [torch.randn(1, 3, 256, 256) for _ in range(3)]
-    streamed = sample(tiled, noise, steps=4, renoise=renoise)
+    streamed = sample(tiled, noise, student_schedule(4), renoise=renoise)
     assert torch.equal(noise, kept)  # copied before the first in-place step
 
     def fused(x, t):  # the same velocity without denoise_in_place: the out-of-place reference loop
         return tiled(x, t)
 
-    assert torch.equal(streamed, sample(fused, noise, steps=4, renoise=renoise))
+    assert torch.equal(streamed, sample(fused, noise, student_schedule(4), renoise=renoise))
     # overwrite_noise hands the storage over: the result is the noise tensor itself
-    same = sample(tiled, noise, steps=4, renoise=renoise, overwrite_noise=True)
+    same = sample(tiled, noise, student_schedule(4), renoise=renoise, overwrite_noise=True)
     assert same.data_ptr() == noise.data_ptr() and torch.equal(same, streamed)
 
 
 def test_cut_short_runs_still_finish_every_row():
     latent = torch.zeros(1, 4, 8, 8)
     tiled = TiledVelocity(lambda x, t, z: torch.ones_like(x), latent, plan_tiles((256, 256), 128, 32, 32),
-                          scale=32, max_batches=1)
+                          scale=32, device="cpu", max_batches=1)
     x = torch.zeros(1, 3, 256, 256)
     tiled.denoise_in_place(x, torch.ones(1))
     assert tiled.cut_short and tiled.forward_calls == 1

@@ -4,15 +4,22 @@ trained range; the tiled path's memory is bounded by the tile."""
 import pytest
 import torch
 
-from pid_core.sampling import velocity_to_x0
+from functools import partial
+
 from pid_core.commands.random_checkpoints import narrow_config, random_model, released_config
-from pid_core.tiling import TileOptions, plan_tiling
-from pid_core.tiling.memory import tile_memory_estimate
-from pid_core.tiling.policy import choose_tile
-from pid_core.variants import VARIANTS
+from pid_core.samplers import SAMPLERS
+from pid_core.sampling import velocity_to_x0
+from pid_core.tiling import TileOptions, plan_tiling as plan_tiling_for
+from pid_core.tiling.memory import canvas_memory_estimate, tile_memory_estimate
+from pid_core.tiling.policy import choose_tile as choose_tile_for
+from pid_core.variants import STUDENT, TEACHER, VARIANTS
 from pid_core.velocity import network_velocity
 
-from small_decode import SMALL, small_inputs
+from small_decode import SMALL, small_plan
+
+# the student's state unless a test says otherwise
+plan_tiling = partial(plan_tiling_for, state_canvases=SAMPLERS[STUDENT].state_canvases)
+choose_tile = partial(choose_tile_for, state_canvases=SAMPLERS[STUDENT].state_canvases)
 
 
 def test_estimates_follow_the_design():
@@ -66,9 +73,8 @@ def test_tiled_memory_is_bounded_by_the_tile():
     cfg = narrow_config(**SMALL)
     model = random_model(cfg)
 
-    def peak(H, W, plan):
-        text, latent, sigma = small_inputs(cfg, H, W)
-        velocity = network_velocity(model, text, latent, sigma, plan or plan_tiling(cfg, (H, W), TileOptions(mode="off")))
+    def peak(H, W, tiling):
+        velocity = network_velocity(model, small_plan(model, H, W, tiling))
         x = torch.randn(1, 3, H, W)
         t = torch.tensor([0.9])
         with torch.no_grad(), torch.profiler.profile(profile_memory=True) as prof:
@@ -83,12 +89,9 @@ def test_tiled_memory_is_bounded_by_the_tile():
             top = max(top, current)
         return top, 3 * H * W * 4
 
-    def tiled(H, W):
-        return plan_tiling(cfg, (H, W), TileOptions(mode="manual", tile_px=128, overlap_px=32, max_batch_tiles=1,
-                                                    pixel_chunk_tokens=None))
-
-    small_t, canvas_small = peak(256, 256, tiled(256, 256))
-    large_t, canvas_large = peak(512, 512, tiled(512, 512))
+    tiled = TileOptions(mode="manual", tile_px=128, overlap_px=32, max_batch_tiles=1, pixel_chunk_tokens=None)
+    small_t, canvas_small = peak(256, 256, tiled)
+    large_t, canvas_large = peak(512, 512, tiled)
     small_u, _ = peak(256, 256, None)
     large_u, _ = peak(512, 512, None)
     band_growth = 3 * 128 * (512 - 256) * 4  # the band: 128 rows, 256 columns more
@@ -107,10 +110,8 @@ def test_guidance_batches_both_texts_when_it_costs_no_tile_size():
     assert roomy.branches == 2 and not roomy.tiled and "one forward" in roomy.reason
     assert roomy.estimate_bytes > one().estimate_bytes  # twice the images per forward
     # a budget where one pass fits only single: two forwards at the same tile rather than smaller tiles
-    from pid_core.tiling.memory import canvas_memory_estimate
-
     single = one().estimate_bytes
-    budget = int(single * 1.5) + canvas_memory_estimate((2048, 2048))  # one forward, not two
+    budget = int(single * 1.5) + canvas_memory_estimate((2048, 2048), 1, 2)  # one forward, not two
     tight = guided(memory_budget_bytes=budget)
     assert tight.branches == 1 and not tight.tiled and "two forwards" in tight.reason
     # off: the doubled forward when it fits, else two
@@ -120,10 +121,9 @@ def test_guidance_batches_both_texts_when_it_costs_no_tile_size():
 
 
 def test_the_teachers_state_is_three_canvases():
-    from pid_core.tiling.memory import TEACHER_CANVASES, canvas_memory_estimate
-
     cfg = released_config(layout="v1.5")
     student = plan_tiling(cfg, (4096, 4096), TileOptions(mode="off"))
-    teacher = plan_tiling(cfg, (4096, 4096), TileOptions(mode="off"), state_canvases=TEACHER_CANVASES)
+    teacher = plan_tiling_for(cfg, (4096, 4096), TileOptions(mode="off"),
+                              state_canvases=SAMPLERS[TEACHER].state_canvases)
     assert teacher.memory_bytes - student.memory_bytes == (
         canvas_memory_estimate((4096, 4096), 1, 3) - canvas_memory_estimate((4096, 4096), 1, 2)) == 3 * 4096 * 4096 * 4

@@ -8,12 +8,12 @@ import pytest
 from conftest import KEY_FILES as KEY_DIR
 
 from pid_core.errors import CheckpointError, LatentError, SizeError
-from pid_core.latents import LATENT_FORMATS
+from pid_core.latent_formats import LATENT_FORMATS
 from pid_core.variants import (
+    latent_geometry,
     BACKBONES,
     DEPRECATED_VARIANTS,
     RECOMMENDED_STOP,
-    SAMPLER_DEFAULTS,
     STUDENT,
     TEACHER,
     UNDISTILLED_VARIANTS,
@@ -131,7 +131,7 @@ def test_repackaged_files():
 
 def test_output_scale_per_variant():
     # a 512 px LDM image becomes 2048 px; SigLIP's 256 px image becomes 2048 px.
-    assert {n: v.pixels_per_latent for n, v in VARIANTS.items()} == {
+    assert {n: latent_geometry(v.layout, v.adapter_in_channels).scale for n, v in VARIANTS.items()} == {
         "flux-2k": 32, "flux-2kto4k-v1.5": 32, "flux2-2k": 64, "flux2-2kto4k-v1.5": 64, "sd3-2k": 32,
         "sd3-2kto4k": 32, "sdxl-2kto4k": 32, "qwenimage-2kto4k-v1.5": 32, "dinov2-2k": 64,
         "siglip-2k": 128,
@@ -385,10 +385,7 @@ def test_undistilled_teachers_are_the_v15_students_networks():
                 "latent_down_factor", "unpatchify", "sr_scale", "rope_ref_px", "num_tensors", "num_params",
                 "trained_px", "backbones")
         assert {f: getattr(teacher, f) for f in same} == {f: getattr(student, f) for f in same}
-        assert (teacher.defaults.steps, teacher.defaults.cfg) == (25, 5.0)
-        assert (student.defaults.steps, student.defaults.cfg) == (4, 1.0)
         assert get_variant(name) is teacher and get_variant(teacher.experiment) is teacher
-    assert SAMPLER_DEFAULTS[TEACHER] == UNDISTILLED_VARIANTS["flux-2kto4k-v1.5-undistilled"].defaults
 
 
 def test_the_name_decides_student_or_teacher():

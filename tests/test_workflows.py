@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+from pid_core.latent_formats import COMFY_FORMATS
 from pid_core.precision import DTYPES
 from workflow_checks import check_value
 
@@ -109,7 +110,8 @@ def _module_names(path: pathlib.Path, env: dict, customs: dict) -> None:
 # What the node files import: the shared constants (nodes/common.py), the ComfyUI tables, the dtype names.
 COMMON, COMMON_CUSTOMS = {}, {}
 _module_names(ROOT / "nodes" / "common.py", COMMON, COMMON_CUSTOMS)
-COMMON.update({k: v for k, v in vars(comfy_models).items() if k.isupper()}, DTYPES=DTYPES)
+COMMON.update({k: v for k, v in vars(comfy_models).items() if k.isupper()}, DTYPES=DTYPES,
+              LATENT_FORMAT_NAMES=tuple(COMFY_FORMATS.values()))  # common.py derives it from the format table
 
 
 OUR_IDS = {
@@ -190,7 +192,7 @@ def test_schema_reader_finds_all_our_nodes():
     assert decode["inputs"][0]["type"] == COMMON["PID_MODEL_TYPE"]
     assert OUR_SCHEMAS[COMMON["NODE_ID_LOADER"]]["outputs"] == [("pid_model", COMMON["PID_MODEL_TYPE"])]
     fmt = next(s for s in decode["inputs"] if s["name"] == "latent_format")
-    assert fmt["options"] == ["auto", *comfy_models.LATENT_FORMAT_NAMES]
+    assert fmt["options"] == ["auto", "flux", "sd3", "sdxl", "flux2", "qwenimage"]
     seed = next(s for s in decode["inputs"] if s["name"] == "seed")
     assert seed["control"] and seed["min"] == 0
     for schema in OUR_SCHEMAS.values():

@@ -174,12 +174,12 @@ def seam_figure(image: torch.Tensor, tiles: Sequence, patch_size: int = 16) -> f
 def worker(spec: dict) -> dict:
     """One measurement (runs in its own process)."""
     from ..checkpoint import build_model
+    from ..plan import plan_decode
     from ..sampling import initial_noise, sample
-    from ..teacher import dpm_solver_pp, teacher_schedule, teacher_shift
-    from .random_checkpoints import config_shapes, random_state_dict
-    from ..tiling import TileOptions, plan_tiling
-    from ..tiling.memory import TEACHER_CANVASES
+    from ..teacher import dpm_solver_pp
+    from ..tiling import TileOptions
     from ..velocity import network_denoiser, network_velocity
+    from .random_checkpoints import config_shapes, random_state_dict
 
     device = torch.device(spec["device"])
     dtype = DTYPES[spec["dtype"]]
@@ -190,7 +190,6 @@ def worker(spec: dict) -> dict:
     g = torch.Generator().manual_seed(1)
     text = torch.randn(1, cfg.text_max_tokens, cfg.text_dim, generator=g).to(device)
     latent = torch.randn(1, cfg.latent_channels, H // cfg.scale, W // cfg.scale, generator=g).to(device)
-    sigma = torch.tensor([0.3], device=device)
     chunk = "auto" if spec["chunk"] == "on" else None
     if spec["mode"] == "tiled":
         options = TileOptions(mode="manual", tile_px=spec["tile"], overlap_px=spec.get("overlap", 0),
@@ -198,15 +197,14 @@ def worker(spec: dict) -> dict:
     else:
         options = TileOptions(mode="off", pixel_chunk_tokens=chunk)
     teacher = spec.get("sampler") == "teacher"
-    guided = teacher and spec.get("cfg", 1.0) != 1.0
+    negative = torch.randn(1, cfg.text_max_tokens, cfg.text_dim, generator=g).to(device) if teacher else None
+    plan = plan_decode(model, latent, text, latent_format="pid", sigma=0.3, tiling=options, device=device,
+                       sampler=spec.get("sampler", "student"), steps=spec["steps"], cfg=spec.get("cfg") if teacher else None,
+                       negative=negative)
     if teacher:
-        plan = plan_tiling(cfg, (H, W), options, dtype=dtype, guidance=guided, state_canvases=TEACHER_CANVASES)
-        negative = torch.randn(1, cfg.text_max_tokens, cfg.text_dim, generator=g).to(device)
-        velocity = network_denoiser(model, text, latent, sigma, plan, cfg=spec["cfg"], negative=negative, device=device)
+        velocity = network_denoiser(model, plan)
     else:
-        plan = plan_tiling(cfg, (H, W), options, dtype=dtype)
-        velocity = network_velocity(model, text, latent, sigma, plan, device=device,
-                                    max_batches=spec.get("max_tile_batches"))
+        velocity = network_velocity(model, plan, max_batches=spec.get("max_tile_batches"))
     # Peak of each network forward on its own (reset just before it): what the tile size bounds.
     # The rest of the decode's working memory is the sampler's canvas-size state.
     seen = {"peak": 0, "forward": 0, "calls": 0}
@@ -232,10 +230,9 @@ def worker(spec: dict) -> dict:
             # the loop re-noises and clamps x0 in place: keep a copy of the last one (after the peak)
             keep = lambda i, n, x0: last.update(x0=x0.clone()) if i == n and spec.get("save") else None  # noqa: E731
             if teacher:
-                times = teacher_schedule(spec["steps"], teacher_shift(H, W))
-                out = dpm_solver_pp(velocity, noise, times, overwrite_noise=True, callback=keep)
+                out = dpm_solver_pp(velocity, noise, plan.sampler.times, overwrite_noise=True, callback=keep)
             else:
-                out = sample(velocity, noise, steps=spec["steps"], generator=gen, overwrite_noise=True, callback=keep)
+                out = sample(velocity, noise, plan.sampler.times, generator=gen, overwrite_noise=True, callback=keep)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except (RuntimeError, MemoryError) as exc:
@@ -250,9 +247,9 @@ def worker(spec: dict) -> dict:
     return {
         "time": seconds, "cpu_time": cpu_seconds, "peak": peak, "base": base, "working": peak - base, "weights": weights,
         "forward": seen["forward"],
-        "tiles": len(plan.tiles), "tile_hw": list(plan.tile_hw), "batch_tiles": plan.batch_tiles,
+        "tiles": len(plan.tiles.tiles), "tile_hw": list(plan.tiles.tile_hw), "batch_tiles": plan.tiles.batch_tiles,
         "forwards": forwards, "cut": bool(getattr(velocity, "cut_short", False)),
-        "estimate": plan.estimate_bytes, "finite": bool(torch.isfinite(out).all()),
+        "estimate": plan.tiles.estimate_bytes, "finite": bool(torch.isfinite(out).all()),
     }
 
 
@@ -394,11 +391,11 @@ def _format_row(row: dict) -> str:
 
 def seam(args) -> list[dict]:
     """Seam figure of tiled decodes with a narrow random model (module docstring)."""
+    from ..decode import run_plan
+    from ..plan import plan_decode
     from ..precision import psnr
-    from ..sampling import initial_noise, sample
+    from ..tiling import TileOptions
     from .random_checkpoints import narrow_config, random_model
-    from ..tiling import TileOptions, plan_tiling
-    from ..velocity import network_velocity
 
     cfg = narrow_config(layout=args.layout, latent_channels=args.latent_channels)
     model = random_model(cfg, seed=0, dtype=torch.float32)
@@ -410,27 +407,21 @@ def seam(args) -> list[dict]:
         g = torch.Generator().manual_seed(2)
         text = torch.randn(1, cfg.text_max_tokens, cfg.text_dim, generator=g)
         latent = torch.randn(1, cfg.latent_channels, H // cfg.scale, W // cfg.scale, generator=g)
-        sigma = torch.tensor([0.3])
-        plan = plan_tiling(cfg, (H, W), TileOptions(mode="manual", tile_px=args.seam_tile,
-                                                    overlap_px=args.overlap, max_batch_tiles=args.batch_tiles))
+        options = TileOptions(mode="manual", tile_px=args.seam_tile, overlap_px=args.overlap,
+                              max_batch_tiles=args.batch_tiles)
+        plan = plan_decode(model, latent, text, latent_format="pid", sigma=0.3, steps=args.seam_steps, tiling=options)
         start = time.perf_counter()
-        noise, gen = initial_noise((1, 3, H, W), seed=0)
-        with torch.no_grad():
-            tiled = sample(network_velocity(model, text, latent, sigma, plan), noise, steps=args.seam_steps,
-                           generator=gen)
+        tiled = run_plan(model, plan, seed=0)
         seconds = time.perf_counter() - start
-        figure = seam_figure(tiled, plan.tiles, cfg.patch_size)
+        figure = seam_figure(tiled, plan.tiles.tiles, cfg.patch_size)
         base = db = None
         if max(H, W) <= args.seam_untiled_max:
-            noise, gen = initial_noise((1, 3, H, W), seed=0)
-            with torch.no_grad():
-                untiled = plan_tiling(cfg, (H, W), TileOptions(mode="off"))
-                whole = sample(network_velocity(model, text, latent, sigma, untiled), noise, steps=args.seam_steps,
-                               generator=gen)
-            base = seam_figure(whole, plan.tiles, cfg.patch_size)
-            db = psnr(tiled, whole)
-        gy, gx = plan.grid
-        row = dict(size=[H, W], tiles=f"{gx}x{gy}x{plan.tile_hw[1]}", steps=args.seam_steps, seam=figure,
+            untiled = plan_decode(model, latent, text, latent_format="pid", sigma=0.3, steps=args.seam_steps)
+            whole = run_plan(model, untiled, seed=0)
+            base = seam_figure(whole, plan.tiles.tiles, cfg.patch_size)
+            db = psnr(tiled, whole, data_range=1.0)
+        gy, gx = plan.tiles.grid
+        row = dict(size=[H, W], tiles=f"{gx}x{gy}x{plan.tiles.tile_hw[1]}", steps=args.seam_steps, seam=figure,
                    untiled=base, psnr=db, time=seconds)
         results.append(row)
         print(f"{f'{W}x{H}':>10} {row['tiles']:>12} {args.seam_steps:>5} {figure:>10.3f} "

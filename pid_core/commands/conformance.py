@@ -14,7 +14,9 @@ PSNR against the fp32 result. A case that compares nothing, or names an unknown 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from dataclasses import replace
 
@@ -22,10 +24,11 @@ import torch
 
 from ..checkpoint import load_pid
 from ..errors import PidError
+from ..plan import plan_decode
 from ..precision import compute_context, psnr
-from ..sampling import sample
-from ..teacher import dpm_solver_pp, teacher_schedule
-from ..tiling import TileOptions, plan_tiling
+from ..sampling import sample, student_schedule
+from ..teacher import dpm_solver_pp
+from ..tiling import TileOptions
 from ..velocity import network_denoiser
 
 # Names in case.json that must agree with what the loader read from the tensors.
@@ -118,23 +121,24 @@ def _student(model, case, io, checks: _Checks, bf16: bool):
         return
     text, latent, sigma = io["text"], io["lq_latent"], io["degrade_sigma"]
     renoise = [io[f"sample.eps{i}"] for i in range(1, steps)]
+    times = student_schedule(steps)
     velocity = lambda x, t: model(x, t, text, latent, sigma)  # noqa: E731
-    result = sample(velocity, io["sample.noise"], steps=steps, renoise=renoise)
+    result = sample(velocity, io["sample.noise"], times, renoise=renoise)
     checks.max_abs("sample", result, io["sample.out"], "sample_max_abs", f", {steps} steps")
     if bf16:
         model16 = model.to(torch.bfloat16)
 
         def velocity_bf16(x, t):  # the GPU's bf16 autocast semantics, on whatever device runs this
-            with compute_context(model16, x.device, dtype=torch.bfloat16):
+            with compute_context(x.device, torch.bfloat16):
                 return model16(x, t, text, latent, sigma)
 
-        checks.minimum("bf16", psnr(sample(velocity_bf16, io["sample.noise"], steps=steps, renoise=renoise), result),
+        checks.minimum("bf16", psnr(sample(velocity_bf16, io["sample.noise"], times, renoise=renoise), result),
                        BF16_MIN_PSNR, "PSNR vs fp32")
 
 
 def _teacher(model, case, io, checks: _Checks, bf16: bool):
-    """The guided DPM-Solver++ run of a teacher case through the engine's own path (network_denoiser
-    on the whole canvas, the reference's order of operations: no pixel-block chunking)."""
+    """The guided DPM-Solver++ run of a teacher case through the engine's own path (plan_decode and
+    network_denoiser on the whole canvas, the reference's order of operations: no pixel-block chunking)."""
     if "sample.noise" not in io or not ({"sample.raw", "sample.out"} & set(io)):
         return
     settings = case.get("sampler") or {}
@@ -142,29 +146,30 @@ def _teacher(model, case, io, checks: _Checks, bf16: bool):
     if missing:
         raise CaseError(f"case.json 'sampler' lacks {', '.join(missing)}")
     steps, cfg, shift = int(settings["steps"]), float(settings["cfg_scale"]), float(settings["shift"])
-    text, latent, sigma, noise = io["text"], io["lq_latent"], io["degrade_sigma"], io["sample.noise"]
+    noise = io["sample.noise"]
     guided = cfg != 1.0
     if guided and "null_text" not in io:
         raise CaseError("a guided teacher case (cfg_scale != 1) needs the null_text tensor")
-    negative = io["null_text"] if guided else None
-    times = teacher_schedule(steps, shift)
-    untiled = plan_tiling(model.config, tuple(noise.shape[-2:]),
-                          TileOptions(mode="off", pixel_chunk_tokens=None), guidance=guided)
+    with _quiet(logging.getLogger("pid_core")):  # the case's checkpoint name does not say undistilled
+        plan = plan_decode(model, io["lq_latent"], io["text"], latent_format="pid", sigma=io["degrade_sigma"],
+                           tiling=TileOptions(mode="off", pixel_chunk_tokens=None), sampler="teacher", steps=steps,
+                           cfg=cfg, shift=shift, negative=io["null_text"] if guided else None)
+    # the case holds the network's exact input: keep it as it is (a decode rounds a latent to bf16 first)
+    plan = replace(plan, latent=io["lq_latent"])
     note = f", {steps} steps, cfg {cfg:g}, shift {shift:.3g}"
 
-    def run(net, branches: int, seen=None, autocast=True):
-        denoiser = network_denoiser(net, text, latent, sigma, replace(untiled, branches=branches), cfg=cfg,
-                                    negative=negative, autocast=autocast)
+    def run(net, plan, seen=None):
+        denoiser = network_denoiser(net, plan)
         if seen is not None:
             def denoise(x, t):
                 seen.append(float(t[0]) * 1000)
                 return denoiser(x, t)
-        return dpm_solver_pp(denoiser if seen is None else denoise, noise, times, clamp=False)
+        return dpm_solver_pp(denoiser if seen is None else denoise, noise, plan.sampler.times, clamp=False)
 
     seen: list[float] = []
     # The reference runs the branches as two calls; the engine batches them when memory allows.
     for label, branches in ([("two calls", 1), ("batched", 2)] if guided else [("", 1)]):
-        raw = run(model, branches, seen if not seen else None)
+        raw = run(model, replace(plan, tiles=replace(plan.tiles, branches=branches)), seen if not seen else None)
         where = f"{note}; {label}" if label else note
         if "sample.raw" in io:
             checks.relative("raw", raw, io["sample.raw"], "raw_max_abs_relative_to_absmax", where)
@@ -173,11 +178,21 @@ def _teacher(model, case, io, checks: _Checks, bf16: bool):
     if "network_times" in case:
         _check_times(checks, case["network_times"], seen, 2 if guided else 1)
     if bf16:
-        reference = run(model, untiled.branches).clamp(-1, 1)
-        model16 = model.to(torch.bfloat16)
-        with compute_context(model16, noise.device, dtype=torch.bfloat16):  # the GPU's bf16 autocast semantics
-            result16 = run(model16, untiled.branches, autocast=False).clamp(-1, 1)
+        reference = run(model, plan).clamp(-1, 1)
+        # the GPU's bf16 autocast semantics, on whatever device runs this
+        result16 = run(model.to(torch.bfloat16), replace(plan, compute_dtype=torch.bfloat16)).clamp(-1, 1)
         checks.minimum("bf16", psnr(result16, reference), BF16_MIN_PSNR, "PSNR vs fp32")
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger):
+    """The logger's warnings held back while the block runs."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _check_times(checks: _Checks, network_times, seen: list[float], calls_per_step: int):

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from .. import distributed
-from .options import (ProgressBar, TextEncoderOnDemand, add_decode_options, check_decode_arguments, load_model,
-                      negative_embedding, peak_memory_text, tile_options, write_images)
+from .options import (ProgressBar, TextEncoderOnDemand, add_decode_options, check_decode_arguments, flux2_bn_stats,
+                      load_model, negative_embedding, peak_memory_text, plan_for, write_images)
 
 
 @distributed.joins_torchrun
@@ -22,7 +20,6 @@ def cmd_decode(args) -> int:
     from ..decode import encode_text, run_plan
     from ..files import load_latent_file, load_text_embedding
     from ..images import check_image_size
-    from ..plan import plan_decode
 
     device = check_decode_arguments(args)
     ranks = distributed.current()  # several under torchrun: they share the tile batches of this image
@@ -39,31 +36,29 @@ def cmd_decode(args) -> int:
         return distributed.from_main(negative_embedding(args, encoder) if ranks.is_main else None)
 
     budget = distributed.smallest(distributed.memory_budget(device))  # the same tiles on every rank
-    plan = plan_decode(model, latent, text, meta=meta, latent_format=args.latent_format, sigma=args.sigma,
-                       leftover_noise=args.leftover_noise, tiling=tile_options(args.tile, args.overlap, budget),
-                       sampler=args.sampler, steps=args.steps, cfg=args.cfg, negative=negative)
+    plan = plan_for(model, latent, meta, text, args, budget_bytes=budget, negative=negative,
+                    bn_stats=flux2_bn_stats(args))
     check_image_size(args.out, *plan.output_hw)
     if ranks.several and not plan.tiles.tiled:
         distributed.say(f"note: one pass over the whole canvas, nothing to share: each of the {ranks.world_size} "
                         f"ranks runs it (give --tile, e.g. --tile 1024, to share tiles among them)")
     loaded = time.perf_counter()
-    steps = plan.sampler.steps
-    progress = ProgressBar(steps) if ranks.is_main else None
+    progress = ProgressBar(plan.sampler.steps) if ranks.is_main else None
     image = run_plan(model, plan, seed=args.seed, compile=args.compile, callback=progress,
                      tile_callback=progress.tile if progress else None, batch_runner=distributed.tile_runner())
     finished = time.perf_counter()
     if not ranks.is_main:
         return 0  # every rank holds the same image; rank 0 writes it
     outputs = write_images(image, args.out)
+    said = plan.summary()
+    if ranks.several:
+        said["tiling"] += f"; tile batches shared by {ranks.world_size} ranks"
+    said["output"] += f" -> {', '.join(outputs)}"
     print(f"checkpoint : {describe(model)}")
-    sigma = args.sigma if args.sigma is not None else (meta.sigma if meta.sigma is not None else 0.0)
-    sigmas = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).tolist()
-    print(f"latent     : {list(latent.shape)} as {plan.latent_format}, sigma {', '.join(f'{s:.3g}' for s in sigmas)} "
-          f"({plan.sigma_source})")
-    print(f"sampler    : {plan.sampler.describe()} ({plan.sampler.kind_source})")
-    print(f"tiling     : {plan.tiles.reason}" + (f"; tile batches shared by {ranks.world_size} ranks" if ranks.several else ""))
-    print(f"output     : {image.shape[0]} x {image.shape[-1]}x{image.shape[-2]} px -> {', '.join(outputs)}")
-    print(f"time       : load {loaded - started:.1f}s, decode {finished - loaded:.1f}s ({steps} steps, {device.type})")
+    for key in ("latent", "sampler", "tiling", "output"):
+        print(f"{key:<11}: {said[key]}")
+    print(f"time       : load {loaded - started:.1f}s, decode {finished - loaded:.1f}s ({plan.sampler.steps} steps, "
+          f"{device.type})")
     print(f"peak memory: {peak_memory_text(device)}")
     return 0
 

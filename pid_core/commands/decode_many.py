@@ -38,7 +38,7 @@ import torch
 
 from .. import distributed
 from ..errors import PidError
-from .options import add_decode_options
+from .options import add_decode_options, check_run_options
 
 LATENT_SUFFIXES = (".safetensors", ".latent", ".pt", ".pth", ".npy")
 MANIFEST_KEYS = ("latent", "out", "sigma", "prompt", "embedding", "seed", "steps", "latent_format", "tile",
@@ -67,6 +67,8 @@ class Item:
     tile: str = "auto"
     overlap: Optional[int] = None
     leftover_noise: bool = False
+    sampler: str = "auto"  # the run's --sampler and --cfg (not manifest keys)
+    cfg: Optional[float] = None
 
     @property
     def text_key(self) -> str:
@@ -106,7 +108,7 @@ def defaults_from(args) -> dict:
     """The command line's options, the defaults of every item."""
     return dict(prompt=args.prompt, embedding=args.text_embedding, sigma=args.sigma, seed=args.seed,
                 steps=args.steps, latent_format=args.latent_format, tile=args.tile, overlap=args.overlap,
-                leftover_noise=args.leftover_noise)
+                leftover_noise=args.leftover_noise, sampler=args.sampler, cfg=args.cfg)
 
 
 def folder_items(folder: str, out_dir: str, defaults: dict) -> list[Item]:
@@ -196,6 +198,7 @@ def _manifest_item(entry, where: str, base: str, out_dir: str, defaults: dict) -
         seed=_typed(entry, "seed", int, options["seed"]), steps=steps,
         latent_format=_typed(entry, "latent_format", str, options["latent_format"]), tile=str(tile),
         overlap=overlap, leftover_noise=_typed(entry, "leftover_noise", bool, options["leftover_noise"]),
+        sampler=options["sampler"], cfg=options["cfg"],
     )
 
 
@@ -260,6 +263,7 @@ def list_jobs(entries: list[Union[Item, Problem]], *, text_encoder: Optional[str
 
 def _listing_or_error(args) -> Union[Listing, str]:
     try:
+        check_run_options(args)
         defaults = defaults_from(args)
         if args.manifest is not None:
             entries = manifest_items(args.manifest, args.out_dir, defaults)
@@ -329,23 +333,19 @@ def in_text_order(jobs: list[Job]) -> list[Job]:
     return sorted(jobs, key=lambda job: first[job.item.text_key])  # stable: listed order inside a group
 
 
-def decode_job(model, job: Job, text: torch.Tensor, device: torch.device, args, texts: "Texts") -> torch.Tensor:
-    """One item, as the decode command runs it: its images [B, 3, H, W] in [0, 1]. The run's sampler
-    options (--sampler, --cfg, the negative text of a guided decode) apply to every item."""
-    from .options import tile_options
+def decode_job(model, job: Job, text: torch.Tensor, device: torch.device, negative, bn_stats) -> torch.Tensor:
+    """One item, as the decode command runs it: its images [B, 3, H, W] in [0, 1]. negative() gives the
+    run's negative text of a guided decode; bn_stats: the run's --bn-stats."""
     from ..decode import run_plan
     from ..files import load_latent_file
-    from ..plan import plan_decode
+    from .options import plan_for
 
     item = job.item
     latent, meta = load_latent_file(item.latent)
     if latent.shape[0] != job.batch:
         raise PidError(f"{item.latent} changed while this run went on (now {latent.shape[0]} images, listed with {job.batch})")
-    sigma = torch.tensor(item.sigma, dtype=torch.float32) if isinstance(item.sigma, list) else item.sigma
-    plan = plan_decode(model, latent, text, meta=meta, latent_format=item.latent_format, sigma=sigma,
-                       leftover_noise=item.leftover_noise,
-                       tiling=tile_options(item.tile, item.overlap, distributed.memory_budget(device)),
-                       sampler=args.sampler, steps=item.steps, cfg=args.cfg, negative=lambda: texts.negative(args))
+    plan = plan_for(model, latent, meta, text, item, budget_bytes=distributed.memory_budget(device), negative=negative,
+                    bn_stats=bn_stats)
     return run_plan(model, plan, seed=item.seed)
 
 
@@ -360,7 +360,7 @@ def decode_share(jobs: list[Job], args, device: torch.device) -> RankReport:
 
     An item's PNGs are encoded and written in a second thread while the next item decodes (zlib
     releases the GIL): at 8K, encoding takes seconds of one CPU core, as long as a GPU's decode."""
-    from .options import load_model, write_images
+    from .options import flux2_bn_stats, load_model, write_images
 
     ranks = distributed.current()
     report = RankReport()
@@ -368,6 +368,7 @@ def decode_share(jobs: list[Job], args, device: torch.device) -> RankReport:
     if not jobs:
         return report
     model = load_model(args.checkpoint, device, args.dtype)
+    bn_stats = flux2_bn_stats(args)
     texts = Texts(args.text_encoder, device)
 
     def failed(head: str, job: Job, exc: Exception) -> None:
@@ -395,7 +396,7 @@ def decode_share(jobs: list[Job], args, device: torch.device) -> RankReport:
             began = time.perf_counter()
             head = f"{ranks.label}[{k}/{len(jobs)}] {job.item.where}"
             try:
-                image = decode_job(model, job, texts(job.item), device, args, texts)
+                image = decode_job(model, job, texts(job.item), device, lambda: texts.negative(args), bn_stats)
             except Exception as exc:  # this item fails, the run goes on
                 failed(head, job, exc)
                 continue

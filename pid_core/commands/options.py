@@ -74,6 +74,16 @@ def tile_options(tile, overlap: Optional[int], budget_bytes: Optional[int] = Non
     return TileOptions(mode=mode, tile_px=side, overlap_px=overlap, memory_budget_bytes=budget_bytes)
 
 
+def check_run_options(args) -> None:
+    """The options decode and decode-many apply to every image, checked before anything is loaded."""
+    from ..files import FLUX2_VAE_FILE, sniff
+
+    if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
+        raise ArgumentError(f"--cfg takes a guidance scale of 0 or more (1 = no guidance), not {args.cfg}.")
+    if args.bn_stats is not None:
+        sniff(args.bn_stats, FLUX2_VAE_FILE)
+
+
 def check_decode_arguments(args) -> torch.device:
     """Every option of `decode`, checked before anything is loaded (docs/DESIGN.md §13): the device exists,
     numbers are in range, the input files are files of a kind we read, the output can be written and is
@@ -88,6 +98,7 @@ def check_decode_arguments(args) -> torch.device:
     check_seed(args.seed)
     if args.sigma is not None and not (math.isfinite(args.sigma) and args.sigma >= 0):
         raise ArgumentError(f"--sigma takes the noise level the latent carries, 0 or more (0 = clean), not {args.sigma}.")
+    check_run_options(args)
     check_latent_format_name(args.latent_format)
     tile_options(args.tile, args.overlap)
     sniff(args.checkpoint, CHECKPOINT_FILE)
@@ -99,8 +110,26 @@ def check_decode_arguments(args) -> torch.device:
     if args.negative_embedding is not None:
         sniff(args.negative_embedding, TEXT_EMBEDDING_FILE)
     check_output_path(args.out, inputs=(args.checkpoint, args.latent, args.text_embedding, args.negative_embedding,
-                                        args.text_encoder))
+                                        args.text_encoder, args.bn_stats))
     return device
+
+
+def plan_for(model, latent, meta, text, options, *, budget_bytes: Optional[int], negative, bn_stats=None):
+    """The decode plan of one latent from a command's options: decode's arguments, or a decode-many item
+    (which holds the same names). Only translates: every decision is plan.plan_decode's."""
+    from ..plan import plan_decode
+
+    return plan_decode(model, latent, text, meta=meta, latent_format=options.latent_format, sigma=options.sigma,
+                       leftover_noise=options.leftover_noise, bn_stats=bn_stats,
+                       tiling=tile_options(options.tile, options.overlap, budget_bytes), sampler=options.sampler,
+                       steps=options.steps, cfg=options.cfg, negative=negative)
+
+
+def flux2_bn_stats(args):
+    """--bn-stats: the FLUX.2 VAE's statistics for raw 32-channel FLUX.2 latents (None when not given)."""
+    from ..files import load_flux2_bn_stats
+
+    return load_flux2_bn_stats(args.bn_stats) if args.bn_stats else None
 
 
 def load_model(checkpoint: str, device: torch.device, dtype_name: str = "auto"):
@@ -181,6 +210,8 @@ def add_decode_options(p: argparse.ArgumentParser, *, text_required: bool) -> No
     p.add_argument("--latent-format", default="auto", help="auto, a format (flux, sd3, sdxl, flux2, flux2_raw, qwenimage, dinov2, siglip, pid) or a backbone")
     p.add_argument("--sigma", type=float, default=None, help="noise level of the latent (0 = clean; default: the file's pid_sigma, else 0)")
     p.add_argument("--leftover-noise", action="store_true", help="the latent is a stock ComfyUI leftover latent x_t/(1-sigma)")
+    p.add_argument("--bn-stats", default=None, metavar="FLUX2_VAE",
+                   help="the FLUX.2 VAE file (its BatchNorm statistics), for raw 32-channel FLUX.2 latents (--latent-format flux2_raw)")
     text = p.add_mutually_exclusive_group(required=text_required)
     text.add_argument("--prompt", help="prompt, encoded with --text-encoder")
     text.add_argument("--text-embedding", help="precomputed Gemma embedding [B,300,2304] (.safetensors/.pt/.npy)")
@@ -191,7 +222,7 @@ def add_decode_options(p: argparse.ArgumentParser, *, text_required: bool) -> No
     p.add_argument("--sampler", default="auto", choices=["auto", "student", "teacher"],
                    help="auto: from the checkpoint's file name (undistilled -> teacher); override when the name cannot tell")
     p.add_argument("--cfg", type=float, default=None,
-                   help="classifier-free guidance scale of the undistilled checkpoints (default 5; 1 = none)")
+                   help="classifier-free guidance scale of the undistilled checkpoints, 0 or more (default 5; 1 = none)")
     negative = p.add_mutually_exclusive_group()
     negative.add_argument("--negative-prompt", default=None,
                           help="negative prompt of a guided decode (default: the reference's, through --text-encoder)")

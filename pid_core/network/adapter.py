@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..latent_formats import unpatchify
 from .config import PidConfig
 from .ops import layer_weights_of
 
@@ -79,13 +80,9 @@ class LatentAdapter(nn.Module):
         self.gate_modules = nn.ModuleList(SigmaGate(cfg.hidden_size, per_dim, ops) for _ in range(cfg.num_lq_outputs))
 
     def unpack(self, z: torch.Tensor) -> torch.Tensor:
-        """FLUX.2 v1.5: [B, C*f*f, h, w] -> [B, C, h*f, w*f]; channel c*f*f + i*f + j goes to offset (i, j)."""
+        """FLUX.2 v1.5: [B, C*f*f, h, w] -> [B, C, h*f, w*f], the inverse of FLUX.2's packing."""
         f = self.cfg.latent_unpatchify
-        if f == 1:
-            return z
-        B, C, h, w = z.shape
-        z = z.reshape(B, C // (f * f), f, f, h, w).permute(0, 1, 4, 2, 5, 3)
-        return z.reshape(B, C // (f * f), h * f, w * f)
+        return z if f == 1 else unpatchify(z, f)
 
     def align(self, z: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
         """Bring the (un-packed) latent onto the patch grid (docs/DESIGN.md §3.2)."""
@@ -109,12 +106,3 @@ class LatentAdapter(nn.Module):
         """The conv stack's features [B, L, adapter_hidden], tokens row-major; the heads project them."""
         z = self.align(self.unpack(latent), grid_h, grid_w)
         return self.latent_proj(z).flatten(2).transpose(1, 2)
-
-    def forward(self, latent: torch.Tensor, grid_h: int, grid_w: int):
-        """Returns (features for the gated patch blocks, feature for the pixel blocks or None), tokens row-major.
-
-        PidNet applies the heads one at a time instead (`tokens` + `output_heads[k]`): the same values,
-        without 7 canvas-size feature maps alive at once."""
-        tokens = self.tokens(latent, grid_h, grid_w)
-        heads = [head(tokens) for head in self.output_heads]
-        return heads, (self.pit_head(tokens) if self.pit_head is not None else None)

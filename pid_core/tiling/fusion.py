@@ -34,12 +34,12 @@ class TiledVelocity:
     """A velocity function (x [B,3,H,W], t [B]) -> v [B,3,H,W] over the canvas, computed per tile.
 
     `tiles` cover the canvas (geometry.plan_tiles, row-major, one shape). model_call(x_tiles, t_tiles,
-    latent_tiles, *conditioning_tiles) runs the network on a batch of tiles: rows are tile-major (tile j, sample b at row j*B + b) and every tensor of `conditioning`
-    (per sample, first dim B: the text, sigma) is repeated per tile the same way. `latent` is the
-    PiD-space latent of the canvas: the tile at (y0, x0, h, w) gets latent[..., y0/scale:(y0+h)/scale,
-    x0/scale:(x0+w)/scale]. Tiles run on `device` (default: the canvas's); results come back to the
-    canvas's device in x's dtype. callback_per_tile(done, total) runs after each batch (raise from
-    it to cancel). pad_batches pads the last batch with repeats so that every forward has the same
+    latent_tiles, *conditioning_tiles) runs the network on a batch of tiles: rows are tile-major (tile j,
+    sample b at row j*B + b) and every tensor of `conditioning` (per sample, first dim B: the text, sigma)
+    is repeated per tile the same way. `latent` is the PiD-space latent of the canvas: the tile at
+    (y0, x0, h, w) gets latent[..., y0/scale:(y0+h)/scale, x0/scale:(x0+w)/scale]. Tiles run on
+    `device`; results come back to the canvas's device in x's dtype. callback_per_tile(done, total) runs
+    after each batch (raise from it to cancel). pad_batches pads the last batch with repeats so that every forward has the same
     shape (for torch.compile). max_batches (benchmarks only) stops each call after that many batches
     and sets `cut_short`. batch_runner decides where the batches run: `run_here` (default) runs each
     in this process; distributed.TileParallel shares them among torchrun's ranks (docs/DESIGN.md §14).
@@ -58,9 +58,9 @@ class TiledVelocity:
         tiles: Sequence[Tile],
         *,
         scale: int,
+        device,
         batch_tiles: int = 1,
         conditioning: Sequence[torch.Tensor] = (),
-        device=None,
         callback_per_tile: Optional[Callable[[int, int], None]] = None,
         pad_batches: bool = False,
         max_batches: Optional[int] = None,
@@ -77,7 +77,7 @@ class TiledVelocity:
         self.row_weights, self.col_weights = tile_weights(self.tiles, (H, W))
         self.batch_tiles = max(1, int(batch_tiles))
         self.conditioning = tuple(conditioning)
-        self.device = torch.device(device) if device is not None else None
+        self.device = torch.device(device)
         self.callback_per_tile = callback_per_tile
         self.pad_batches = pad_batches
         self.max_batches = max_batches
@@ -109,7 +109,7 @@ class TiledVelocity:
     def _weighted_velocities(self, x: torch.Tensor, t: torch.Tensor):
         """Yields, per batch of tiles in row-major order, [(tile, its v on x's device, its weight)]."""
         B = x.shape[0]
-        device = self.device or x.device
+        device = self.device
         t = t.reshape(-1).expand(B)
         wy, wx = self._weights(x.device, x.dtype)
         batches = self.batches()

@@ -81,16 +81,10 @@ def tile_memory_estimate(
     return int(total * ESTIMATE_MARGIN)
 
 
-# fp32 canvases alive at once next to the network. The student (sampling.sample over a TiledVelocity):
-# while tiles run, the state x and the band of fused v (at most a canvas); while re-noising, x0 and the
-# fresh noise. The teacher (teacher.dpm_solver_pp): x, this step's fused x0 and the previous one.
-CANVASES = 2
-TEACHER_CANVASES = 3
-
-
-def canvas_memory_estimate(canvas_hw: tuple[int, int], batch: int = 1, canvases: int = CANVASES) -> int:
-    """The decode's canvas-size state (`canvases` fp32 images, 12 bytes per pixel each) next to the
-    network, plus the row slices of the samplers' updates (bounded)."""
+def canvas_memory_estimate(canvas_hw: tuple[int, int], batch: int, canvases: int) -> int:
+    """The decode's canvas-size state (`canvases` fp32 images, 12 bytes per pixel each: how many the
+    sampler keeps is samplers.SamplerSpec.state_canvases) next to the network, plus the row slices of the
+    samplers' updates (bounded)."""
     H, W = canvas_hw
     return canvases * batch * 3 * H * W * 4 + (64 << 20)
 

@@ -14,7 +14,7 @@ from ..errors import ArgumentError
 from ..network import PidConfig
 from ..variants import MAX_TRAINED_ASPECT, TOO_LARGE, TOO_WIDE
 from .geometry import MIN_TILE_PX, Tile, tile_shape, batch_tiles, default_overlap, plan_tiles
-from .memory import CANVASES, auto_chunk_tokens, canvas_memory_estimate, tile_memory_estimate
+from .memory import auto_chunk_tokens, canvas_memory_estimate, tile_memory_estimate
 
 DEFAULT_MAX_BATCH_TILES = 4
 
@@ -77,6 +77,7 @@ class TilePlan:
     overlap: int
     batch_tiles: int
     align: int
+    state_canvases: int  # canvas-size fp32 images the sampler keeps (samplers.SamplerSpec.state_canvases)
     tiles: tuple = field(repr=False, default=())
     estimate_bytes: int = 0
     below_trained: bool = False
@@ -86,7 +87,6 @@ class TilePlan:
     canvas_on_device: bool = True  # the sampler's state on the compute device (False: on the CPU)
     batch: int = 1  # samples decoded together
     branches: int = 1  # network images per sample and tile in one forward: 2 = guidance's two texts batched
-    state_canvases: int = CANVASES  # canvas-size fp32 images the sampler keeps (memory.canvas_memory_estimate)
 
     @property
     def tiled(self) -> bool:
@@ -97,12 +97,15 @@ class TilePlan:
         return len({t.y0 for t in self.tiles}), len({t.x0 for t in self.tiles})
 
     @property
+    def state_bytes(self) -> int:
+        """The sampler's canvas-size state, wherever it lives."""
+        return canvas_memory_estimate(self.canvas_hw, self.batch, self.state_canvases)
+
+    @property
     def memory_bytes(self) -> int:
         """Working memory of the decode on the compute device: one forward, plus the sampler's state
         when it lives there."""
-        state = (canvas_memory_estimate(self.canvas_hw, self.batch, self.state_canvases)
-                 if self.canvas_on_device else 0)
-        return self.estimate_bytes + state
+        return self.estimate_bytes + (self.state_bytes if self.canvas_on_device else 0)
 
 
 def choose_tile(
@@ -118,6 +121,7 @@ def choose_tile(
     chunk_tokens: Optional[int] | str = "auto",
     tile_px: Optional[int] = None,
     branches: int = 1,
+    state_canvases: int,
 ) -> TilePlan:
     """The largest tile inside the checkpoint's trained range whose working memory (for `batch`
     samples, `tile_memory_estimate`) fits the budget, then as many tiles per forward as still fit.
@@ -189,7 +193,7 @@ def choose_tile(
     return TilePlan(
         canvas_hw=(H, W), tile_hw=shape, overlap=ov, batch_tiles=n, align=align, tiles=tiles,
         estimate_bytes=estimate(shape, n), below_trained=below, fits_budget=fits,
-        pixel_chunk_tokens=chunk, reason=reason, batch=batch, branches=branches,
+        pixel_chunk_tokens=chunk, reason=reason, batch=batch, branches=branches, state_canvases=state_canvases,
     )
 
 
@@ -202,13 +206,15 @@ def plan_tiling(
     variant=None,
     batch: int = 1,
     guidance: bool = False,
-    state_canvases: int = CANVASES,
+    batch_branches: bool = True,
+    state_canvases: int,
 ) -> TilePlan:
     """The tiles a decode of `canvas_hw` runs for `options` (None = TileOptions(), i.e. auto).
 
     guidance: every step runs the network on two texts (classifier-free guidance). They share one
-    forward of twice the batch when that costs no tile size (branches=2), else run as two forwards.
-    state_canvases: the canvas-size images the sampler keeps (memory.CANVASES, TEACHER_CANVASES)."""
+    forward of twice the batch when they can (batch_branches: the two texts have one shape) and that
+    costs no tile size (branches=2), else run as two forwards. state_canvases: the canvas-size images
+    the sampler keeps (samplers.SamplerSpec.state_canvases)."""
     options = options or TileOptions()
     H, W = canvas_hw
     align = math.lcm(config.scale, config.patch_size)
@@ -225,7 +231,7 @@ def plan_tiling(
                 branches=branches, state_canvases=state_canvases,
             )
 
-        plan = untiled(2) if guidance else untiled(1)
+        plan = untiled(2) if guidance and batch_branches else untiled(1)
         if guidance and budget is not None and plan.memory_bytes > budget:
             plan = untiled(1)
         return _with_guidance_reason(replace(plan, fits_budget=budget is None or plan.memory_bytes <= budget),
@@ -242,10 +248,11 @@ def plan_tiling(
             config, (H, W), memory_budget_bytes=budget, dtype=dtype, variant=variant,
             batch=batch, overlap=options.overlap_px, max_batch_tiles=options.max_batch_tiles,
             chunk_tokens=chunk, tile_px=options.tile_px if options.mode == "manual" else None, branches=branches,
+            state_canvases=state_canvases,
         )
 
     plan = tiles_for(1)
-    if guidance:
+    if guidance and batch_branches:
         batched = tiles_for(2)
         if batched.tile_hw == plan.tile_hw and batched.fits_budget:  # batching the texts costs no tile size
             plan = batched
@@ -255,8 +262,7 @@ def plan_tiling(
     elif not plan.fits_budget:
         reason += (f"; the sampler's canvas state alone takes ~{canvas / 2**30:.1f} GB: keep it on the CPU "
                    "(canvas_on_device=False)")
-    return _with_guidance_reason(replace(plan, reason=reason, canvas_on_device=on_device,
-                                         state_canvases=state_canvases), guidance)
+    return _with_guidance_reason(replace(plan, reason=reason, canvas_on_device=on_device), guidance)
 
 
 def _with_guidance_reason(plan: TilePlan, guidance: bool) -> TilePlan:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pid_core.latents import LATENT_FORMATS
+from pid_core.latent_formats import LATENT_FORMATS
 
 from .comfy_harness import ComfyError
 

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import pathlib
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pid_core.latents import LATENT_FORMATS
+from pid_core.latent_formats import COMFY_FORMATS as LATENT_FORMAT_BY_COMFY_CLASS
+from pid_core.latent_formats import LATENT_FORMATS
 
 from .comfy_harness import find_comfyui
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "nodes"))
-from comfy_models import LATENT_FORMAT_BY_COMFY_CLASS  # noqa: E402  (plain tables, no ComfyUI import)
 
 SCRIPT = r"""
 import sys
