@@ -1,4 +1,6 @@
-"""The UI-format workflows in workflows/: structure, links, node types, our nodes' widget values, model links.
+"""The UI-format workflows in workflows/: structure, links, node types, our nodes' widget values, model links,
+and the layout a user opens: the saved view frames the whole graph (tests/workflow_layout.py), groups are
+numbered steps, every group with a file loader holds a note naming its files.
 
 Runs without ComfyUI. The widget lists of this pack's nodes are read from the node code itself (the
 `io.Schema(...)` in nodes/*.py, parsed with `ast`, never imported: the node modules import ComfyUI), so a
@@ -17,6 +19,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+import workflow_layout as layout
 from pid_core.latent_formats import COMFY_FORMATS
 from pid_core.precision import DTYPES
 from workflow_checks import check_value
@@ -375,3 +378,94 @@ def test_has_a_note_with_the_licence(workflow):
     assert notes, f"{path.name}: no Note"
     text = "\n".join(notes)
     assert "non-commercial" in text and "models/" in text, path.name
+
+
+# --- what a user sees on opening a file (tests/workflow_layout.py) ----------------------------------
+
+REFRAME = "python tests/workflow_layout.py workflows/*.json fits the groups and saves the framing view"
+# Nodes where the user picks a file: each of their groups holds a note that names the files.
+FILE_LOADERS = {"UNETLoader", "CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader", "VAELoader",
+                "CheckpointLoaderSimple", "LoadImage", COMMON["NODE_ID_LOADER"]}
+
+
+def _toy_workflow():
+    """Two nodes and a group around them, at 1:1."""
+    return {"nodes": [{"id": 1, "type": "VAELoader", "pos": [0, 0], "size": [300, 60]},
+                      {"id": 2, "type": COMMON["NODE_ID_DECODE"], "pos": [400, 0], "size": [300, 330]}],
+            "groups": [{"title": "1. Decode", "bounding": [-10, -70, 720, 420]}], "extra": {}}
+
+
+def test_the_layout_helper_counts_title_bars_and_frames_the_bounds():
+    wf = _toy_workflow()
+    assert layout.node_bounds(wf["nodes"][0]) == (0, -layout.NODE_TITLE_HEIGHT, 300, 60 + layout.NODE_TITLE_HEIGHT)
+    assert layout.workflow_bounds(wf) == (-10, -70, 720, 420)
+    assert layout.view_problems(wf) == ["no saved view (extra.ds)"]
+    wf["extra"]["ds"] = layout.framing_view(wf)
+    assert layout.view_problems(wf) == [] and layout.layout_problems(wf) == []
+    assert wf["extra"]["ds"]["scale"] == layout.MAX_SCALE  # small enough for 1:1
+    # the group's top-left lands at the view's top-left corner, inside its margin
+    x, y = layout.to_screen(wf["extra"]["ds"], -10, -70)
+    assert y == pytest.approx(layout.VIEW[1] + layout.VIEW_MARGIN, abs=0.5)
+    assert x > layout.VIEW[0]
+
+
+def test_the_layout_helper_finds_what_is_off_screen_too_small_or_low():
+    wf = _toy_workflow()
+    wf["extra"]["ds"] = layout.framing_view(wf)
+    wf["nodes"][1]["pos"] = [400, -200]  # its title bar leaves the group and the view
+    problems = layout.view_problems(wf) + layout.layout_problems(wf)
+    assert any("node 2" in p and "outside the view" in p for p in problems), problems
+    assert any("sticks out of group" in p for p in problems), problems
+    wf = _toy_workflow()
+    wf["nodes"][1]["pos"] = [0, 3000]  # far below: framing it needs a scale too small for text
+    layout.reframe(wf)
+    problems = layout.view_problems(wf)
+    assert any("below 0.571" in p for p in problems), problems
+    wf = _toy_workflow()
+    wf["nodes"].append({"id": 3, "type": "SaveImage", "pos": [0, 80], "size": [300, 1000]})
+    wf["nodes"][1]["pos"] = [400, 900]  # PiD Decode at the bottom of a tall graph
+    layout.reframe(wf)
+    problems = layout.view_problems(wf)
+    assert any("node 2" in p and "below the upper part" in p for p in problems), problems
+    assert any("nodes 1 (VAELoader) and 3 (SaveImage) overlap" in p for p in problems + layout.layout_problems(wf))
+
+
+def test_the_saved_view_frames_the_workflow(workflow):
+    """extra.ds shows every node (title bar included) and group inside the 1600 x 900 px view at a
+    scale where the frontend draws node text, with this pack's nodes starting in its upper half."""
+    path, wf = workflow
+    problems = layout.view_problems(wf)
+    assert not problems, f"{path.name} ({REFRAME}):\n" + "\n".join(problems)
+
+
+def test_nodes_and_groups_do_not_overlap(workflow):
+    path, wf = workflow
+    problems = layout.layout_problems(wf)
+    assert not problems, f"{path.name} ({REFRAME}):\n" + "\n".join(problems)
+
+
+def test_groups_are_numbered_steps(workflow):
+    path, wf = workflow
+    titles = sorted(g["title"] for g in wf["groups"])
+    assert titles, f"{path.name}: no groups"
+    for number, title in enumerate(titles, start=1):
+        assert re.fullmatch(rf"{number}\. \S.*", title), f"{path.name}: groups {titles} are not steps 1, 2, ..."
+    assert any(re.match(r"\d+\. PiD decode", t) for t in titles), f"{path.name}: no 'N. PiD decode' step"
+    grouped = {n["id"] for g in wf["groups"] for n in layout.group_members(wf, g)}
+    loose = [f"{n['id']} ({n['type']})" for n in wf["nodes"] if n["id"] not in grouped and n["type"] not in FRONTEND_ONLY]
+    assert not loose, f"{path.name}: nodes in no group: {loose}"
+
+
+def test_every_file_loader_has_a_note_naming_its_files(workflow):
+    path, wf = workflow
+    for g in wf["groups"]:
+        members = layout.group_members(wf, g)
+        loaders = [n for n in members if n["type"] in FILE_LOADERS]
+        if not loaders:
+            continue
+        notes = "\n".join(n["widgets_values"][0] for n in members if n["type"] in FRONTEND_ONLY)
+        assert notes, f"{path.name}: group {g['title']!r} has file loaders and no note"
+        for n in loaders:
+            names = [m["name"] for m in n["properties"].get("models", [])] or ["image"]  # LoadImage: the user's
+            for name in names:
+                assert name in notes, f"{path.name}: the note of group {g['title']!r} does not name {name}"

@@ -12,8 +12,16 @@ the frontend's own conversion (app.graphToPrompt) gives the same API prompt as o
 (workflow_api.to_api) and ComfyUI's validation of it reports nothing but the absent model files. Then one
 workflow runs end to end through the frontend's queue (see test_upscale_workflow_runs_from_the_frontend).
 
-A screenshot of each state goes to pytest's temporary folder (frontend-screenshots*/), with the
-browser's console log, for debugging.
+Each workflow is also looked at as a new user opens it: in an 1800 x 1100 window (a 1080p screen's
+browser), right after loading, the frontend shows the file's saved view (extra.ds); the canvas that its
+side bar and workflow tabs leave visible holds the 1600 x 900 px view that tests/workflow_layout.py
+frames the files for, below the graph toolbar; every node is drawn at its place and size in the file (so
+the static bounds of tests/test_workflows.py are the drawn ones); node text is drawn (no low-quality
+zoom); every node of this pack lies inside the visible canvas, measured with the frontend's own canvas
+coordinates.
+
+A screenshot of each workflow right after loading (<file name>.png) and of each other state goes to
+pytest's temporary folder (frontend-screenshots*/), with the browser's console log, for review.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import time
 
 import pytest
 
+import workflow_layout as layout
 from workflow_checks import check_value
 
 from .comfy_harness import VAE_FILE, PID_FILE, unavailable
@@ -39,6 +48,7 @@ CHROMIUM = os.environ.get("PID_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 LOAD_TIMEOUT_MS = 120_000
+WINDOW = {"width": 1800, "height": 1100}  # a new user's browser on a 1080p-ish screen
 TEST_IMAGE = "pid_test_input.png"
 TEST_IMAGE_PX = 64
 
@@ -49,6 +59,35 @@ GRAPH_STATE_JS = """() => {
     widgets: (n.widgets ?? []).map(w => ({name: w.name, value: w.value})),
   }));
 }"""
+
+
+# What the user sees right after loading, in the frontend's own terms: the canvas view (ds), each node's
+# bounding box (title bar included) in canvas units and on screen (LGraphCanvas.convertOffsetToCanvas,
+# plus the canvas element's place in the window), and the frontend's chrome over the canvas: the side bar
+# and the workflow tabs (solid), the graph toolbar (the breadcrumb and the action bar, floating).
+VIEW_STATE_JS = """() => {
+  const c = window.app.canvas;
+  const rect = (el) => { const r = el.getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; };
+  const find = (selector) => { const el = document.querySelector(selector); return el ? rect(el) : null; };
+  const el = c.canvas.getBoundingClientRect();
+  const screen = (b) => {
+    const [x0, y0] = c.convertOffsetToCanvas([b[0], b[1]]);
+    const [x1, y1] = c.convertOffsetToCanvas([b[0] + b[2], b[1] + b[3]]);
+    return [x0 + el.left, y0 + el.top, x1 - x0, y1 - y0];
+  };
+  const g = window.app.graph;
+  return {
+    ds: {scale: c.ds.scale, offset: [...c.ds.offset]},
+    canvas: rect(c.canvas),
+    side_bar: find('.side-tool-bar-container'),
+    tabs: find('.workflow-tabs-container'),
+    toolbar: {breadcrumb: find('.subgraph-breadcrumb'), actionbar: find('.actionbar')},
+    low_quality: c.low_quality,
+    nodes: (g.nodes ?? g._nodes).map(n => ({
+      id: String(n.id), type: n.type, bounding: [...n.getBounding()], screen: screen(n.getBounding())})),
+  };
+}"""
+AFTER_TWO_FRAMES_JS = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
 
 
 class Frontend:
@@ -64,6 +103,12 @@ class Frontend:
 
     def load(self, workflow: dict):
         self.page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", workflow)
+
+    def view_state(self) -> dict:
+        return self.page.evaluate(VIEW_STATE_JS)
+
+    def wait_for_drawing(self):
+        self.page.evaluate(AFTER_TWO_FRAMES_JS)
 
     def graph_state(self) -> list[dict]:
         return self.page.evaluate(GRAPH_STATE_JS)
@@ -93,7 +138,7 @@ def frontend(comfyui, tmp_path_factory):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page = browser.new_page(viewport=WINDOW)
             fe = Frontend(page, folder)
             page.goto(comfyui.base_url)
             try:
@@ -145,9 +190,15 @@ def test_workflow_in_frontend(frontend, comfyui, info, path):
     wf = json.loads(path.read_text(encoding="utf-8"))
     errors_before = len(frontend.page_errors)
     frontend.load(wf)
+    frontend.wait_for_drawing()
     frontend.screenshot(path.stem)
     state = frontend.graph_state()
     assert frontend.page_errors[errors_before:] == [], f"{path.name}: uncaught errors in the page while loading"
+
+    # what a new user sees: the saved view, every node of this pack on screen, text drawn
+    problems = view_problems(frontend.view_state(), wf)
+    assert not problems, f"{path.name} (screenshot: {frontend.folder / path.name.replace('.json', '.png')}):\n" \
+        + "\n".join(problems)
 
     # every node is there, with a type the frontend knows (a missing type would be a placeholder node)
     assert sorted(n["id"] for n in state) == sorted(str(n["id"]) for n in wf["nodes"]), path.name
@@ -173,6 +224,50 @@ def test_workflow_in_frontend(frontend, comfyui, info, path):
     assert not unexpected, f"{path.name}:\n" + "\n".join(unexpected)
     loaders = file_loader_ids(wf, info)
     assert loaders <= set(body["node_errors"]), f"{path.name}: {sorted(loaders - set(body['node_errors']))}"
+
+
+def visible_canvas(view: dict) -> tuple:
+    """The part of the canvas element that the side bar and the workflow tabs leave visible (window px)."""
+    cx, cy, cw, ch = view["canvas"]
+    left = max(cx, view["side_bar"][0] + view["side_bar"][2])
+    top = max(cy, view["tabs"][1] + view["tabs"][3])
+    return left, top, cx + cw - left, cy + ch - top
+
+
+def view_problems(view: dict, wf: dict) -> list[str]:
+    """What a new user would not see as the file means it to be seen (see the module's docstring)."""
+    missing = [name for name in ("side_bar", "tabs") if view[name] is None]
+    missing += [name for name, r in view["toolbar"].items() if r is None]
+    if missing:
+        return [f"the frontend has no {missing}: the visible canvas is unknown (a new frontend?)"]
+    problems = []
+    saved = wf["extra"]["ds"]
+    if abs(view["ds"]["scale"] - saved["scale"]) > 1e-6 or any(
+            abs(a - b) > 1e-6 for a, b in zip(view["ds"]["offset"], saved["offset"])):
+        problems.append(f"the view after loading {view['ds']} is not the saved one {saved}")
+    if view["low_quality"]:
+        problems.append(f"drawn in low quality (no node text) at scale {view['ds']['scale']}")
+    visible = visible_canvas(view)
+    vx, vy, vw, vh = layout.VIEW
+    frame = (view["canvas"][0] + vx, view["canvas"][1] + vy, vw, vh)
+    if not layout.contains(visible, frame):
+        problems.append(f"the visible canvas {layout.fmt_rect(visible)} does not hold the view the files are "
+                        f"framed for {layout.fmt_rect(frame)} (tests/workflow_layout.py VIEW)")
+    for name, (x, y, w, h) in view["toolbar"].items():
+        if y + h > frame[1]:
+            problems.append(f"the graph toolbar's {name} reaches y {y + h:.0f}, into the view the files are framed "
+                            f"for (from y {frame[1]:.0f})")
+    file_nodes = {str(n["id"]): n for n in wf["nodes"]}
+    for node in view["nodes"]:
+        where = f"node {node['id']} ({node['type']})"
+        expected = layout.node_bounds(file_nodes[node["id"]])
+        if any(abs(a - b) > 0.5 for a, b in zip(node["bounding"], expected)):
+            problems.append(f"{where} is drawn at {node['bounding']}, not at its place and size in the file "
+                            f"{list(expected)}: put the drawn size in the file, then run tests/workflow_layout.py")
+        if node["type"].startswith(layout.PACK_PREFIX) and not layout.contains(visible, node["screen"]):
+            problems.append(f"{where} is at {layout.fmt_rect(node['screen'])} px, not inside the visible canvas "
+                            f"{layout.fmt_rect(visible)}")
+    return problems
 
 
 REPLACE_TEXT_ENCODER_JS = """([clipLoader, textEncode, decode]) => {
