@@ -67,6 +67,8 @@ def load_comfy_pid(path: str, weight_dtype: str = "auto"):
     # become per-layer comfy_quant tensors that its mixed-precision layers consume.
     sd, _ = comfy.utils.convert_old_quants(sd, "", metadata=read_metadata(path))
     quantized = quantized_layers(sd)
+    # The file's own widths, not its stored shapes (block layouts pad them): ComfyUI's quantized layers
+    # take a weight's original shape from the layer built here and read the padded weight at it.
     config, variant = read_config(sd, path, quantized)
     file_dtype = floating_dtype(sd)
     bare_fp8 = {t.dtype for t in sd.values() if t.dtype in FP8.values()} if not quantized else set()

@@ -19,7 +19,8 @@ from .errors import ArgumentError, CheckpointError
 from .files import CHECKPOINT_FILE, read_tensor_file
 from .network import PidConfig, PidNet
 from .precision import DTYPES, operations_for, storage_dtype
-from .quantized import dequantize, describe_layers, floating_dtype, unsupported_layouts, without_quantization
+from .quantized import (dequantize, describe_layers, floating_dtype, logical_size, storage_shape, stores_as_is,
+                        unsupported_layouts, without_quantization)
 from .variants import TEACHER, kind_from_filename, latent_geometry, resolve_variant, variants_matching
 
 PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.", "model.")
@@ -102,38 +103,53 @@ def _count_indexed(sd: dict, prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def detect_config(sd: dict, name: str = "checkpoint") -> PidConfig:
-    """Read every size from the tensors (docs/DESIGN.md §3.1). Raises CheckpointError for a file that is not PiD."""
+def detect_config(sd: dict, name: str = "checkpoint", quantized: dict | None = None) -> PidConfig:
+    """Read every size from the tensors (docs/DESIGN.md §3.1). Raises CheckpointError for a file that is not PiD.
+
+    quantized: {layer: quantization config} of the layers stored in a quantized layout. Their weights
+    may be padded to the layout's blocks, so each width is read from a tensor that holds it as it is
+    (a bias or a norm) wherever the network has one (docs/DESIGN.md §11)."""
     if "s_embedder.proj.weight" not in sd or "lq_proj.latent_proj.0.weight" not in sd:
         raise CheckpointError(describe_foreign(sd, name))
+
+    def width(*holders) -> int:
+        return _logical_width(sd, quantized or {}, name, holders)
+
     try:
-        hidden, patch_in = sd["s_embedder.proj.weight"].shape
+        hidden = width(("s_embedder.proj.bias", 0), ("s_embedder.proj.weight", 0))
         head_dim = sd["patch_blocks.0.attn.q_norm_x.weight"].shape[0]
         pixel_head_dim = sd["pixel_blocks.0.attn.q_norm.weight"].shape[0]
-        pixel_attn = sd["pixel_blocks.0.compress_to_attn.weight"].shape[0]
-        adapter_hidden, adapter_in = sd["lq_proj.latent_proj.0.weight"].shape[:2]
+        pixel_attn = width(("pixel_blocks.0.compress_to_attn.bias", 0), ("pixel_blocks.0.compress_to_attn.weight", 0))
+        pixel_hidden = width(("pixel_embedder.proj.bias", 0), ("pixel_embedder.proj.weight", 0))
+        adapter_hidden, adapter_in = sd["lq_proj.latent_proj.0.weight"].shape[:2]  # a conv: never quantized
         depth = _count_indexed(sd, "patch_blocks.")
         n_outputs = _count_indexed(sd, "lq_proj.output_heads.")
         layout = "v1.5" if "pit_lq_gate.log_alpha" in sd else "v1"
         has_aux = "lq_proj.lq_aux_rgb_head.0.weight" in sd
-        patch = int(math.isqrt(patch_in // 3))
+        # A PiT block expands each patch token to pixel_hidden values per pixel of the patch.
+        patch_values = width(("pixel_blocks.0.expand_from_attn.bias", 0), ("pixel_blocks.0.expand_from_attn.weight", 0))
+        patch = int(math.isqrt(patch_values // pixel_hidden))
         geometry = latent_geometry(layout, adapter_in)
         sr_scale = geometry.sr_scale
         if has_aux:  # the training-only RGB head predicts one patch of the VAE-size image: it tells the scale
-            aux_out = sd[f"lq_proj.lq_aux_rgb_head.{_count_indexed(sd, 'lq_proj.lq_aux_rgb_head.') - 1}.weight"].shape[0]
+            last = f"lq_proj.lq_aux_rgb_head.{_count_indexed(sd, 'lq_proj.lq_aux_rgb_head.') - 1}"
+            aux_out = width((f"{last}.bias", 0), (f"{last}.weight", 0))
             sr_scale = patch // math.isqrt(aux_out // 3)
+        # The SwiGLU width: no bias or norm holds it, only the MLPs' matmul weights.
+        mlp_holders = [(f"patch_blocks.{i}.mlp_{s}.{w}.weight", 1 if w == "w2" else 0)
+                       for i in range(depth) for s in "xy" for w in ("w1", "w3", "w2")]
         return PidConfig(
             hidden_size=hidden,
             num_heads=hidden // head_dim,
             patch_depth=depth,
-            mlp_hidden=sd["patch_blocks.0.mlp_x.w1.weight"].shape[0],
+            mlp_hidden=width(*mlp_holders),
             pixel_depth=_count_indexed(sd, "pixel_blocks."),
-            pixel_hidden_size=sd["pixel_embedder.proj.weight"].shape[0],
+            pixel_hidden_size=pixel_hidden,
             pixel_attn_hidden_size=pixel_attn,
             pixel_num_heads=pixel_attn // pixel_head_dim,
-            pixel_mlp_hidden=sd["pixel_blocks.0.mlp.fc1.weight"].shape[0],
+            pixel_mlp_hidden=width(("pixel_blocks.0.mlp.fc1.bias", 0), ("pixel_blocks.0.mlp.fc1.weight", 0)),
             patch_size=patch,
-            text_dim=sd["y_embedder.proj.weight"].shape[1],
+            text_dim=width(("y_embedder.proj.weight", 1)),  # only the text projection holds it
             text_max_tokens=sd["y_pos_embedding"].shape[1],
             layout=layout,
             adapter_hidden=adapter_hidden,
@@ -152,6 +168,30 @@ def detect_config(sd: dict, name: str = "checkpoint") -> PidConfig:
         ) from None
 
 
+def _logical_width(sd: dict, quantized: dict, name: str, holders) -> int:
+    """One width of the network from the tensors that hold it ((key, dim) pairs, most direct first): the
+    first one stored at its logical size (biases and norms always are, and a quantized weight whose
+    layout neither pads nor packs). When only block-padded weights hold it (the SwiGLU width, the text
+    width), the layout's zero padding tells it, the largest any of them shows (quantized.logical_size)."""
+    padded = []
+    for key, dim in holders:
+        if key not in sd:
+            continue
+        conf = quantized.get(key[: -len(".weight")]) if key.endswith(".weight") else None
+        if conf is None or stores_as_is(conf):
+            return sd[key].shape[dim]
+        padded.append((key, dim, conf))
+    if not padded:
+        raise KeyError(holders[0][0])
+    sizes = [logical_size(sd[key], conf, dim) for key, dim, conf in padded]
+    if all(size is None for size in sizes):
+        key, _, conf = padded[0]
+        raise CheckpointError(
+            f"{name}: {key} is quantized as {conf.get('format')}, a layout whose stored shape does not tell the "
+            "layer's width here. Use the bf16 file of this checkpoint.")
+    return max(size for size in sizes if size is not None)
+
+
 def describe_foreign(sd: dict, name: str) -> str:
     for marker, what in FOREIGN_MODELS:
         if any(marker in k for k in sd):
@@ -167,17 +207,23 @@ def expected_shapes(config: PidConfig) -> dict:
         return {k: tuple(v.shape) for k, v in PidNet(config).state_dict().items()}
 
 
-def check_keys(config: PidConfig, sd: dict, name: str, quantized=()) -> None:
+def check_keys(config: PidConfig, sd: dict, name: str, quantized: dict | None = None) -> None:
     """Strict: the key set and every shape must equal the network's (the reference silently loads partial
-    files). `quantized`: layers stored in a quantized layout, whose side tensors are expected and whose
-    stored weight shape is the layout's."""
+    files). `quantized`: {layer: quantization config} of the layers stored in a quantized layout, whose
+    side tensors are expected and whose weight is stored in the layout's shape for the network's (padded
+    to whole blocks, packed); a layout quantized.STORAGE does not describe is not checked here."""
+    quantized = quantized or {}
     expected = expected_shapes(config)
     plain = without_quantization(sd, quantized)
     missing = [k for k in expected if k not in plain]
     unexpected = [k for k in plain if k not in expected]
-    skip = {f"{layer}.weight" for layer in quantized}
-    wrong = [f"{k} {tuple(plain[k].shape)} != {expected[k]}" for k in expected
-             if k in plain and k not in skip and tuple(plain[k].shape) != expected[k]]
+    wrong = []
+    for key, shape in expected.items():
+        conf = quantized.get(key[: -len(".weight")]) if key.endswith(".weight") else None
+        stored = shape if conf is None else storage_shape(conf, shape)
+        if key in plain and stored is not None and tuple(plain[key].shape) != stored:
+            layout = "" if conf is None else f" (the {conf.get('format')} storage of {shape})"
+            wrong.append(f"{key} {tuple(plain[key].shape)} != {stored}{layout}")
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s), first: {', '.join(missing[:5])}")
@@ -196,12 +242,12 @@ def check_keys(config: PidConfig, sd: dict, name: str, quantized=()) -> None:
 
 
 def build_model(sd: dict, config: PidConfig, *, dtype: torch.dtype | None = None, name: str = "checkpoint",
-                operations=None, quantized=()) -> PidNet:
+                operations=None, quantized: dict | None = None) -> PidNet:
     """Instantiate on the meta device and adopt the tensors as parameters (no second copy, no init).
 
     dtype: the storage dtype (None keeps the tensors'). operations: the layer namespace (None: the one
     precision.operations_for gives for that storage on the tensors' device). quantized: layers in a
-    quantized layout, for a namespace that reads them (ComfyUI's)."""
+    quantized layout ({layer: quantization config}), for a namespace that reads them (ComfyUI's)."""
     check_keys(config, sd, name, quantized)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
@@ -256,6 +302,7 @@ def load_pid(path: str, *, device="cpu", dtype: torch.dtype | str | None = None,
     config, variant = read_config(sd, path, layers, **overrides)
     file_dtype = floating_dtype(sd)
     if layers:
+        check_keys(config, sd, name, layers)  # the stored shapes, before the padding is cut off
         sd = dequantize(sd, layers, file_dtype, expected_shapes(config))
     model = build_model(sd, config, dtype=dtype, name=name)
     if dtype == torch.float16 and file_dtype != torch.float16:
@@ -270,12 +317,14 @@ def load_pid(path: str, *, device="cpu", dtype: torch.dtype | str | None = None,
     return model
 
 
-def read_config(sd: dict, path: str, quantized=(), **overrides):
-    """(config, variant) of a state dict: sizes from the tensors, the released variant from structure and
-    name (its geometry), then `overrides`."""
+def read_config(sd: dict, path: str, quantized: dict | None = None, **overrides):
+    """(config, variant) of a state dict: sizes from the tensors (the logical ones of `quantized` layers,
+    {layer: quantization config}), the released variant from structure and name (its geometry), then
+    `overrides`."""
     name = os.path.basename(path)
+    quantized = quantized or {}
     plain = without_quantization(sd, quantized)
-    config = detect_config(plain, name)
+    config = detect_config(plain, name, quantized)
     variant = _variant_for(path, config)
     check_weight_values({k: v for k, v in plain.items() if k.rsplit(".", 1)[0] not in quantized}, name, variant)
     if variant is not None:

@@ -1,4 +1,5 @@
-"""Quantized PiD files (ComfyUI's quantization format) outside ComfyUI (docs/DESIGN.md §11).
+"""Quantized PiD files (ComfyUI's quantization format): their layers, how each layout stores a weight,
+and their dequantization outside ComfyUI (docs/DESIGN.md §11).
 
 Comfy-Org publishes quantized PiD files next to the bf16 ones (mxfp8, int8 "convrot", ...). Their
 layers are described by ComfyUI's quantization metadata: a `_quantization_metadata` JSON in the
@@ -19,6 +20,12 @@ ComfyUI's layouts define them (a test compares with ComfyUI's own dequantization
 
 Any other layout is refused with the bf16 file to use instead, so an integer or block-scaled tensor
 never reaches the network as numbers it does not hold.
+
+Block layouts pad: mxfp8 stores a weight with its rows and columns rounded up to whole blocks of 32
+(nvfp4: 16, two values a byte), the padding filled with zeros, and the file keeps no other trace of
+the original shape (ComfyUI keeps it in memory only, from the layer it builds). `storage_shape` gives
+the stored shape of a logical one, `logical_size` reads a logical width back from the zeros; the
+checkpoint reads the widths from the tensors no layout pads wherever it can (docs/DESIGN.md §11).
 """
 
 from __future__ import annotations
@@ -36,6 +43,18 @@ PER_TENSOR_FP8 = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.flo
 DEQUANTIZED_HERE = (*PER_TENSOR_FP8, "mxfp8", "int8_tensorwise")
 LEGACY_MARKER = "scaled_fp8"
 MX_BLOCK = 32  # mxfp8: values per scale along a row
+# How ComfyUI's layouts store a [rows, columns] weight: for each dimension, the block its size is rounded
+# up to (the padding is zeros) and how many values one stored element packs. int8 and fp8 store the
+# weight as it is (int8 "convrot" needs the input width to be a multiple of its group: it never pads);
+# convrot_w4a4 packs two int4 values a byte along the row, without padding.
+STORAGE = {
+    "float8_e4m3fn": ((1, 1), (1, 1)),
+    "float8_e5m2": ((1, 1), (1, 1)),
+    "int8_tensorwise": ((1, 1), (1, 1)),
+    "mxfp8": ((MX_BLOCK, 1), (MX_BLOCK, 1)),
+    "nvfp4": ((16, 1), (16, 2)),
+    "convrot_w4a4": ((1, 1), (1, 2)),
+}
 
 
 def _json_tensor(t: torch.Tensor) -> dict:
@@ -85,9 +104,51 @@ def unsupported_layouts(layers: dict[str, dict]) -> list[str]:
     return [fmt for fmt in formats(layers) if fmt not in DEQUANTIZED_HERE]
 
 
+def storage_shape(conf: dict, shape) -> Optional[tuple]:
+    """The shape `conf`'s layout stores a weight of logical `shape` in (mxfp8: 48 x 170 as 64 x 192);
+    None for a layout STORAGE does not describe."""
+    dims = STORAGE.get(conf.get("format"))
+    if dims is None or len(shape) != len(dims):
+        return None
+    return tuple(-(-n // block) * block // pack for n, (block, pack) in zip(shape, dims))
+
+
+def stores_as_is(conf: dict) -> bool:
+    """Whether the layout stores a weight in its logical shape (no padding, no packing)."""
+    return STORAGE.get(conf.get("format")) == ((1, 1), (1, 1))
+
+
+def logical_size(q: torch.Tensor, conf: dict, dim: int) -> Optional[int]:
+    """The logical size along `dim` (0: rows, 1: columns) of a weight stored as `q` in `conf`'s layout:
+    the stored size (unpacked) where the layout does not pad; where it does, the padding ComfyUI's
+    quantizers write is zeros, so the size runs to the last row (column) of the last block that holds a
+    value other than zero. None for a layout STORAGE does not describe."""
+    dims = STORAGE.get(conf.get("format"))
+    if dims is None:
+        return None
+    block, pack = dims[dim]
+    size = q.shape[dim] * pack
+    if block == 1:
+        return size
+    stored_block = min(block // pack, q.shape[dim])
+    tail = _nonzero_values(q.narrow(dim, q.shape[dim] - stored_block, stored_block), conf["format"])
+    hits = tail.any(dim=1 - dim).nonzero()
+    last = int(hits[-1]) + 1 if len(hits) else 1  # an all-zero last block: at most block - 1 is padding
+    return size - stored_block * pack + last
+
+
+def _nonzero_values(q: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Which stored values are not zero (either sign), packed values unpacked along the row."""
+    b = q.view(torch.uint8)
+    if fmt == "nvfp4":  # two e2m1 values a byte, the first in the high nibble
+        return torch.stack(((b >> 4) & 0x7, b & 0x7), dim=-1).flatten(-2) != 0
+    return b & 0x7F != 0  # fp8: 0x00 and 0x80 are the two zeros
+
+
 def dequantize(sd: dict, layers: dict[str, dict], dtype: torch.dtype, shapes: Optional[dict] = None) -> dict:
     """The quantized layers as plain `dtype` weights (computed in fp32), side tensors dropped; weights
-    stored padded (mxfp8) are cut to `shapes[key]`. Only for layouts unsupported_layouts does not name."""
+    stored padded (mxfp8) are cut to their logical `shapes[key]`. Only for layouts unsupported_layouts
+    does not name, with stored shapes already checked (checkpoint.check_keys)."""
     out = without_quantization(sd, layers)
     for layer, conf in layers.items():
         key = f"{layer}.weight"

@@ -12,6 +12,10 @@ Writes WORKDIR/results.json for tests/comfyui/test_loader_comfyui.py:
 * each file through PiD Loader (its real code path: ComfyUI's mixed-precision ops) and PiD Decode;
   the images are compared with the bf16 decode (PSNR); pid_core's own dequantization (the command
   line's and the API's load_pid) is compared with ComfyUI's, weight by weight;
+* a second narrow network whose widths are not multiples of the layouts' blocks (hidden 48, SwiGLU
+  170, pixel width 20, text 40), every matmul weight quantized as mxfp8 and as nvfp4, which ComfyUI
+  stores padded to whole blocks: PiD Loader must build the network at its own widths (ComfyUI's layers
+  take their original shape from the layer pid_core builds, the file does not hold it);
 * fp8 weight dtypes of PiD Loader, a partial load (ModelPatcher with a small memory budget) against
   a full load, and unload / reload of the model between decodes.
 """
@@ -44,7 +48,7 @@ sys.modules["pid_pack"] = pack
 spec.loader.exec_module(pack)
 from pid_pack.nodes.decode import PiDDecode  # noqa: E402
 from pid_pack.nodes.loader import PiDLoader  # noqa: E402
-from pid_pack.pid_core.checkpoint import load_pid  # noqa: E402
+from pid_pack.pid_core.checkpoint import expected_shapes, load_pid  # noqa: E402
 from pid_pack.pid_core.decode import run_plan  # noqa: E402
 from pid_pack.pid_core.plan import plan_decode  # noqa: E402
 from pid_pack.pid_core.precision import psnr  # noqa: E402
@@ -55,6 +59,10 @@ TEXT_DIM = 64
 CONFIG = narrow_config(hidden_size=64, num_heads=2, mlp_hidden=192, pixel_attn_hidden_size=64, pixel_num_heads=2,
                        pixel_mlp_hidden=64, text_dim=TEXT_DIM, text_tokens=16)
 CONVROT_GROUP = 64  # a power of 4, dividing every quantized input width
+# Widths off every block: ComfyUI stores such weights padded (mxfp8 to 32, nvfp4 to 16).
+ODD_TEXT_DIM = 40
+ODD_CONFIG = narrow_config(hidden_size=48, num_heads=2, mlp_hidden=170, pixel_attn_hidden_size=48, pixel_num_heads=2,
+                           pixel_hidden_size=20, text_dim=ODD_TEXT_DIM, text_tokens=16)
 
 
 def quantizable(name, shape):
@@ -63,16 +71,23 @@ def quantizable(name, shape):
             and shape[0] % 32 == 0 and shape[1] % 32 == 0)
 
 
-def write_quantized(sd, path, fmt, *, per_layer_tensors=False):
+def every_matmul(name, shape):
+    return name.endswith(".weight") and len(shape) == 2
+
+
+def write_quantized(sd, path, fmt, *, per_layer_tensors=False, select=quantizable):
     out, layers = {}, {}
     for key, w in sd.items():
-        if not quantizable(key, w.shape):
+        if not select(key, w.shape):
             out[key] = w
             continue
         layer = key[: -len(".weight")]
         if fmt == "mxfp8":
             qt = QuantizedTensor.from_float(w, "TensorCoreMXFP8Layout")
             conf = {"format": "mxfp8"}
+        elif fmt == "nvfp4":
+            qt = QuantizedTensor.from_float(w, "TensorCoreNVFP4Layout")
+            conf = {"format": "nvfp4"}
         else:
             qt = QuantizedTensor.from_float(w, "TensorWiseINT8Layout", per_channel=True, convrot=True,
                                             convrot_groupsize=CONVROT_GROUP)
@@ -103,15 +118,24 @@ def main():
         "int8_convrot_per_layer": write_quantized(sd, os.path.join(models, files["int8_convrot_per_layer"]), "int8",
                                                   per_layer_tensors=True),
     }
+    odd_sd = random_state_dict(config_shapes(ODD_CONFIG), seed=3, dtype=torch.bfloat16)
+    files["odd_bf16"] = "pid_odd_bf16.safetensors"
+    save_file(odd_sd, os.path.join(models, files["odd_bf16"]))
+    for fmt in ("mxfp8", "nvfp4"):
+        files[f"odd_{fmt}"] = f"pid_odd_{fmt}.safetensors"
+        counts[f"odd_{fmt}"] = write_quantized(odd_sd, os.path.join(models, files[f"odd_{fmt}"]), fmt,
+                                               select=every_matmul)
     g = torch.Generator().manual_seed(0)
     latent = {"samples": torch.randn(1, 16, 3, 4, generator=g) * 2}
     conditioning = [[torch.randn(1, 16, TEXT_DIM, generator=g), {}]]
+    odd_latent = {"samples": torch.randn(1, 16, 2, 2, generator=g) * 2}
+    odd_conditioning = [[torch.randn(1, 16, ODD_TEXT_DIM, generator=g), {}]]
 
     def load(name, weight_dtype="auto"):
         return PiDLoader.execute(files[name], weight_dtype).args[0]
 
-    def decode(patcher):
-        return PiDDecode.execute(patcher, latent, conditioning, seed=1, steps=2, latent_format="flux", sigma=0.3,
+    def decode(patcher, samples=latent, text=conditioning):
+        return PiDDecode.execute(patcher, samples, text, seed=1, steps=2, latent_format="flux", sigma=0.3,
                                  tiling="off").args[0]
 
     results = {"quantized_layers": counts}
@@ -134,6 +158,32 @@ def main():
         results[name] = {"psnr": compare(image), "finite": bool(torch.isfinite(image).all()),
                          "quantized_tensors": len(quantized), "standalone_max_diff": diff}
         comfy.model_management.unload_all_models()
+    # Widths off the blocks: the network at the file's own widths, its quantized weights padded in storage
+    # and read at those widths by ComfyUI's layers (QuantizedTensor.shape is the layer's original shape).
+    odd_reference = decode(load("odd_bf16"), odd_latent, odd_conditioning)
+    comfy.model_management.unload_all_models()
+    logical = expected_shapes(ODD_CONFIG)
+    for fmt in ("mxfp8", "nvfp4"):
+        patcher = load(f"odd_{fmt}")
+        model = patcher.model
+        quantized = {n: m.weight for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), QuantizedTensor)}
+        image = decode(patcher, odd_latent, odd_conditioning)
+        result = {
+            "config_matches": model.config == ODD_CONFIG,
+            "quantized_tensors": len(quantized),
+            "padded_tensors": sum(tuple(w.storage_shape) != tuple(w.shape) for w in quantized.values()),
+            "logical_shapes": all(tuple(w.shape) == logical[f"{n}.weight"] for n, w in quantized.items()),
+            "finite": bool(torch.isfinite(image).all()),
+            "psnr": psnr(image.permute(0, 3, 1, 2) * 2 - 1, odd_reference.permute(0, 3, 1, 2) * 2 - 1),
+        }
+        if fmt == "mxfp8":  # pid_core dequantizes mxfp8 itself (nvfp4 only inside ComfyUI)
+            standalone = load_pid(os.path.join(models, files[f"odd_{fmt}"]))
+            result["standalone_config_matches"] = standalone.config == ODD_CONFIG
+            result["standalone_max_diff"] = max(
+                float((standalone.get_parameter(f"{n}.weight") - w.dequantize()).abs().max()) for n, w in quantized.items())
+        results[f"odd_{fmt}"] = result
+        comfy.model_management.unload_all_models()
+
     for dtype in ("fp8_e4m3fn", "fp8_e5m2"):
         patcher = load("bf16", dtype)
         fp8 = sum(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in patcher.model.parameters())

@@ -24,7 +24,7 @@ REPO = HERE.parents[1]
 # Image PSNR (dB, images in [-1, 1]) of each stored form against the bf16 file's decode, with margin
 # below what the narrow random model gives (mxfp8 36, int8 convrot 45, fp8 e4m3 29, e5m2 24).
 MIN_PSNR = {"mxfp8": 30.0, "int8_convrot": 40.0, "int8_convrot_per_layer": 40.0, "fp8_e4m3fn": 25.0,
-            "fp8_e5m2": 20.0}
+            "fp8_e5m2": 20.0, "odd_mxfp8": 27.0, "odd_nvfp4": 17.0}  # odd widths: mxfp8 32, nvfp4 21.5
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,23 @@ def test_quantized_files_load_and_decode_close_to_bf16(checks, name):
     assert result["finite"]
     assert result["psnr"] >= MIN_PSNR[name], result
     assert result["standalone_max_diff"] == 0.0, "pid_core dequantizes differently from ComfyUI"
+
+
+@pytest.mark.parametrize("name", ["odd_mxfp8", "odd_nvfp4"])
+def test_widths_off_the_layout_block_load_at_their_own_widths(checks, name):
+    """Every matmul weight stored padded to the layout's blocks (hidden 48 as 64, ...): PiD Loader builds
+    the network at the file's widths, ComfyUI's layers read the padded weights at those widths, and PiD
+    Decode decodes close to the bf16 file; pid_core alone (mxfp8) reads the same widths and weights."""
+    result = checks[name]
+    assert result["config_matches"], result
+    assert result["quantized_tensors"] == checks["quantized_layers"][name] > 0
+    assert result["padded_tensors"] == result["quantized_tensors"], "the file was meant to be stored padded"
+    assert result["logical_shapes"], result
+    assert result["finite"]
+    assert result["psnr"] >= MIN_PSNR[name], result
+    if name == "odd_mxfp8":
+        assert result["standalone_config_matches"]
+        assert result["standalone_max_diff"] == 0.0, "pid_core dequantizes differently from ComfyUI"
 
 
 @pytest.mark.parametrize("dtype", ["fp8_e4m3fn", "fp8_e5m2"])
