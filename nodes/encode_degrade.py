@@ -54,7 +54,9 @@ class PiDEncodeDegrade(io.ComfyNode):
                                tooltip="Noise level to add (PiD's degrade sigma): 0 clean; higher lets PiD re-create "
                                        "more detail. The v1.5 models were trained on 0..0.8."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="The seed of the added noise."),
+                             tooltip="The seed of the added noise, drawn on the CPU (as KSampler's): seeds that "
+                                     "differ by a multiple of 2^32 give the same noise (torch keeps a seed's low 32 "
+                                     "bits there)."),
                 io.Combo.Input("latent_format", options=["auto", *LATENT_FORMAT_NAMES], default="auto",
                                tooltip="The VAE's model family. auto works for SDXL, FLUX.2 and Qwen-Image VAEs; a "
                                        "16-channel VAE needs 'flux' (FLUX.1, Z-Image) or 'sd3'."),

@@ -8,7 +8,10 @@ never run code (docs/DESIGN.md §13).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,8 @@ import torch
 
 from .errors import CheckpointError, LatentError, PidError, TextEmbeddingError
 from .plan import LatentMeta
+
+log = logging.getLogger("pid_core")
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,23 @@ LATENT_FILE = FileRole(
 TEXT_EMBEDDING_FILE = FileRole(
     "text embedding file", TextEmbeddingError,
     "Re-save it with safetensors.torch.save_file({'text_embedding': t}, path) or numpy.save.")
+
+# What torch.save writes first in its legacy (non-zip) format: its magic number, pickled as a LONG1.
+_TORCH_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+@contextlib.contextmanager
+def _library_warnings_to_debug_log(name: str):
+    """Warnings the libraries raise while we read a file (torch's "Detected pickle protocol 4 ...", numpy's,
+    ...) go to the debug log (the command line's --verbose), never ahead of our own one-line message."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for warning in caught:
+                log.debug("while reading %s: %s: %s", name, warning.category.__name__, warning.message)
+
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
@@ -84,7 +106,10 @@ def sniff(path, role: FileRole) -> str:
     if head.startswith(b"\x93NUMPY"):
         return "numpy"
     if head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "torch-legacy"  # a pickle: PyTorch's format before zip files
+        if _TORCH_LEGACY_MAGIC in head[:32]:
+            return "torch-legacy"  # PyTorch's format before zip files: its magic number, then pickles
+        raise error(f"{name} is a plain Python pickle (pickle.dump), not a {what} written by torch.save, safetensors "
+                    f"or numpy, so it was not read: unpickling it could run arbitrary code. {role.resave}".rstrip())
     if head.startswith(b"GGUF"):
         raise error(f"{name} is a GGUF file (quantized weights for ComfyUI-GGUF), not a {what} this pack reads. "
                     "Use the .safetensors or .pth file.")
@@ -109,16 +134,22 @@ def read_tensor_file(path, role: FileRole, *, device="cpu") -> Any:
     path = str(path)
     name = os.path.basename(path)
     try:
-        if kind == "safetensors":
-            from safetensors.torch import load_file
+        with _library_warnings_to_debug_log(name):
+            if kind == "safetensors":
+                from safetensors.torch import load_file
 
-            return load_file(path, device=str(device))
-        if kind in ("numpy", "numpy-archive"):
-            return _read_numpy(path, name, role)
-        return _read_torch(path, device, mmap=kind == "torch")
+                return load_file(path, device=str(device))
+            if kind in ("numpy", "numpy-archive"):
+                return _read_numpy(path, name, role)
+            return _read_torch(path, device, mmap=kind == "torch")
     except PidError:
         raise
     except Exception as exc:  # noqa: BLE001 - every library error becomes one message
+        if kind.startswith("torch") and "Unsupported operand" in str(exc):
+            # pickle instructions of protocol 4+ (torch.save(..., pickle_protocol=4)), which the safe loader lacks
+            raise error(f"{name} was saved with a pickle protocol that PyTorch's safe loader (tensors only) cannot read "
+                        f"(torch.save's pickle_protocol above 2), so it was not loaded: loading it otherwise could run "
+                        f"arbitrary code. {resave}".rstrip()) from None
         if kind.startswith("torch") and ("Weights only load failed" in str(exc) or "Unsupported global" in str(exc)):
             # The advice in torch's own message (weights_only=False) would run the file's code: never passed on.
             raise error(f"{name} holds pickled Python objects, not only tensors, so it was not loaded: unpickling "
@@ -188,16 +219,17 @@ def latent_file_shape(path: str) -> tuple[int, ...]:
     format has one (safetensors, .npy): cheap enough to size thousands of files."""
     kind = sniff(path, LATENT_FILE)
     try:
-        if kind == "safetensors":
-            from safetensors import safe_open
+        with _library_warnings_to_debug_log(os.path.basename(str(path))):
+            if kind == "safetensors":
+                from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            return shapes[_latent_key(path, shapes)]
-        if kind == "numpy":
-            import numpy as np
+                with safe_open(str(path), framework="pt") as f:
+                    shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                return shapes[_latent_key(path, shapes)]
+            if kind == "numpy":
+                import numpy as np
 
-            return tuple(np.load(str(path), mmap_mode="r", allow_pickle=False).shape)
+                return tuple(np.load(str(path), mmap_mode="r", allow_pickle=False).shape)
     except PidError:
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged header: the full read names it

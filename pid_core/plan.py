@@ -19,6 +19,7 @@ with the latent, options). Each fact is decided by one function:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 import math
 import numbers
@@ -35,7 +36,8 @@ from .text import validate_text_embedding
 from .tiling import TileOptions, TilePlan, plan_tiling
 from .tiling.memory import CANVASES, TEACHER_CANVASES
 from .variants import (
-    BACKBONES, KINDS, SAMPLER_DEFAULTS, STUDENT, TEACHER, check_output_size, kind_from_filename, variants_for_backbone,
+    BACKBONES, KINDS, SAMPLER_DEFAULTS, STUDENT, TEACHER, check_output_size, kind_from_filename, unreleased_structure,
+    variants_for_backbone,
 )
 
 log = logging.getLogger("pid_core")
@@ -68,7 +70,8 @@ def resolve_latent_format(choice: Optional[str], meta: LatentMeta, model, sample
     if name == "auto":
         config = model.config
         return detect_latent_format(samples, adapter_in_channels=config.adapter_in_channels,
-                                    unpatchify=config.latent_unpatchify, variant=model.variant)
+                                    unpatchify=config.latent_unpatchify, variant=model.variant,
+                                    unreleased=unreleased_checkpoint(model))
     if name in LATENT_FORMATS:
         return name
     if name in BACKBONES:
@@ -77,6 +80,12 @@ def resolve_latent_format(choice: Optional[str], meta: LatentMeta, model, sample
         f"Unknown latent format {name!r}. Choose auto, one of {', '.join(LATENT_FORMATS)}, "
         f"or a backbone name ({', '.join(BACKBONES)})."
     )
+
+
+def unreleased_checkpoint(model) -> Optional[str]:
+    """Why the loaded checkpoint is none of the released PiDs (variants.unreleased_structure), or None."""
+    path = model.checkpoint.path if getattr(model, "checkpoint", None) is not None else None
+    return unreleased_structure(os.path.basename(path) if path else "This checkpoint", model.config)
 
 
 def resolve_sigma(explicit: Optional[Sigma], meta: LatentMeta) -> tuple[Sigma, str]:
@@ -337,7 +346,8 @@ def plan_decode(
         raise
     # The reference hands the latent to the network as bf16 (docs/DESIGN.md §10): keep that rounding.
     z = z.to(torch.bfloat16).float()
-    embedding = validate_text_embedding(text, text_dim=config.text_dim, max_tokens=config.text_max_tokens)
+    embedding = validate_text_embedding(text, text_dim=config.text_dim, max_tokens=config.text_max_tokens,
+                                        unreleased=unreleased_checkpoint(model))
     embedding = match_text_batch(embedding.to(device=device, dtype=torch.float32), z.shape[0])
 
     height, width = output_hw(config, z.shape[-2:])
@@ -352,7 +362,7 @@ def plan_decode(
     warnings += sampler_warnings
     negative_embedding = None
     if sampling.guided:
-        negative_embedding = _negative_embedding(negative() if callable(negative) else negative, config, z.shape[0],
+        negative_embedding = _negative_embedding(negative() if callable(negative) else negative, model, z.shape[0],
                                                  device, sampling.cfg)
     if model.variant is not None:
         size_warning = check_output_size(model.variant, height, width)
@@ -368,7 +378,7 @@ def plan_decode(
                       negative=negative_embedding, warnings=tuple(warnings))
 
 
-def _negative_embedding(negative, config, batch: int, device, cfg: float) -> torch.Tensor:
+def _negative_embedding(negative, model, batch: int, device, cfg: float) -> torch.Tensor:
     """The unconditional text of a guided decode, checked and matched to the batch."""
     if negative is None:
         raise TextEmbeddingError(
@@ -377,7 +387,9 @@ def _negative_embedding(negative, config, batch: int, device, cfg: float) -> tor
             "set cfg 1 for no guidance."
         )
     try:
-        negative = validate_text_embedding(negative, text_dim=config.text_dim, max_tokens=config.text_max_tokens)
+        config = model.config
+        negative = validate_text_embedding(negative, text_dim=config.text_dim, max_tokens=config.text_max_tokens,
+                                           unreleased=unreleased_checkpoint(model))
         return match_text_batch(negative.to(device=device, dtype=torch.float32), batch)
     except TextEmbeddingError as e:
         raise TextEmbeddingError(f"The negative text: {e}") from None

@@ -130,3 +130,41 @@ def test_truncated_files_are_called_truncated(tmp_path):
         path.write_bytes(data[: len(data) // 2])
         with pytest.raises(LatentError, match="truncated or corrupt"):
             load_latent_file(str(path))
+
+
+def _pickles(tmp_path):
+    """Files that PyTorch's safe loader cannot read: a plain pickle.dump (protocol 4 and 2), and torch.save
+    with pickle protocol 4 (zip and legacy), which makes torch warn "Detected pickle protocol 4" first."""
+    import pickle
+
+    tensors = {"latent": torch.randn(1, 16, 3, 4)}
+    made = {}
+    for protocol in (4, 2):
+        made[f"raw{protocol}"] = tmp_path / f"raw{protocol}.pt"
+        with open(made[f"raw{protocol}"], "wb") as f:
+            pickle.dump(tensors, f, protocol=protocol)
+    made["zip4"] = tmp_path / "zip4.pt"
+    torch.save(tensors, made["zip4"], pickle_protocol=4)
+    made["legacy4"] = tmp_path / "legacy4.pt"
+    torch.save(tensors, made["legacy4"], pickle_protocol=4, _use_new_zipfile_serialization=False)
+    return made
+
+
+def test_pickles_the_safe_loader_cannot_read_are_named_without_warnings(tmp_path, caplog):
+    import logging
+    import warnings
+
+    made = _pickles(tmp_path)
+    for kind, path in made.items():
+        with warnings.catch_warnings(record=True) as shown, caplog.at_level(logging.DEBUG, logger="pid_core"):
+            warnings.simplefilter("always")
+            with pytest.raises(LatentError) as err:
+                load_latent_file(str(path))
+        assert not shown, (kind, [str(w.message) for w in shown])  # nothing ahead of the one-line error
+        message = str(err.value)
+        assert "weights_only" not in message and "truncated" not in message, (kind, message)
+        if kind.startswith("raw"):
+            assert "plain Python pickle (pickle.dump)" in message, message
+        else:
+            assert "pickle protocol" in message and "safe loader" in message, message
+            assert "Detected pickle protocol 4" in caplog.text  # kept for --verbose

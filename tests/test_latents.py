@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pid_core.errors import CheckpointError, LatentError
+from pid_core.errors import CheckpointError, LatentError, SigmaError
 from pid_core.latents import (
     LATENT_FORMATS,
     Flux2BNStats,
@@ -323,6 +323,15 @@ def test_detect_16_channels_without_a_variant_asks_the_user():
         detect_latent_format(torch.zeros(1, 16, 8, 8), adapter_in_channels=16, unpatchify=1)
 
 
+def test_detect_16_channels_for_an_unreleased_checkpoint_says_so_first():
+    note = "custom.safetensors is not a released PiD checkpoint: its text layer takes 768-wide text"
+    with pytest.raises(LatentError) as err:
+        detect_latent_format(torch.zeros(1, 16, 8, 8), adapter_in_channels=16, unpatchify=1, unreleased=note)
+    msg = str(err.value)
+    assert msg.startswith(note) and "Set the latent format to one of: flux, qwenimage, sd3" in msg, msg
+    assert "file name does not say" not in msg  # the name is not what is missing
+
+
 def test_detect_5d_latent_with_a_non_qwen_checkpoint():
     with pytest.raises(LatentError, match="Qwen-Image .*flux-2k.*Load the Qwen-Image PiD checkpoint"):
         detect_latent_format(torch.zeros(1, 16, 1, 8, 8), adapter_in_channels=16, unpatchify=1,
@@ -369,6 +378,20 @@ def test_raw_flux2_for_a_16_channel_checkpoint():
 def test_flow_sigma_outside_0_1(sigma):
     with pytest.raises(LatentError, match=r"outside \[0, 1\].*0 for a finished latent"):
         prepare_latent(randn(2, 16, 4, 4), "sd3", sigma, expected_channels=16)
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "qwenimage", "flux2"])
+@pytest.mark.parametrize("sigma", [1.0, [0.3, 1.0]])
+def test_a_leftover_latent_at_sigma_1_is_refused(name, sigma):
+    """A stock leftover latent is x_t / (1 - sigma): at sigma 1 it is undefined (and undoing it would
+    multiply by 0: an all-zero latent decoded as pure noise)."""
+    fmt = LATENT_FORMATS[name]
+    latent = randn(2, fmt.channels, 4, 4)
+    with pytest.raises(SigmaError, match=r"x_t / \(1 - sigma\), undefined at sigma 1"):
+        prepare_latent(latent, name, sigma, expected_channels=fmt.pid_channels, undo_noise_scaling=True)
+    z, _ = prepare_latent(latent, name, sigma, expected_channels=fmt.pid_channels)  # x_t itself at sigma 1: fine
+    assert torch.isfinite(z).all()
+    prepare_latent(randn(1, 4, 4, 4), "sdxl", 1.0, expected_channels=4, undo_noise_scaling=True)  # nothing to undo
 
 
 def test_sdxl_sigma_may_exceed_1_but_not_be_negative():
