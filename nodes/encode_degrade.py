@@ -34,6 +34,16 @@ def resolve_vae_format(choice: str, vae) -> str:
     return fmt
 
 
+def check_image_size_for_vae(image, vae) -> None:
+    """An image smaller than one latent cell of the VAE has no latent (the VAE's convolutions fail on it)."""
+    factor = getattr(vae, "spacial_compression_encode", lambda: None)()
+    height, width = image.shape[1:3]
+    if isinstance(factor, int) and min(height, width) < factor:
+        raise NodeInputError(
+            f"The image is {width}x{height} px, smaller than one latent cell of this VAE ({factor}x{factor} px), so it "
+            f"has no latent. Give an image of at least {factor}x{factor} px (PiD Decode then makes it 4x larger).")
+
+
 class PiDEncodeDegrade(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -68,6 +78,7 @@ class PiDEncodeDegrade(io.ComfyNode):
     @classmethod
     def execute(cls, image, vae, sigma, seed, latent_format) -> io.NodeOutput:
         fmt = resolve_vae_format(latent_format, vae)
+        check_image_size_for_vae(image, vae)
         with user_errors():
             lf = get_latent_format(fmt)
             raw = vae.encode(image[:, :, :, :3])

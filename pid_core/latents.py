@@ -295,6 +295,8 @@ def _sigma_vector(sigma, batch: int, device: torch.device) -> torch.Tensor:
         except (TypeError, ValueError, RuntimeError):
             raise SigmaError(f"sigma must be a number or a list of numbers, got {sigma!r}.") from None
     if isinstance(sigma, torch.Tensor):
+        if sigma.dtype == torch.bool or sigma.is_complex():  # as True and 0.3j are refused below
+            raise SigmaError(f"sigma must hold real numbers, got a {sigma.dtype} tensor.")
         if sigma.ndim > 1:
             raise SigmaError(
                 f"sigma must be a number or a 1-D tensor [B], got shape {list(sigma.shape)}."

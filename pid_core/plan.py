@@ -31,7 +31,7 @@ from .checks import require_device, whole_number
 from .errors import ArgumentError, LatentError, SigmaError, TextEmbeddingError
 from .latents import LATENT_FORMATS, detect_latent_format, prepare_latent
 from .precision import compute_dtype, storage_dtype
-from .teacher import MAX_TEACHER_STEPS, teacher_shift
+from .teacher import MAX_TEACHER_STEPS, check_shift, teacher_shift
 from .text import validate_text_embedding
 from .tiling import TileOptions, TilePlan, plan_tiling
 from .tiling.memory import CANVASES, TEACHER_CANVASES
@@ -66,7 +66,7 @@ def resolve_latent_format(choice: Optional[str], meta: LatentMeta, model, sample
     and the checkpoint's variant tell ("auto")."""
     name = check_latent_format_name(choice)
     if name == "auto" and meta.latent_format:
-        name = meta.latent_format.strip().lower()
+        name = check_latent_format_name(meta.latent_format)
     if name == "auto":
         config = model.config
         return detect_latent_format(samples, adapter_in_channels=config.adapter_in_channels,
@@ -195,6 +195,8 @@ def resolve_sampler(
     default (4, or 25 for the teacher); students take 1-4, the teacher 1-100. cfg: None or negative for
     the default (5 for the teacher); students take no guidance. shift: the teacher's schedule shift,
     None for the reference's value for the output size."""
+    if sampler is not None and not isinstance(sampler, str):
+        raise ArgumentError(f"sampler must be auto, {STUDENT} or {TEACHER}, got {sampler!r}.")
     name = (sampler or "auto").strip().lower()
     checkpoint, why = checkpoint_kind(model)
     if name == "auto":
@@ -243,7 +245,7 @@ def resolve_sampler(
         warnings.append(f"{label} is undistilled: {steps} steps without guidance under-sample it. Use about "
                         f"{SAMPLER_DEFAULTS[TEACHER].steps} steps with cfg {SAMPLER_DEFAULTS[TEACHER].cfg:g}, or the "
                         "4-step student checkpoint for speed.")
-    shift = float(shift) if shift is not None else teacher_shift(*output_hw)
+    shift = check_shift(shift) if shift is not None else teacher_shift(*output_hw)
     return SamplerPlan(kind, source, steps, cfg, shift), warnings
 
 

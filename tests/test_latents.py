@@ -437,6 +437,8 @@ def test_several_frames_are_named_before_the_format():
         (randn(2, 16, 4, 4), torch.tensor([0.1, 0.2, 0.3]), "3 values but the latent batch has 2"),
         (randn(2, 16, 4, 4), torch.zeros(2, 1), "1-D tensor"),
         (randn(2, 16, 4, 4), "high", "must be a number"),
+        (randn(2, 16, 4, 4), torch.tensor([True, False]), "real numbers, got a torch.bool tensor"),
+        (randn(2, 16, 4, 4), torch.tensor([0.3j, 0.1]), "real numbers"),
         (torch.zeros(0, 16, 4, 4), 0.0, "empty"),
         (torch.zeros(1, 16, 4, 4, dtype=torch.int64), 0.0, "floating-point"),
     ],

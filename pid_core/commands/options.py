@@ -68,6 +68,9 @@ def tile_options(tile, overlap: Optional[int], budget_bytes: Optional[int] = Non
         raise ArgumentError(f"--tile takes off, auto or a tile size from {SMALLEST_TILE_PX} to {LARGEST_PX} px, "
                             f"not {tile!r}.")
     overlap = overlap or 0
+    if mode == "off" and overlap:
+        raise ArgumentError(f"--overlap {overlap} applies to tiles, but --tile is off: drop --overlap, or give --tile "
+                            "auto or a tile size.")
     if not 0 <= overlap <= LARGEST_PX or (mode == "manual" and overlap > side // 2):
         limit = f", at most half the tile ({side // 2} px)" if mode == "manual" else ""
         raise ArgumentError(f"--overlap takes 0 (automatic) or a number of pixels{limit}, not {overlap}.")

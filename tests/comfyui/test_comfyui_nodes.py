@@ -289,6 +289,22 @@ def test_encode_degrade_auto_format_asks_for_16_channel_vaes(comfyui, model_file
     assert "'flux' or 'sd3'" in err.value.execution_error.get("exception_message", "")
 
 
+def test_encode_degrade_names_an_image_smaller_than_a_latent_cell(comfyui, model_files):
+    """A 4 x 4 image for an 8x VAE has no latent: a message with the size to give, not the VAE's conv error."""
+    g = {
+        "img": {"class_type": "EmptyImage", "inputs": {"width": 4, "height": 4, "batch_size": 1, "color": 0}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": model_files["vae"]}},
+        "enc": {"class_type": ENCODE, "inputs": {"image": ["img", 0], "vae": ["vae", 0], "sigma": 0.3, "seed": 1,
+                                                 "latent_format": "flux"}},
+    }
+    save_latent(g, "s_enc", ["enc", 0], "never_tiny.safetensors")
+    message = failure_message(comfyui, g, node_type=ENCODE)
+    assert "The image is 4x4 px, smaller than one latent cell of this VAE (8x8 px)" in message, message
+    g["img"]["inputs"].update(width=8, height=8)  # one latent cell: fine
+    comfyui.run(g)
+    assert comfyui.read_tensors("never_tiny.safetensors")[0]["samples"].shape[-2:] == (1, 1)
+
+
 def test_non_finite_decode_fails_with_the_cause(comfyui, model_files):
     # a checkpoint whose weights are finite but whose output layer overflows (a damaged file): the result
     # is NaN or infinite; PiD Decode must fail with the cause and the fix, never hand on a black IMAGE
