@@ -113,7 +113,9 @@ class PiDDecode(io.ComfyNode):
                                       tooltip="The prompt as Gemma-2 hidden states [B, 300, 2304]: PiD Text Encode's "
                                               "positive (CLIPLoader type 'pixeldit'). T5/CLIP conditionings do not fit."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="The seed of PiD's own noise."),
+                             tooltip="The seed of PiD's own noise. On a CUDA GPU every seed gives its own noise; on the "
+                                     "CPU, seeds that differ by a multiple of 2^32 give the same image (torch keeps a "
+                                     "seed's low 32 bits there)."),
                 io.Int.Input("steps", default=0, min=0, max=100,
                              tooltip="PiD steps. 0 = auto: 4 for the students (1-4; 4 is the released quality, "
                                      "fewer are faster and softer), 25 for undistilled checkpoints (1-100)."),

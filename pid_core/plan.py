@@ -23,6 +23,7 @@ decides nothing again. Each fact is decided by one function:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Union
 
@@ -36,7 +37,7 @@ from .precision import compute_dtype, storage_dtype
 from .samplers import SamplerPlan, resolve_sampler
 from .text import validate_text_embedding
 from .tiling import TileOptions, TilePlan, plan_tiling
-from .variants import BACKBONES, check_output_size, variants_for_backbone
+from .variants import BACKBONES, check_output_size, unreleased_structure, variants_for_backbone
 
 log = logging.getLogger("pid_core")
 
@@ -53,8 +54,15 @@ def resolve_latent_format(choice: Optional[str], meta: LatentMeta, model, sample
     if name == "auto":
         config = model.config
         return detect_latent_format(samples, adapter_in_channels=config.adapter_in_channels,
-                                    unpatchify=config.latent_unpatchify, variant=model.variant)
+                                    unpatchify=config.latent_unpatchify, variant=model.variant,
+                                    unreleased=unreleased_checkpoint(model))
     return name if name in LATENT_FORMATS else variants_for_backbone(name)[0].latent_format
+
+
+def unreleased_checkpoint(model) -> Optional[str]:
+    """Why the loaded checkpoint is none of the released PiDs (variants.unreleased_structure), or None."""
+    path = model.checkpoint.path if getattr(model, "checkpoint", None) is not None else None
+    return unreleased_structure(os.path.basename(path) if path else "This checkpoint", model.config)
 
 
 def resolve_sigma(explicit: Optional[Sigma], meta: LatentMeta) -> tuple[Sigma, str]:
@@ -240,7 +248,8 @@ def plan_decode(
     # The reference hands the latent to the network as bf16 (docs/DESIGN.md §10): keep that rounding.
     z = z.to(torch.bfloat16).float()
     batch = z.shape[0]
-    embedding = validate_text_embedding(text, text_dim=config.text_dim, max_tokens=config.text_max_tokens)
+    embedding = validate_text_embedding(text, text_dim=config.text_dim, max_tokens=config.text_max_tokens,
+                                        unreleased=unreleased_checkpoint(model))
     embedding = match_text_batch(embedding.to(device=device, dtype=torch.float32), batch)
 
     height, width = output_hw(config, z.shape[-2:])
@@ -255,7 +264,7 @@ def plan_decode(
     warnings += sampler_warnings
     negative_embedding = None
     if sampling.guided:
-        negative_embedding = _negative_embedding(negative() if callable(negative) else negative, config, batch,
+        negative_embedding = _negative_embedding(negative() if callable(negative) else negative, model, batch,
                                                  device, sampling.cfg)
     if model.variant is not None:
         size_warning = check_output_size(model.variant, height, width)
@@ -273,7 +282,7 @@ def plan_decode(
                       tiles=tiles, tile_options=options, device=device, compute_dtype=dtype, warnings=tuple(warnings))
 
 
-def _negative_embedding(negative, config, batch: int, device, cfg: float) -> torch.Tensor:
+def _negative_embedding(negative, model, batch: int, device, cfg: float) -> torch.Tensor:
     """The unconditional text of a guided decode, checked and matched to the batch."""
     if negative is None:
         raise TextEmbeddingError(
@@ -282,7 +291,9 @@ def _negative_embedding(negative, config, batch: int, device, cfg: float) -> tor
             "set cfg 1 for no guidance."
         )
     try:
-        negative = validate_text_embedding(negative, text_dim=config.text_dim, max_tokens=config.text_max_tokens)
+        config = model.config
+        negative = validate_text_embedding(negative, text_dim=config.text_dim, max_tokens=config.text_max_tokens,
+                                           unreleased=unreleased_checkpoint(model))
         return match_text_batch(negative.to(device=device, dtype=torch.float32), batch)
     except TextEmbeddingError as e:
         raise TextEmbeddingError(f"The negative text: {e}") from None

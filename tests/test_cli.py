@@ -81,6 +81,14 @@ def test_errors_are_one_line_messages(files, tmp_path, capsys):
     assert code == 2 and "T5" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["decode", "decode-many"])
+def test_seed_help_says_which_seeds_repeat(capsys, command):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "0 to 2^64-1" in text and "on the CPU, seeds that differ by a multiple of 2^32 repeat" in text, text
+
+
 def test_info_names_the_variant(files, capsys):
     assert main(["info", files["flux2"][0]]) == 0
     out = capsys.readouterr().out

@@ -84,6 +84,18 @@ def test_seed_is_deterministic_and_matters(checkpoints):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_on_the_cpu_seeds_repeat_every_2_to_the_32(checkpoints):
+    """What the seed's help and tooltips say: torch's CPU generator (mt19937) keeps the seed's low 32 bits,
+    so seeds s, s + 2^32 and s + 2^63 decode the same image on the CPU (on CUDA, Philox takes all 64 bits).
+    Seeds are not remapped: that would change the CPU images of every seed from 2^32 on."""
+    model = load_pid(checkpoints["flux"], dtype=torch.float32)
+    latent = torch.randn(1, 16, 2, 2)
+    a = decode(model, latent, text=_text(), seed=5, steps=2)
+    for seed in (5 + 2**32, 5 + 2**63, 2**64 - 2**32 + 5):
+        assert torch.equal(decode(model, latent, text=_text(), seed=seed, steps=2), a), seed
+    assert not torch.equal(decode(model, latent, text=_text(), seed=6 + 2**32, steps=2), a)
+
+
 def test_early_stopped_and_leftover_latents_agree(checkpoints):
     model = load_pid(checkpoints["flux"], dtype=torch.float32)
     fmt = LATENT_FORMATS["flux"]

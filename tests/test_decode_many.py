@@ -130,6 +130,14 @@ def test_bad_items_are_reported_and_skipped_then_a_rerun_finishes_only_them(shar
     assert not [n for n in os.listdir(out) if n.startswith(".pid-")]  # no temporary files left
 
 
+def test_a_manifest_with_a_byte_order_mark_is_read(shared, tmp_path, capsys):
+    manifest = tmp_path / "notepad.jsonl"  # what Windows editors save as "UTF-8 with BOM"
+    manifest.write_text(json.dumps({"latent": str(shared / "l3.safetensors"), "out": "a.png"}) + "\n", encoding="utf-8-sig")
+    assert main(["decode-many", "--checkpoint", str(shared / CKPT), "--manifest", str(manifest), "--text-embedding",
+                 str(shared / "text.safetensors"), "--steps", "1", "--out-dir", str(tmp_path)]) == 0
+    assert "1 item(s): 1 done" in capsys.readouterr().out and is_complete_png(tmp_path / "a.png")
+
+
 def test_manifests_that_cannot_be_read_and_outputs_outside_the_folder(shared, tmp_path, capsys):
     base = ["decode-many", "--checkpoint", str(shared / CKPT), "--text-embedding", str(shared / "text.safetensors"),
             "--out-dir", str(tmp_path / "out")]

@@ -38,7 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(sub)
+    for command_parser in sub.choices.values():
+        command_parser.add_argument("--verbose", action="store_true",
+                                    help="also print debug lines (such as the libraries' warnings while reading files)")
     return parser
+
+
+class _LevelPrefix(logging.Formatter):
+    def format(self, record):
+        return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
 def main(argv=None) -> int:
@@ -48,7 +56,11 @@ def main(argv=None) -> int:
         parser.error("--negative-prompt needs --text-encoder (a Gemma-2-2b-it folder); or give --negative-embedding")
     if getattr(args, "prompt", None) is not None and not args.text_encoder:
         parser.error("--prompt needs --text-encoder (a Gemma-2-2b-it folder)")
-    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LevelPrefix())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])  # "warning: ...", as before; no-op if set up
+    # --verbose: our own debug lines too (pid_core's logger hands them to the root's handler), no library's
+    logging.getLogger("pid_core").setLevel(logging.DEBUG if args.verbose else logging.NOTSET)
     try:
         return args.func(args)
     except PidError as exc:

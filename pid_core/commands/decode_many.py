@@ -137,7 +137,7 @@ def manifest_items(path: str, out_dir: Optional[str], defaults: dict) -> list[Un
     out_dir = out_dir or base
     entries: list[Union[Item, Problem]] = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # also with the byte-order mark Windows editors write
             lines = f.readlines()
     except UnicodeDecodeError:
         raise PidError(f"The manifest {path} is not a text file (JSON Lines, UTF-8): one JSON object per line, "

@@ -68,6 +68,9 @@ def tile_options(tile, overlap: Optional[int], budget_bytes: Optional[int] = Non
         raise ArgumentError(f"--tile takes off, auto or a tile size from {SMALLEST_TILE_PX} to {LARGEST_PX} px, "
                             f"not {tile!r}.")
     overlap = overlap or 0
+    if mode == "off" and overlap:
+        raise ArgumentError(f"--overlap {overlap} applies to tiles, but --tile is off: drop --overlap, or give --tile "
+                            "auto or a tile size.")
     if not 0 <= overlap <= LARGEST_PX or (mode == "manual" and overlap > side // 2):
         limit = f", at most half the tile ({side // 2} px)" if mode == "manual" else ""
         raise ArgumentError(f"--overlap takes 0 (automatic) or a number of pixels{limit}, not {overlap}.")
@@ -216,7 +219,9 @@ def add_decode_options(p: argparse.ArgumentParser, *, text_required: bool) -> No
     text.add_argument("--prompt", help="prompt, encoded with --text-encoder")
     text.add_argument("--text-embedding", help="precomputed Gemma embedding [B,300,2304] (.safetensors/.pt/.npy)")
     p.add_argument("--text-encoder", help="Gemma-2-2b-it folder (Hugging Face layout) for --prompt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of PiD's noise, 0 to 2^64-1. On CUDA every seed is its own noise; on the CPU, seeds that "
+                        "differ by a multiple of 2^32 repeat (torch's CPU generator keeps a seed's low 32 bits)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps: students 1-4 (default 4), undistilled checkpoints 1-100 (default 25); 0 = the default")
     p.add_argument("--sampler", default="auto", choices=["auto", "student", "teacher"],

@@ -105,6 +105,8 @@ def test_nodes_registered_with_tooltips(comfyui):
     # new PiD Decode inputs come after the old ones: saved workflows keep their widget values
     assert info[DECODE]["input_order"]["required"][-2:] == ["cfg", "sampler"]
     assert info[DECODE]["input_order"]["optional"] == ["negative"]
+    for node_id in (DECODE, ENCODE):  # torch's CPU generator keeps a seed's low 32 bits (tests/test_decode.py)
+        assert "multiple of 2^32" in info[node_id]["input"]["required"]["seed"][1]["tooltip"], node_id
 
 
 @pytest.mark.parametrize(
@@ -219,6 +221,24 @@ def test_bad_conditioning_gets_a_clear_error(comfyui, model_files):
     assert "4096" in message and "2304" in message, message
 
 
+def test_a_conditioning_beyond_any_gemma_hidden_state_is_refused(comfyui, model_files):
+    """A CONDITIONING of values around 1e30 (squared in PiD's text norm they overflow and the prompt is
+    silently ignored) fails in PiD Decode naming the text embedding, as the conditioning and as the
+    negative of a guided decode; no IMAGE is handed on."""
+    g = graph_base(model_files, steps=3, stop=2, finish=False)
+    g["huge"] = {"class_type": "PiDTestConditioning",
+                 "inputs": {"batch": 1, "tokens": 300, "width": 2304, "seed": 1, "scale": 1e30}}
+    add_pid_decode(g, model_files, latent=("early", 0), cond=("huge", 0))
+    save_image(g, "s_img", ["decode", 0], "never_huge.safetensors")
+    message = failure_message(comfyui, g, node_type=DECODE)
+    assert "The text embedding reaches" in message and "Gemma-2-2b-it" in message, message
+    # the guided sampler on the student file (the teacher's loader output stays uncached for its own test)
+    add_pid_decode(g, model_files, latent=("early", 0), sampler="teacher", steps=2, cfg=4.0, negative=("huge", 0))
+    message = failure_message(comfyui, g, node_type=DECODE)
+    assert message.startswith("The negative text: The text embedding reaches"), message
+    assert not (comfyui.output_dir / "never_huge.safetensors").exists()
+
+
 def test_invalid_input_is_reported_before_running(comfyui, model_files):
     g = graph_base(model_files)
     g["early"]["inputs"]["stop_at_step"] = -5  # below the widget's minimum
@@ -267,6 +287,22 @@ def test_encode_degrade_auto_format_asks_for_16_channel_vaes(comfyui, model_file
     with pytest.raises(ComfyError) as err:
         comfyui.run(g)
     assert "'flux' or 'sd3'" in err.value.execution_error.get("exception_message", "")
+
+
+def test_encode_degrade_names_an_image_smaller_than_a_latent_cell(comfyui, model_files):
+    """A 4 x 4 image for an 8x VAE has no latent: a message with the size to give, not the VAE's conv error."""
+    g = {
+        "img": {"class_type": "EmptyImage", "inputs": {"width": 4, "height": 4, "batch_size": 1, "color": 0}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": model_files["vae"]}},
+        "enc": {"class_type": ENCODE, "inputs": {"image": ["img", 0], "vae": ["vae", 0], "sigma": 0.3, "seed": 1,
+                                                 "latent_format": "flux"}},
+    }
+    save_latent(g, "s_enc", ["enc", 0], "never_tiny.safetensors")
+    message = failure_message(comfyui, g, node_type=ENCODE)
+    assert "The image is 4x4 px, smaller than one latent cell of this VAE (8x8 px)" in message, message
+    g["img"]["inputs"].update(width=8, height=8)  # one latent cell: fine
+    comfyui.run(g)
+    assert comfyui.read_tensors("never_tiny.safetensors")[0]["samples"].shape[-2:] == (1, 1)
 
 
 def test_non_finite_decode_fails_with_the_cause(comfyui, model_files):
