@@ -259,7 +259,7 @@ def test_a_leftover_latent_at_sigma_1_is_refused(name, sigma):
     latent = randn(2, fmt.channels, 4, 4)
     with pytest.raises(SigmaError, match=r"x_t / \(1 - sigma\), undefined at sigma 1"):
         prepare_latent(latent, name, sigma, expected_channels=fmt.pid_channels, undo_noise_scaling=True)
-    z, _ = prepare_latent(latent, name, sigma, expected_channels=fmt.pid_channels)  # x_t itself at sigma 1: fine
+    z, _, _ = prepare_latent(latent, name, sigma, expected_channels=fmt.pid_channels)  # x_t itself at sigma 1: fine
     assert torch.isfinite(z).all()
     prepare_latent(randn(1, 4, 4, 4), "sdxl", 1.0, expected_channels=4, undo_noise_scaling=True)  # nothing to undo
 
