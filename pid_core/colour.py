@@ -12,12 +12,13 @@ same latent, or the source image of an upscale. Everything here takes [B, 3, H, 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .checks import all_finite
+from .checks import all_finite, whole_number
 from .errors import ArgumentError, ColourReferenceError
 
 ASPECT_TOLERANCE = 0.01  # a reference's width / height may differ from the output's by 1%
@@ -316,21 +317,24 @@ def _on_grid(x: torch.Tensor, size, chunk_pixels: int) -> torch.Tensor:
 def colour_error(image: torch.Tensor, reference: torch.Tensor, *, chunk_pixels: int = CHUNK_PIXELS) -> ColourError:
     """The image area-downsampled to the reference's size (in sRGB values), then per image the mean
     CIEDE2000 (sRGB -> CIELAB, D65) against the reference and the mean absolute difference of the R, G, B
-    means in 8-bit levels. reference: [1 or B, 3, h, w]; a reference larger than the image is
-    area-downsampled to the image's size instead."""
-    image, reference = _as_batch(image), _as_batch(reference)
+    means in 8-bit levels. reference: [1 or B, 3, h, w] (check_colour_reference refuses what does not
+    fit); a reference larger than the image is area-downsampled to the image's size instead."""
+    image = _as_batch(image)
+    check_colour_reference(reference, image.shape[-2:], image.shape[0])
+    reference = _as_batch(reference)
     B = image.shape[0]
     size = _common_grid(image.shape[-2:], reference.shape[-2:])
     x = _on_grid(image, size, chunk_pixels)
     y = _on_grid(reference.to(x.device), size, chunk_pixels).expand(B, -1, -1, -1)
     h, w = size
-    total = torch.zeros(B, dtype=torch.float64, device=x.device)
+    exact = x.device if x.device.type != "mps" else torch.device("cpu")  # (MPS has no float64)
+    total = torch.zeros(B, dtype=torch.float64, device=exact)
     step = _rows_per_chunk(B, w, chunk_pixels)
     for r0 in range(0, h, step):  # float64 for the formula's hue angles; chunks bound its temporaries
-        lab_x = srgb_to_lab(x[:, :, r0 : r0 + step].double())
-        lab_y = srgb_to_lab(y[:, :, r0 : r0 + step].double())
+        lab_x = srgb_to_lab(x[:, :, r0 : r0 + step].to(exact, torch.float64))
+        lab_y = srgb_to_lab(y[:, :, r0 : r0 + step].to(exact, torch.float64))
         total += ciede2000(lab_x, lab_y).sum((1, 2))
-    means = (x.double().mean((2, 3)) - y.double().mean((2, 3))).abs().mean(1) * 255
+    means = (x.to(exact, torch.float64).mean((2, 3)) - y.to(exact, torch.float64).mean((2, 3))).abs().mean(1) * 255
     return ColourError((total / (h * w)).cpu(), means.cpu())
 
 
@@ -353,8 +357,8 @@ def _as_batch(x: torch.Tensor) -> torch.Tensor:
 # decode get one smooth transform and cannot disagree.
 
 
-def _cell_grid(h: int, w: int) -> tuple[int, int]:
-    cell = max(MIN_CELL, min(h, w) / CELLS)
+def _cell_grid(h: int, w: int, cells: int) -> tuple[int, int]:
+    cell = max(MIN_CELL, min(h, w) / cells)
     return max(1, min(h, round(h / cell))), max(1, min(w, round(w / cell)))
 
 
@@ -370,7 +374,8 @@ def _moments(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _fit(stats: torch.Tensor, ridge: float) -> torch.Tensor:
     """Window moments [B, 21, gh, gw] -> affine transforms [B, 12, gh, gw] (A row-major, then b)."""
-    s = stats.permute(0, 2, 3, 1).double()  # the 3x3 solves in float64: small, and well away from rounding
+    # the 3x3 solves in float64 on the CPU: a few hundred of them, every device has float64 there
+    s = stats.permute(0, 2, 3, 1).cpu().double()
     mx, my, xx, yx = s[..., 0:3], s[..., 3:6], s[..., 6:12], s[..., 12:21]
     exx = torch.empty(*s.shape[:-1], 3, 3, dtype=s.dtype, device=s.device)
     for k, (i, j) in enumerate(_PAIRS):
@@ -380,7 +385,7 @@ def _fit(stats: torch.Tensor, ridge: float) -> torch.Tensor:
     cyx = yx.reshape(*s.shape[:-1], 3, 3) - my[..., :, None] * mx[..., None, :] + ridge * eye
     a = torch.linalg.solve(cxx, cyx.transpose(-1, -2)).transpose(-1, -2)  # A = Cyx Cxx^-1 (Cxx symmetric)
     b = my - (a @ mx[..., None])[..., 0]
-    return torch.cat((a.flatten(-2), b), -1).permute(0, 3, 1, 2).float()
+    return torch.cat((a.flatten(-2), b), -1).permute(0, 3, 1, 2).float().to(stats.device)
 
 
 def _box3(x: torch.Tensor) -> torch.Tensor:
@@ -398,12 +403,13 @@ def _affine(coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def colour_transforms(image: torch.Tensor, reference: torch.Tensor, *, space: str = DEFAULT_SPACE,
-                      ridge: float = RIDGE, chunk_pixels: int = CHUNK_PIXELS) -> torch.Tensor:
+                      cells: int = CELLS, cell_samples: int = CELL_SAMPLES, ridge: float = RIDGE,
+                      chunk_pixels: int = CHUNK_PIXELS) -> torch.Tensor:
     """The per-cell affine transforms [B, 12, gh, gw] (float32, in `space`) that match_colour applies."""
     B = image.shape[0]
     size = _common_grid(image.shape[-2:], reference.shape[-2:])
-    grid = _cell_grid(*size)
-    samples = _common_grid((grid[0] * CELL_SAMPLES, grid[1] * CELL_SAMPLES), size)
+    grid = _cell_grid(*size, cells)
+    samples = _common_grid((grid[0] * cell_samples, grid[1] * cell_samples), size)
     # The image as the reference shows a scene (area means on the reference's pixels), then both on the
     # sample grid by the same steps: an image that already matches its reference gives exactly its
     # colours, whatever the sizes. Means are taken of the sRGB values, as colour_error takes them.
@@ -421,26 +427,33 @@ def colour_transforms(image: torch.Tensor, reference: torch.Tensor, *, space: st
     return torch.cat((coeffs[:, :9], b), 1)
 
 
-def match_colour(image: torch.Tensor, reference: torch.Tensor, strength: float = 1.0, *,
-                 space: str = DEFAULT_SPACE, ridge: float = RIDGE, chunk_pixels: int = CHUNK_PIXELS) -> torch.Tensor:
+def match_colour(image: torch.Tensor, reference: torch.Tensor, strength: float = 1.0, *, space: str = DEFAULT_SPACE,
+                 cells: int = CELLS, cell_samples: int = CELL_SAMPLES, ridge: float = RIDGE,
+                 chunk_pixels: int = CHUNK_PIXELS) -> torch.Tensor:
     """The image with the reference's low-frequency colour and its own detail (module notes above).
 
-    image [B, 3, H, W] in [0, 1]; reference [1 or B, 3, h, w] of the same scene (any size with the image's
-    aspect ratio: check it first with check_colour_reference). strength in [0, 1] blends from the image
+    image [B, 3, H, W] in [0, 1]; reference [1 or B, 3, h, w] of the same scene, any size with the image's
+    aspect ratio (check_colour_reference refuses the others). strength in [0, 1] blends from the image
     (0) to the matched image (1); strength 0 returns `image` itself, untouched. The result has the
-    image's dtype and device, clamped to [0, 1]. Memory: the result, the reference-size work (a few
-    images of the reference's size) and chunks of about chunk_pixels pixels per image (docs/DESIGN.md §15).
+    image's dtype and device, clamped to [0, 1]. space, cells, cell_samples and ridge are the method's
+    settings, chosen by measurement (module constants; docs/DESIGN.md §15). Memory: the result, the
+    image at the reference's size, and chunks of about chunk_pixels pixels per image.
     """
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
         raise ArgumentError(f"The colour match strength must be a number from 0 to 1, got {strength!r}.")
     if space not in SPACES:
         raise ArgumentError(f"Unknown colour space {space!r}: use one of {', '.join(SPACES)}.")
+    cells, cell_samples = whole_number(cells, "cells", 1, 4096), whole_number(cell_samples, "cell_samples", 1, 4096)
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 < ridge < math.inf:
+        raise ArgumentError(f"The ridge must be a positive number, got {ridge!r}.")
+    batched = image.dim() == 4
+    check_colour_reference(reference, image.shape[-2:], image.shape[0] if batched else 1)
     if strength == 0:
         return image
-    batched = image.dim() == 4
     image, reference = _as_batch(image), _as_batch(reference)
     B, _, H, W = image.shape
-    coeffs = colour_transforms(image, reference, space=space, ridge=ridge, chunk_pixels=chunk_pixels)
+    coeffs = colour_transforms(image, reference, space=space, cells=cells, cell_samples=cell_samples, ridge=ridge,
+                               chunk_pixels=chunk_pixels)
     gh, gw = coeffs.shape[-2:]
     rows = _Rows(_linear_taps(gh, H), image.device)
     out = torch.empty_like(image)

@@ -190,8 +190,10 @@ def test_any_size_batch_dtype_and_space():
     assert half.dtype == torch.float16 and (half.float() - match_colour(image.half().float(), ref)).abs().max() < 1e-3
     larger = F.interpolate(image[:1], scale_factor=2, mode="nearest")  # a reference larger than the image
     assert (match_colour(image[:1], larger) - image[:1]).abs().max() < 1e-5
-    tiny = match_colour(torch.rand(1, 3, 5, 3), torch.rand(1, 3, 1, 1))
-    assert tiny.shape == (1, 3, 5, 3) and torch.isfinite(tiny).all()
+    channels_last = image.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # a ComfyUI IMAGE, permuted
+    assert torch.allclose(match_colour(channels_last, ref), match_colour(image, ref), atol=1e-6)
+    tiny = match_colour(torch.rand(1, 3, 5, 5), torch.rand(1, 3, 1, 1))
+    assert tiny.shape == (1, 3, 5, 5) and torch.isfinite(tiny).all()
 
 
 @pytest.mark.parametrize("strength", [-0.1, 1.5, float("nan"), True, "1", None])
@@ -200,9 +202,17 @@ def test_bad_strength_is_refused(strength):
         match_colour(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 2, 2), strength)
 
 
-def test_unknown_space_is_refused():
+def test_unknown_space_and_bad_settings_are_refused():
+    image, ref = torch.rand(1, 3, 8, 8), torch.rand(1, 3, 2, 2)
     with pytest.raises(ArgumentError, match="Unknown colour space 'hsv'"):
-        match_colour(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 2, 2), space="hsv")
+        match_colour(image, ref, space="hsv")
+    with pytest.raises(ArgumentError, match="cells must be a whole number"):
+        match_colour(image, ref, cells=0)
+    with pytest.raises(ArgumentError, match="cell_samples must be a whole number"):
+        match_colour(image, ref, cell_samples=2.5)
+    for ridge in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ArgumentError, match="ridge must be a positive number"):
+            match_colour(image, ref, ridge=ridge)
 
 
 def test_good_references_pass():
@@ -246,6 +256,11 @@ def test_bad_references_are_refused_in_one_line(make, message):
     with pytest.raises(ColourReferenceError, match=message) as caught:
         check_colour_reference(make(), (256, 256), 2)
     assert isinstance(caught.value, PidError) and "\n" not in str(caught.value)
+    image = torch.rand(2, 3, 256, 256)
+    for use in (lambda ref: match_colour(image, ref), lambda ref: match_colour(image, ref, 0.0),
+                lambda ref: colour_error(image, ref)):  # the functions that take a reference check it too
+        with pytest.raises(ColourReferenceError, match=message):
+            use(make())
 
 
 def test_a_tiled_canvas_has_no_seams_after_matching():
@@ -269,7 +284,7 @@ def test_bench_colour_command_at_a_tiny_size(tmp_path, capsys):
     assert "cast in linear, matched (srgb)" in out and "already right, matched (srgb)" in out
     assert "hard borders" in out and "128x128" in out
     kinds = [json.loads(line)["kind"] for line in rows.read_text().splitlines()]
-    assert kinds.count("quality") == 5 and kinds.count("time") == 1 and kinds.count("seam") == 2
+    assert kinds.count("quality") == 7 and kinds.count("time") == 1 and kinds.count("seam") == 2
     timed = [json.loads(line) for line in rows.read_text().splitlines() if '"time"' in line]
     assert all("error" not in row and row["wall"] > 0 and row["peak"] > 0 for row in timed)
     assert main(["bench-colour", "--spaces", "hsv", "--sizes", "", "--time-sizes", "", "--seam-size", "0"]) == 2

@@ -14,7 +14,8 @@ reference, channel means off (8-bit levels), and the detail: the high band of an
 its area-downsample to the reference's size interpolated back (bilinearly), so the band holds what the
 reference cannot; printed are its energy over the clean image's and its PSNR against the clean image's
 high band (peak 1). The "already right" rows match the clean image itself: what matching does to an
-image that needs nothing.
+image that needs nothing; with a softer reference (`soften`), what it does to the detail when the
+reference lacks some (its ΔE is against that softer reference).
 
 Time (per --time-sizes): match_colour alone, on a drifted canvas, the best of --runs runs (wall and CPU
 seconds of this process) and its peak memory beyond what existed before (the process's resident memory
@@ -135,6 +136,14 @@ def tiled_drift(image: torch.Tensor, tiles, *, blend: bool, seed: int = 2, sprea
     return out
 
 
+def soften(reference: torch.Tensor) -> torch.Tensor:
+    """The reference blurred by the binomial [1, 4, 6, 4, 1] / 16 per axis (a standard deviation of one
+    reference pixel): a reference softer than the image, as a VAE decode can be."""
+    k = torch.tensor([1.0, 4, 6, 4, 1], device=reference.device) / 16
+    kernel = (k[:, None] * k[None, :]).expand(3, 1, 5, 5)
+    return F.conv2d(F.pad(reference, (2, 2, 2, 2), mode="replicate"), kernel, groups=3)
+
+
 # --------------------------------------------------------------------------------------------------
 # The figures
 
@@ -166,10 +175,10 @@ def figures(result: torch.Tensor, clean: torch.Tensor, reference: torch.Tensor) 
 
 def _row(name: str, f: dict) -> str:
     db = "inf" if math.isinf(f["hf_psnr"]) else f"{f['hf_psnr']:.1f}"
-    return f"  {name:<34} {f['delta_e']:>9.2f} {f['levels']:>9.2f} {f['hf_ratio']:>10.3f} {db:>9}"
+    return f"  {name:<44} {f['delta_e']:>9.2f} {f['levels']:>9.2f} {f['hf_ratio']:>10.3f} {db:>9}"
 
 
-def quality(size: int, spaces, drift_spaces, scale: int, device) -> list[dict]:
+def quality(size: int, spaces, drift_spaces, scale: int, device, settings: dict) -> list[dict]:
     clean = synthetic_scene(size, size, scale=scale, device=device)
     reference = colour.area_resize(clean, (size // scale, size // scale))
     rows = []
@@ -177,14 +186,19 @@ def quality(size: int, spaces, drift_spaces, scale: int, device) -> list[dict]:
         drifted = drift(clean, space=drift_space)
         rows.append(dict(case=f"cast in {drift_space}", space="-", **figures(drifted, clean, reference)))
         for space in spaces:
-            matched = colour.match_colour(drifted, reference, space=space)
+            matched = colour.match_colour(drifted, reference, space=space, **settings)
             rows.append(dict(case=f"cast in {drift_space}, matched", space=space, **figures(matched, clean, reference)))
     for space in spaces:
         rows.append(dict(case="already right, matched", space=space,
-                         **figures(colour.match_colour(clean, reference, space=space), clean, reference)))
+                         **figures(colour.match_colour(clean, reference, space=space, **settings), clean, reference)))
+    soft = soften(reference)
+    rows.append(dict(case="already right, softer reference", space="-", **figures(clean, clean, soft)))
+    for space in spaces:
+        rows.append(dict(case="already right, softer ref., matched", space=space,
+                         **figures(colour.match_colour(clean, soft, space=space, **settings), clean, soft)))
     print(f"quality: {size}x{size} output, reference {size // scale}x{size // scale} "
           f"(ΔE: mean CIEDE2000 vs the reference; levels: channel means off; detail: high band vs the clean image's)")
-    print(f"  {'':<34} {'ΔE2000':>9} {'levels':>9} {'hf energy':>10} {'hf PSNR':>9}")
+    print(f"  {'':<44} {'ΔE2000':>9} {'levels':>9} {'hf energy':>10} {'hf PSNR':>9}")
     for row in rows:
         name = row["case"] + ("" if row["space"] == "-" else f" ({row['space']})")
         print(_row(name, row), flush=True)
@@ -276,6 +290,11 @@ def add_parser(sub) -> None:
     parser.add_argument("--spaces", default=",".join(colour.SPACES), help="colour spaces to compare")
     parser.add_argument("--drift-spaces", default="srgb,linear",
                         help="where the synthetic cast is applied: srgb (the values) and/or linear (linear light)")
+    parser.add_argument("--cells", type=int, default=colour.CELLS, help="match_colour's cells (quality table only)")
+    parser.add_argument("--cell-samples", type=int, default=colour.CELL_SAMPLES,
+                        help="match_colour's samples per cell side (quality table only)")
+    parser.add_argument("--ridge", type=float, default=colour.RIDGE,
+                        help="match_colour's ridge (quality table only; a huge ridge leaves A = I: a plain low-band swap)")
     parser.add_argument("--scale", type=int, default=4, help="output size over the reference's")
     parser.add_argument("--time-sizes", default="2048,4096,8192", help="sizes to time match_colour at ('' skips)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per size (the best is printed)")
@@ -300,11 +319,13 @@ def cmd_bench_colour(args) -> int:
         from ..errors import ArgumentError
 
         raise ArgumentError(f"--spaces: unknown colour space {', '.join(unknown)} (use {', '.join(colour.SPACES)})")
+    settings = dict(cells=args.cells, cell_samples=args.cell_samples, ridge=args.ridge)
     print(f"# torch {torch.__version__}, {device}, {torch.get_num_threads()} threads; default space "
-          f"{colour.DEFAULT_SPACE}", flush=True)
+          f"{colour.DEFAULT_SPACE}; quality table with cells {args.cells}, cell samples {args.cell_samples}, "
+          f"ridge {args.ridge:g}", flush=True)
     rows = []
     for size in _sizes(args.sizes):
-        rows += quality(size, spaces, [s for s in args.drift_spaces.split(",") if s], args.scale, device)
+        rows += quality(size, spaces, [s for s in args.drift_spaces.split(",") if s], args.scale, device, settings)
     if _sizes(args.time_sizes):
         print(f"time of match_colour (best of {args.runs} runs, each size and space in a fresh process); "
               f"peak: memory beyond its inputs, the result included")
