@@ -289,3 +289,5 @@ def test_bench_colour_command_at_a_tiny_size(tmp_path, capsys):
     assert all("error" not in row and row["wall"] > 0 and row["peak"] > 0 for row in timed)
     assert main(["bench-colour", "--spaces", "hsv", "--sizes", "", "--time-sizes", "", "--seam-size", "0"]) == 2
     assert "error: --spaces: unknown colour space hsv" in capsys.readouterr().err
+    assert main(["bench-colour", "--drift-spaces", "xyz", "--sizes", "", "--time-sizes", "", "--seam-size", "0"]) == 2
+    assert "error: --drift-spaces: unknown colour space xyz (use srgb, linear)" in capsys.readouterr().err

@@ -1,7 +1,9 @@
 """Colour matching measured on synthetic images (no weights): colour error, detail kept, time, seams.
 
-    python -m pid_core bench-colour [--sizes 2048] [--spaces srgb,linear,lab] [--time-sizes 2048,4096,8192]
-                                    [--seam-size 8192] [--tile 2048] [--device cpu] [--json FILE]
+    python -m pid_core bench-colour [--sizes 2048] [--spaces srgb,linear,lab] [--drift-spaces srgb,linear]
+                                    [--cells 16] [--cell-samples 2] [--ridge 1e-4]
+                                    [--time-sizes 2048,4096,8192] [--runs 3] [--seam-size 8192] [--tile 2048]
+                                    [--device cpu] [--json FILE]
 
 The scene (`synthetic_scene`): a smooth colour field (a few low-frequency waves per channel) plus fine
 texture (white noise, mostly in luminance, and noise at the reference's scale). The reference is its
@@ -17,9 +19,13 @@ high band (peak 1). The "already right" rows match the clean image itself: what 
 image that needs nothing; with a softer reference (`soften`), what it does to the detail when the
 reference lacks some (its ΔE is against that softer reference).
 
-Time (per --time-sizes): match_colour alone, on a drifted canvas, the best of --runs runs (wall and CPU
-seconds of this process) and its peak memory beyond what existed before (the process's resident memory
-on the CPU, torch's allocator on CUDA; the input canvas is not counted, its result is).
+--cells, --cell-samples and --ridge set match_colour's fit for the quality table (docs/DESIGN.md §15
+compares them); --drift-spaces: the cast applied to the sRGB values or in linear light.
+
+Time (per --time-sizes and space, each in a fresh process): match_colour alone on a drifted canvas, the
+best of --runs runs (wall and CPU seconds), and the peak memory of its first run beyond what existed
+before (resident memory on the CPU, with every freed block of 1 MiB or more returned to the system as in
+`bench`; torch's allocator on CUDA): its inputs are not counted, its result is.
 
 Seams (--seam-size, tiles of --tile px laid out as a tiled decode lays them): every tile gets its own
 slightly different drift, either blended across the overlaps with the tile fusion's weights (what a fused
@@ -42,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import colour
+from ..errors import ArgumentError
 from ..tiling.geometry import default_overlap, plan_tiles, tile_weights
 from .bench import _peak, _reset_peak, _worker_env, seam_figure
 
@@ -86,6 +93,7 @@ def drift_matrix(contrast: float, saturation: float) -> torch.Tensor:
     return contrast * (saturation * torch.eye(3) + (1 - saturation) * luma)
 
 
+DRIFT_SPACES = ("srgb", "linear")
 DRIFT = dict(contrast=0.95, saturation=0.9, bias=(0.01, -0.006, 0.012), tint=0.012)
 
 
@@ -115,7 +123,7 @@ def drift(image: torch.Tensor, *, contrast: float = DRIFT["contrast"], saturatio
     return out.clamp_(0, 1)
 
 
-def tiled_drift(image: torch.Tensor, tiles, *, blend: bool, seed: int = 2, spread: float = 1.0) -> torch.Tensor:
+def tiled_drift(image: torch.Tensor, tiles, *, blend: bool, seed: int = 2) -> torch.Tensor:
     """Every tile drifted with its own parameters (DRIFT, each varied by a few percent), then blended with
     the tile fusion's weights (blend) or pasted one over the other in row-major order (hard borders)."""
     H, W = image.shape[-2:]
@@ -124,8 +132,8 @@ def tiled_drift(image: torch.Tensor, tiles, *, blend: bool, seed: int = 2, sprea
     wy, wx = tile_weights(tiles, (H, W)) if blend else (None, None)
     for tile in tiles:
         r = (torch.rand(5, generator=g) * 2 - 1).tolist()
-        params = dict(contrast=DRIFT["contrast"] + 0.02 * spread * r[0], saturation=DRIFT["saturation"] + 0.04 * spread * r[1],
-                      bias=tuple(b + 0.008 * spread * d for b, d in zip(DRIFT["bias"], r[2:])))
+        params = dict(contrast=DRIFT["contrast"] + 0.02 * r[0], saturation=DRIFT["saturation"] + 0.04 * r[1],
+                      bias=tuple(b + 0.008 * d for b, d in zip(DRIFT["bias"], r[2:])))
         ys, xs = tile.slices
         part = drift(image[:, :, ys, xs], origin=(tile.y0, tile.x0), canvas=(H, W), **params)
         if blend:
@@ -314,18 +322,18 @@ def cmd_bench_colour(args) -> int:
         return 0
     device = require_device(args.device)
     spaces = [s for s in args.spaces.split(",") if s]
-    unknown = [s for s in spaces if s not in colour.SPACES]
-    if unknown:
-        from ..errors import ArgumentError
-
-        raise ArgumentError(f"--spaces: unknown colour space {', '.join(unknown)} (use {', '.join(colour.SPACES)})")
+    drift_spaces = [s for s in args.drift_spaces.split(",") if s]
+    for option, given, known in (("--spaces", spaces, colour.SPACES), ("--drift-spaces", drift_spaces, DRIFT_SPACES)):
+        unknown = [s for s in given if s not in known]
+        if unknown:
+            raise ArgumentError(f"{option}: unknown colour space {', '.join(unknown)} (use {', '.join(known)})")
     settings = dict(cells=args.cells, cell_samples=args.cell_samples, ridge=args.ridge)
     print(f"# torch {torch.__version__}, {device}, {torch.get_num_threads()} threads; default space "
           f"{colour.DEFAULT_SPACE}; quality table with cells {args.cells}, cell samples {args.cell_samples}, "
           f"ridge {args.ridge:g}", flush=True)
     rows = []
     for size in _sizes(args.sizes):
-        rows += quality(size, spaces, [s for s in args.drift_spaces.split(",") if s], args.scale, device, settings)
+        rows += quality(size, spaces, drift_spaces, args.scale, device, settings)
     if _sizes(args.time_sizes):
         print(f"time of match_colour (best of {args.runs} runs, each size and space in a fresh process); "
               f"peak: memory beyond its inputs, the result included")
