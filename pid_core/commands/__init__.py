@@ -8,6 +8,7 @@
     conformance   the engine against reference case folders (conformance.py)
     bench         time, memory and seam figures with a full-size random model (bench.py)
     bench-ranks   the commands timed in one process and under torchrun (bench_ranks.py)
+    bench-colour  colour matching on synthetic images: colour error, detail, time, seams (bench_colour.py)
 
 The library (pid_core's other modules) never imports from here; what the decode commands share lives
 in options.py, the random checkpoints of selftest, the benchmarks and the tests in random_checkpoints.py.
@@ -20,9 +21,9 @@ import logging
 import sys
 
 from ..errors import PidError
-from . import bench, bench_ranks, conformance, decode, decode_many, download, info, selftest
+from . import bench, bench_colour, bench_ranks, conformance, decode, decode_many, download, info, selftest
 
-COMMANDS = (decode, decode_many, info, download, selftest, conformance, bench, bench_ranks)
+COMMANDS = (decode, decode_many, info, download, selftest, conformance, bench, bench_ranks, bench_colour)
 
 
 class OneLineErrors(argparse.ArgumentParser):
