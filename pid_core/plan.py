@@ -23,6 +23,7 @@ decides nothing again. Each fact is decided by one function:
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Union
@@ -30,6 +31,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from .checks import require_device
+from .colour import check_colour_reference
 from .errors import ArgumentError, LatentError, SigmaError, TextEmbeddingError
 from .latent_formats import LATENT_FORMATS
 from .latents import NO_META, LatentMeta, Sigma, detect_latent_format, prepare_latent
@@ -123,6 +125,14 @@ NegativeText = Union[torch.Tensor, Callable[[], torch.Tensor], None]
 
 
 @dataclass(frozen=True)
+class ColourMatch:
+    """A decode's colour reference and how strongly its colours replace the decode's (colour.match_colour)."""
+
+    reference: torch.Tensor  # [1 or B, 3, h, w] in [0, 1], the output's aspect ratio (colour.check_colour_reference)
+    strength: float  # 0 (keep the decode's colours) .. 1 (the reference's low-frequency colour)
+
+
+@dataclass(frozen=True)
 class DecodePlan:
     """A decode, resolved: every fact the run needs, decided once. Run it with decode.run_plan."""
 
@@ -138,6 +148,7 @@ class DecodePlan:
     tile_options: TileOptions
     device: torch.device  # where the network runs
     compute_dtype: torch.dtype  # what the network computes in there (precision.compute_dtype)
+    colour: Optional[ColourMatch] = None  # the colour reference matched after the decode (None: none)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -178,6 +189,9 @@ class DecodePlan:
             "tiling": self.tiles.reason,
             "output": f"{self.batch} x {W}x{H} px, computed in {str(self.compute_dtype).replace('torch.', '')} "
                       f"on {self.device}",
+            "colour": ("none" if self.colour is None else
+                       "matched to a {}x{} reference, strength {:g}".format(*self.colour.reference.shape[-1:-3:-1],
+                                                                           self.colour.strength)),
         }
 
 
@@ -209,6 +223,8 @@ def plan_decode(
     cfg: Optional[float] = None,
     shift: Optional[float] = None,
     negative: NegativeText = None,
+    color_reference: Optional[torch.Tensor] = None,
+    color_match: Optional[float] = None,
 ) -> DecodePlan:
     """Resolve a decode of `samples` (what a ComfyUI LATENT's `samples` holds: raw VAE space) with the
     Gemma embedding `text` ([B or 1, T, text_dim]) on a loaded PidNet.
@@ -220,7 +236,10 @@ def plan_decode(
     device: where the network runs (default: the model's).
     sampler, steps, cfg, shift: see samplers.resolve_sampler (None: the sampler's defaults). negative: the
     unconditional text of a guided decode ([B or 1, T, text_dim]), or a function returning it, called only
-    when the decode is guided (so a text encoder runs only when needed)."""
+    when the decode is guided (so a text encoder runs only when needed). color_reference: an image of the
+    same scene with the colours to keep ([1 or B, 3, h, w] in [0, 1], any size with the output's aspect
+    ratio: the VAE decode of the latent, or an upscale's source); color_match: how strongly its colours
+    replace the decode's, 0 to 1 (None: 1 with a reference)."""
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise ArgumentError(f"model must be a PiD model loaded with checkpoint.load_pid, got {type(model).__name__}.")
     device = require_device(device) if device is not None else next(model.parameters()).device
@@ -277,9 +296,28 @@ def plan_decode(
     tiles = _tiles(model, (height, width), options, batch, sampling, dtype,
                    _branches_batchable(embedding, negative_embedding))
     log.info("PiD sampler: %s (%s); tiling: %s", sampling.describe(), sampling.kind_source, tiles.reason)
+    colour = _colour_match(color_reference, color_match, (height, width), batch)
     return DecodePlan(latent_format=fmt, latent=z, latent_sigma=latent_sigma.cpu(), sigma=degrade_sigma,
                       sigma_source=sigma_source, text=embedding, negative=negative_embedding, sampler=sampling,
-                      tiles=tiles, tile_options=options, device=device, compute_dtype=dtype, warnings=tuple(warnings))
+                      tiles=tiles, tile_options=options, device=device, compute_dtype=dtype, colour=colour,
+                      warnings=tuple(warnings))
+
+
+def _colour_match(reference, strength, output_hw, batch: int) -> Optional[ColourMatch]:
+    """The colour match of a decode: a reference checked against the output (colour.check_colour_reference)
+    and a strength from 0 to 1 (1 when not given); a strength without a reference is refused."""
+    if reference is None:
+        if strength is not None:
+            raise ArgumentError("color_match sets how strongly a colour reference's colours are kept, and no "
+                                "color_reference was given: give one, or leave color_match out.")
+        return None
+    check_colour_reference(reference, output_hw, batch)
+    if strength is None:
+        strength = 1.0
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= strength <= 1:
+        raise ArgumentError(f"color_match must be a number from 0 to 1 (0: the decode's own colours), got "
+                            f"{strength!r}.")
+    return ColourMatch(reference.detach(), float(strength))
 
 
 def _negative_embedding(negative, model, batch: int, device, cfg: float) -> torch.Tensor:
