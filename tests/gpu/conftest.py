@@ -9,6 +9,7 @@ kit's plumbing before a GPU session (CUDA-only checks skip there, each with its 
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -26,6 +27,28 @@ def cuda_available() -> bool:
 
 def rehearsal() -> bool:
     return os.environ.get("PID_GPU_REHEARSAL") == "1"
+
+
+def pytest_runtest_logreport(report):
+    """Each finished test as a JSON line in PID_GPU_WORK/results/tests.jsonl (outcome, seconds, figures,
+    the first line of a failure), so a run stopped at its time cap still reports what finished
+    (report.py reads it when pytest's JUnit XML is missing)."""
+    work = os.environ.get("PID_GPU_WORK")
+    if not work or not report.nodeid.startswith("tests/gpu/test_gpu_comfyui.py"):
+        return
+    if report.when != "call" and report.outcome == "passed":
+        return  # setup and teardown only count when they fail or skip
+    message = ""
+    if report.outcome != "passed":
+        longrepr = report.longrepr
+        message = longrepr[2] if isinstance(longrepr, tuple) else getattr(longrepr, "reprcrash", None)
+        message = message if isinstance(message, str) else getattr(message, "message", str(longrepr))
+    results = os.path.join(work, "results")
+    os.makedirs(results, exist_ok=True)
+    with open(os.path.join(results, "tests.jsonl"), "a") as f:
+        f.write(json.dumps({"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
+                            "seconds": report.duration, "figures": dict(report.user_properties),
+                            "message": message.splitlines()[0] if message else ""}, default=str) + "\n")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,6 +9,7 @@ time: the report says so instead of failing):
     phases.json       each phase of run.sh: seconds and exit status
     checkpoints.json  make_checkpoints.py's manifest (sizes of the random checkpoints)
     pytest.xml        pytest -m gpu's JUnit XML; each test's figures are its recorded properties
+    tests.jsonl       the same, a line per test as it finished (read when pytest.xml is missing)
     bench.json        bench_core.py: PiD Decode against core ComfyUI's PiD
 """
 
@@ -70,13 +71,41 @@ def read_junit(path: pathlib.Path) -> list[dict] | None:
     return cases
 
 
+def read_jsonl(path: pathlib.Path) -> list[dict] | None:
+    """The same from tests.jsonl (one line per finished test phase, written as tests finish), or None."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    cases: dict[str, dict] = {}
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        name = entry["nodeid"].split("::")[-1]
+        outcome = entry["outcome"]
+        if outcome == "failed" and entry["when"] != "call":
+            outcome = "error"
+        case = cases.setdefault(name, {"name": name[5:] if name.startswith("test_") else name, "outcome": "passed",
+                                       "seconds": 0.0, "figures": {}, "message": ""})
+        case["seconds"] += float(entry.get("seconds") or 0.0)
+        case["figures"].update({k: str(v) for k, v in (entry.get("figures") or {}).items()})
+        if outcome != "passed":
+            case["outcome"], case["message"] = outcome, entry.get("message", "")
+    return list(cases.values())
+
+
 OUTCOME_MARK = {"passed": "pass", "failed": "**FAIL**", "error": "**ERROR**", "skipped": "skipped"}
 
 
-def tests_section(cases: list[dict] | None) -> list[str]:
+def tests_section(cases: list[dict] | None, partial: bool = False) -> list[str]:
     lines = ["## Checks in ComfyUI (pytest -m gpu)", ""]
     if cases is None:
         return lines + ["No test results (pytest.xml missing: pytest did not finish; see run.log).", ""]
+    if partial:
+        lines += ["pytest did not finish (stopped at its time cap, or it crashed: see run.log); these are the tests "
+                  "that finished before.", ""]
     counts = {k: sum(c["outcome"] == k for c in cases) for k in OUTCOME_MARK}
     lines.append(", ".join(f"{n} {k}" for k, n in counts.items() if n) + f" of {len(cases)}.")
     lines += ["", "| check | result | s | figures | note |", "|---|---|---|---|---|"]
@@ -95,7 +124,8 @@ def engine_section(cases: list[dict] | None) -> list[str]:
     ratio = float(f["time_ratio"])
     verdict = "yes" if ratio <= ENGINE_TOLERANCE else "**no**"
     return ["## PiD Decode against pid_core.decode (same file, inputs, seed and plan)", "",
-            "| PiD Decode s | pid_core.decode s (median of 3) | ratio | within 5% | image PSNR dB | max difference |",
+            "Medians of 3 warm decodes each: PiD Decode in ComfyUI, pid_core.decode in a process without ComfyUI.", "",
+            "| PiD Decode s | pid_core.decode s | ratio | within 5% | image PSNR dB | max difference |",
             "|---|---|---|---|---|---|",
             f"| {f['pid_decode_seconds']} | {f['pid_core_seconds']} | {ratio:.3f} | {verdict} | {f.get('psnr_db', '-')} "
             f"| {f.get('max_abs_difference', '-')} |", ""]
@@ -149,8 +179,10 @@ def header(env: dict | None, phases: list | None, checkpoints: dict | None) -> l
     lines.append(" · ".join(f"{k}: {v}" for k, v in facts if v))
     if checkpoints:
         size = checkpoints.get("size")
-        lines.append(f"Checkpoints: random {size} FLUX.1 2K-to-4K v1.5 layout, {checkpoints.get('parameters', 0) / 1e9:.2f} B "
-                     f"parameters (bf16 file, its mxfp8 and int8 convrot siblings), made on the machine.")
+        count = checkpoints.get("parameters") or 0
+        count = f"{count / 1e9:.2f} B" if count >= 1e8 else f"{count / 1e6:.1f} M"
+        lines.append(f"Checkpoints: random {size} FLUX.1 2K-to-4K v1.5 layout, {count} parameters (bf16 file, its "
+                     "mxfp8 and int8 convrot siblings), made on the machine.")
     if phases:
         lines.append("Phases: " + ", ".join(
             f"{p['name']} {p['seconds']:.0f} s" + ("" if p.get("status", 0) == 0 else f" (exit {p['status']})")
@@ -159,10 +191,13 @@ def header(env: dict | None, phases: list | None, checkpoints: dict | None) -> l
 
 
 def render(results: pathlib.Path) -> str:
-    cases = read_junit(results / "pytest.xml")
+    cases, partial = read_junit(results / "pytest.xml"), False
+    if cases is None:
+        cases = read_jsonl(results / "tests.jsonl")
+        partial = cases is not None
     lines = header(_read_json(results / "env.json"), _read_json(results / "phases.json"),
                    _read_json(results / "checkpoints.json"))
-    lines += tests_section(cases) + engine_section(cases) + bench_section(_read_json(results / "bench.json"))
+    lines += tests_section(cases, partial) + engine_section(cases) + bench_section(_read_json(results / "bench.json"))
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -13,11 +13,15 @@
 #    with different flags (test_gpu_comfyui.py);
 # 4. the benchmark against core ComfyUI's own PiD (bench_core.py);
 # 5. OUT_DIR/gpu_report.md (report.py), with pytest.xml, bench.json, env.json, run.log and logs.tar.gz
-#    (the servers' logs): 6 files, within what the device tool brings back.
+#    (the servers' logs and the raw results without images): 6 files, within what the device tool
+#    brings back.
 #
-# Time: planned for the device tool (10 minutes a command, 15 a session): about 5 minutes on an H200
-# (setup 0.5, checkpoints 0.7, pytest 2.7 with 8 ComfyUI starts, benchmark 1.2), each phase capped so
-# the whole run ends within RUN_BUDGET_S (default 540 s) with a report, whatever hangs.
+# Time: planned for the device tool (10 minutes a command, 15 a session, a machine's start included):
+# estimated at about 6 minutes on an H200 (setup 0.3, checkpoints 0.7, pytest 4 with 8 ComfyUI starts,
+# benchmark 1.3; estimates, not measured yet). Each phase is capped so the whole run ends within
+# RUN_BUDGET_S (default 480 s) with a report whatever hangs; pytest gets at most 3/4 of what is left
+# (its tests that start their own servers run last), the benchmark the rest, and a test cut short
+# still shows in the report with what finished before it (tests.jsonl).
 #
 # The dry run uses this machine's ComfyUI environment (COMFYUI_PY, as for tests/comfyui) to serve the
 # carried ComfyUI tree, with every package the GPU image lacks hidden (bare_image/), and PYTHON (default
@@ -34,7 +38,7 @@ MODE=gpu
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 WORK=${PID_GPU_WORK:-/tmp/pid-gpu-kit-$MODE}
 RESULTS=$WORK/results
-BUDGET=${RUN_BUDGET_S:-540}
+BUDGET=${RUN_BUDGET_S:-480}
 [ "$MODE" = rehearsal ] && BUDGET=${RUN_BUDGET_S:-3600}
 START=$SECONDS
 
@@ -92,7 +96,7 @@ fi
 
 # What machine and software this is (the report's first lines).
 "$TEST_PY" - "$MODE" "$REPO" "$WORK/ComfyUI" > "$RESULTS/env.json" <<'EOF' || say "could not describe the machine"
-import datetime, json, pathlib, platform, subprocess, sys
+import datetime, json, os, pathlib, platform, subprocess, sys
 mode, repo, comfy = sys.argv[1:4]
 import torch
 def run(*cmd):
@@ -103,7 +107,7 @@ def run(*cmd):
 version = pathlib.Path(comfy, "comfyui_version.py")
 env = {"mode": mode, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-       "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (" + platform.processor() + ")",
+       "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores",
        "driver": run("nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"),
        "comfyui": version.read_text().split("=")[-1].strip().strip("\"'") if version.is_file() else None,
        "commit": run("git", "-C", repo, "rev-parse", "--short", "HEAD")}
@@ -118,10 +122,10 @@ cp "$WORK/models/kit_checkpoints.json" "$RESULTS/checkpoints.json" 2>/dev/null
 
 # 3. pytest -m gpu (the bench keeps at least a quarter of what is left).
 TIMEOUT_OPTS=()
-"$TEST_PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPTS=(-p pytest_timeout --timeout 300)
+"$TEST_PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPTS=(--timeout 150)  # one hung test fails alone
 cap=$(( $(left) * 3 / 4 - 20 )); [ $cap -gt 360 ] && [ "$MODE" = gpu ] && cap=360
 phase pytest "$cap" "$TEST_PY" -m pytest -m gpu "$KIT" -p no:cacheprovider -rA "${TIMEOUT_OPTS[@]}" \
-    --junitxml "$RESULTS/pytest.xml"
+    --junitxml "$RESULTS/pytest.xml" -o junit_family=xunit1  # xunit1: the figures as <properties>
 
 # 4. The benchmark against core's PiD.
 cap=$(( $(left) - 30 ))
@@ -133,4 +137,4 @@ for f in pytest.xml bench.json env.json; do [ -f "$RESULTS/$f" ] && cp "$RESULTS
 say "done in $((SECONDS - START)) s: $OUT/gpu_report.md"
 sleep 1  # tee's last lines
 cp "$WORK/logs/run.log" "$OUT/run.log"
-tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs
+tar -czf "$OUT/logs.tar.gz" -C "$WORK" --exclude '*.safetensors' logs results

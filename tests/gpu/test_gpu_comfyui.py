@@ -5,7 +5,9 @@ kit's random full-size FLUX.1 2K-to-4K v1.5 file in bf16 and its mxfp8 / int8 co
 (make_checkpoints.py); decodes are of core_pid.inputs' latent and text at kit.decode_px (2048) unless
 said. Every figure a test measures is recorded (record_property: the report's "figures" column).
 
-Thresholds: PSNR in dB of images in [-1, 1] against the bf16 file's decode on the default server.
+Thresholds: PSNR in dB of images in [-1, 1] against the bf16 file's decode on the default server. The
+tests run in this file's order, the ones that start servers of their own last (if the run's time runs
+out, those are the ones cut).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import statistics
 import subprocess
 import sys
 import time
@@ -36,6 +39,11 @@ WAIT_S = 240  # one prompt, cold start included
 
 def image_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return psnr(a.permute(0, 3, 1, 2) * 2 - 1, b.permute(0, 3, 1, 2) * 2 - 1)
+
+
+def db(figure: float):
+    """A PSNR as the report shows it."""
+    return round(figure, 2) if math.isfinite(figure) else "identical"
 
 
 def finite_not_black(image: torch.Tensor) -> None:
@@ -90,9 +98,9 @@ def test_bf16_file_decodes(kit, reference, record_property):
 
 
 # Each stored form of the weights through PiD Loader: (file kind, weight_dtype, the fp8 round trip that gives
-# the same stored values to pid_core, the least PSNR). The issue's thresholds (fp8 and mxfp8 30 dB, int8
+# the same stored values to pid_core, the least PSNR). The thresholds (fp8 and mxfp8 30 dB, int8
 # 35 dB) are measured against the bf16 decode and recorded; with random weights the quantization itself
-# costs more than that (fp8_e4m3fn: 22 dB on the full-size random model, measured on the CPU), so the test
+# costs more than that (fp8_e4m3fn 25.5 dB on the narrow model: run.sh --dry-run), so the test
 # holds ComfyUI's computation to them against pid_core's decode of the same stored values in bf16
 # (weight-only dequantization): equal where ComfyUI dequantizes the weights, lower where its kernels also
 # quantize the activations (fp8_e4m3fn_fast: fp8 matmuls; int8: int8 matmuls).
@@ -135,9 +143,9 @@ def test_loader_variant_decodes_close_to_bf16(kit, cuda_server, reference, same_
     record_decode(record_property, result)
     against_bf16 = image_psnr(image, reference[1])
     against_same = image_psnr(image, same_weights[variant][1])
-    record_property("psnr_vs_bf16_db", round(against_bf16, 2))
+    record_property("psnr_vs_bf16_db", db(against_bf16))
     record_property(f"vs_bf16_at_least_{least:g}", "yes" if against_bf16 >= least else "no")
-    record_property("psnr_vs_same_weights_db", round(against_same, 2) if math.isfinite(against_same) else "identical")
+    record_property("psnr_vs_same_weights_db", db(against_same))
     finite_not_black(image)
     assert against_same >= least, (f"{variant}: PSNR {against_same:.2f} dB against pid_core's decode of the same "
                                    f"stored weights, at least {least} wanted")
@@ -166,59 +174,6 @@ def test_early_stop_to_pid_decode_on_device(kit, cuda_server, record_property):
     torch.testing.assert_close(early["samples"], state["samples"], rtol=0, atol=1e-4)
     image = cuda_server.read_tensors("gpu_early_decoded.safetensors")[0]["image"]
     assert image.shape[1:] == (256, 256, 3) and torch.isfinite(image).all()
-
-
-# ----------------------------------------------------------------------------------------- memory modes
-
-@pytest.mark.parametrize("mode", ["dynamic", "legacy"])
-def test_reserve_vram_loads_partially_and_decodes_the_same(kit, models_base, reference, needs_cuda, mode,
-                                                           record_property):
-    """--reserve-vram leaving room for about half of PiD's weights: PiD Decode completes with PiD partly
-    loaded (ComfyUI's loaded fraction below 1), the same image as the fully loaded decode. `dynamic` is
-    v0.33's default on NVIDIA (comfy-aimdo: --reserve-vram is its headroom), `legacy` the estimate-based
-    loader (--disable-dynamic-vram: --reserve-vram is subtracted from what it loads)."""
-    ref_result, ref_image = reference
-    weights = pack_model(ref_result)["size"]
-    working = ref_result["peak_allocated"] - ref_result["allocated_before"]
-    free, _ = torch.cuda.mem_get_info()
-    room = 0.5 * weights + 1.25 * working + 0.5 * GIB  # what ComfyUI may use: the decode and half the weights
-    reserve = (free - room) / GIB
-    record_property("reserve_vram_GB", round(reserve, 2))
-    record_property("room_GiB", round(room / GIB, 2))
-    args = ["--reserve-vram", f"{reserve:.2f}"] + (["--disable-dynamic-vram"] if mode == "legacy" else [])
-    with kit.server(f"reserve_{mode}", args) as server:
-        result, image = decode(kit, server, f"reserve_{mode}")
-    record_decode(record_property, result)
-    figure = image_psnr(image, ref_image)
-    record_property("psnr_db", round(figure, 2))
-    finite_not_black(image)
-    assert loaded_fraction(result) < 1.0, f"PiD was loaded fully: {pack_model(result)}"
-    assert figure >= 50.0, f"PSNR {figure:.2f} dB against the fully loaded decode"
-
-
-# (extra command-line flags, the least PSNR against the default server's decode, a log line they must give)
-FLAGS = {
-    "lowvram": (["--lowvram"], 50.0, None),
-    "lowvram_legacy": (["--disable-dynamic-vram", "--lowvram"], 50.0, None),
-    "fast": (["--fast"], 30.0, None),
-    "pytorch_attention": (["--use-pytorch-cross-attention"], 40.0, "PiD Decode: attention by PyTorch SDPA"),
-    "split_attention": (["--use-split-cross-attention"], 35.0, "PiD Decode: attention by ComfyUI's attention_split"),
-}
-
-
-@pytest.mark.parametrize("flag", list(FLAGS))
-def test_comfyui_flags_decode_and_agree(kit, models_base, reference, flag, record_property):
-    args, least, log_line = FLAGS[flag]
-    with kit.server(flag, args) as server:
-        result, image = decode(kit, server, f"flag_{flag}")
-        log = server.log_text()
-    record_decode(record_property, result)
-    figure = image_psnr(image, reference[1])
-    record_property("psnr_db", round(figure, 2))
-    finite_not_black(image)
-    if log_line is not None:
-        assert log_line in log, f"the server's log does not say {log_line!r}"
-    assert figure >= least, f"{' '.join(args)}: PSNR {figure:.2f} dB against the default decode, at least {least}"
 
 
 # --------------------------------------------------------------------------------- interrupt, no leak
@@ -273,18 +228,77 @@ def test_no_memory_leak_across_queued_decodes(kit, cuda_server, reference, needs
 
 # ------------------------------------------------------------------------------ PiD Decode vs pid_core
 
-def test_pid_decode_is_pid_core_decode(kit, reference, record_property):
+def test_pid_decode_is_pid_core_decode(kit, cuda_server, reference, record_property):
     """The same file, inputs, seed and plan through pid_core.decode alone (a process without ComfyUI):
-    the same image within bf16 rounding. Both times are recorded (the report compares them: PiD Decode
-    within 5% of pid_core's; a speed figure, not an assertion)."""
+    the same image within bf16 rounding. Both times (medians of 3 warm decodes) are recorded; the report
+    compares them (PiD Decode within 5% of pid_core's: a speed figure, not an assertion)."""
     ref_result, ref_image = reference
+    node = [ref_result["seconds"]] + [decode(kit, cuda_server, f"timed_{i}", nonce=10 + i)[0]["seconds"]
+                                      for i in range(2)]
     engine, image = run_engine(kit, kit.results / "engine_timed", {"engine": ("bf16", None)}, runs=3)["engine"]
-    seconds = sorted(engine["seconds"])[len(engine["seconds"]) // 2]
+    node_seconds, seconds = statistics.median(node), statistics.median(engine["seconds"])
     figure = image_psnr(image, ref_image)
-    record_property("psnr_db", round(figure, 2) if math.isfinite(figure) else "identical")
+    record_property("psnr_db", db(figure))
     record_property("max_abs_difference", float((image - ref_image).abs().max()))
-    record_property("pid_decode_seconds", round(ref_result["seconds"], 3))
+    record_property("pid_decode_seconds", round(node_seconds, 3))
     record_property("pid_core_seconds", round(seconds, 3))
-    record_property("time_ratio", round(ref_result["seconds"] / seconds, 3))
+    record_property("time_ratio", round(node_seconds / seconds, 3))
     assert image.shape == ref_image.shape
     assert figure >= 40.0, f"PSNR {figure:.2f} dB between PiD Decode and pid_core.decode"
+
+
+# ----------------------------------------------------------------------------------------- memory modes
+
+@pytest.mark.parametrize("mode", ["dynamic", "legacy"])
+def test_reserve_vram_loads_partially_and_decodes_the_same(kit, models_base, cuda_server, reference, needs_cuda, mode,
+                                                           record_property):
+    """--reserve-vram leaving room for about half of PiD's weights: PiD Decode completes with PiD partly
+    loaded (ComfyUI's loaded fraction below 1), the same image as the fully loaded decode. `dynamic` is
+    v0.33's default on NVIDIA (comfy-aimdo: --reserve-vram is its headroom), `legacy` the estimate-based
+    loader (--disable-dynamic-vram: --reserve-vram is subtracted from what it loads)."""
+    ref_result, ref_image = reference
+    weights = pack_model(ref_result)["size"]
+    working = ref_result["peak_allocated"] - ref_result["allocated_before"]
+    cuda_server.free()  # the default server lets its models go (it only answers from here on)
+    time.sleep(2)
+    free, _ = torch.cuda.mem_get_info()
+    room = 0.5 * weights + 1.25 * working + 0.5 * GIB  # what ComfyUI may use: the decode and half the weights
+    reserve = (free - room) / GIB
+    record_property("reserve_vram_GB", round(reserve, 2))
+    record_property("room_GiB", round(room / GIB, 2))
+    args = ["--reserve-vram", f"{reserve:.2f}"] + (["--disable-dynamic-vram"] if mode == "legacy" else [])
+    with kit.server(f"reserve_{mode}", args) as server:
+        result, image = decode(kit, server, f"reserve_{mode}")
+    record_decode(record_property, result)
+    figure = image_psnr(image, ref_image)
+    record_property("psnr_db", db(figure))
+    finite_not_black(image)
+    assert loaded_fraction(result) < 1.0, f"PiD was loaded fully: {pack_model(result)}"
+    assert figure >= 50.0, f"PSNR {figure:.2f} dB against the fully loaded decode"
+
+
+# (extra command-line flags, the least PSNR against the default server's decode, a log line they must give)
+FLAGS = {
+    "lowvram": (["--lowvram"], 50.0, None),
+    "lowvram_legacy": (["--disable-dynamic-vram", "--lowvram"], 50.0, None),
+    "fast": (["--fast"], 30.0, None),
+    "pytorch_attention": (["--use-pytorch-cross-attention"], 40.0, "PiD Decode: attention by PyTorch SDPA"),
+    "split_attention": (["--use-split-cross-attention"], 35.0, "PiD Decode: attention by ComfyUI's attention_split"),
+}
+
+
+@pytest.mark.parametrize("flag", list(FLAGS))
+def test_comfyui_flags_decode_and_agree(kit, models_base, reference, flag, record_property):
+    args, least, log_line = FLAGS[flag]
+    if kit.rehearsal and "--lowvram" in args:
+        pytest.skip("ComfyUI refuses --lowvram with --cpu: the CPU rehearsal skips it")
+    with kit.server(flag, args) as server:
+        result, image = decode(kit, server, f"flag_{flag}")
+        log = server.log_text()
+    record_decode(record_property, result)
+    figure = image_psnr(image, reference[1])
+    record_property("psnr_db", db(figure))
+    finite_not_black(image)
+    if log_line is not None:
+        assert log_line in log, f"the server's log does not say {log_line!r}"
+    assert figure >= least, f"{' '.join(args)}: PSNR {figure:.2f} dB against the default decode, at least {least}"

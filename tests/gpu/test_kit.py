@@ -103,6 +103,23 @@ def test_report_says_what_is_missing(tmp_path):
     assert "No test results" in empty and "No benchmark results" in empty
 
 
+def test_report_reads_finished_tests_when_pytest_was_stopped(tmp_path):
+    results = write_results(tmp_path / "results", junit=False)
+    lines = [
+        {"nodeid": "tests/gpu/test_gpu_comfyui.py::test_bf16_file_decodes", "when": "call", "outcome": "passed",
+         "seconds": 1.5, "figures": {"seconds": 0.41}, "message": ""},
+        {"nodeid": "tests/gpu/test_gpu_comfyui.py::test_no_memory_leak_across_queued_decodes", "when": "setup",
+         "outcome": "skipped", "seconds": 0.0, "figures": {}, "message": "a CUDA-only check"},
+        {"nodeid": "tests/gpu/test_gpu_comfyui.py::test_early_stop_to_pid_decode_on_device", "when": "setup",
+         "outcome": "failed", "seconds": 2.0, "figures": {}, "message": "RuntimeError: ComfyUI exited"},
+    ]
+    (results / "tests.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + "not json\n")
+    text = report.render(results)
+    assert "pytest did not finish" in text and "1 passed, 1 error, 1 skipped of 3." in text
+    assert "| bf16_file_decodes | pass | 1.5 | seconds 0.41 |" in text
+    assert "| early_stop_to_pid_decode_on_device | **ERROR** | 2.0 |  | RuntimeError: ComfyUI exited |" in text
+
+
 def test_report_command_writes_the_file(tmp_path):
     results = write_results(tmp_path / "results")
     out = tmp_path / "gpu_report.md"
