@@ -231,15 +231,17 @@ def _make_models(models: pathlib.Path, comfy_path: pathlib.Path, comfy_py: str):
                                text_tokens=300)
 
 
-def start_server(comfy_path: pathlib.Path, comfy_py: str, base: pathlib.Path, extra_args=()) -> ComfyServer:
+def start_server(comfy_path: pathlib.Path, comfy_py: str, base: pathlib.Path, extra_args=(), *, cpu: bool = True,
+                 env: dict | None = None) -> ComfyServer:
     """Start ComfyUI on a free loopback port with `base` as its base directory (and `extra_args` on its
-    command line); wait until it answers."""
+    command line); wait until it answers. `cpu=False` leaves out --cpu (the GPU kit: ComfyUI picks the
+    GPU as its users' ComfyUI does); `env` adds to the server's environment."""
     port = _free_port()
     log_path = base / "comfyui.log"
-    cmd = [comfy_py, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+    cmd = [comfy_py, "main.py", *(["--cpu"] if cpu else []), "--listen", "127.0.0.1", "--port", str(port),
            "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
            "--disable-api-nodes", "--disable-auto-launch", "--preview-method", "none", *extra_args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, cwd=str(comfy_path), stdout=log, stderr=subprocess.STDOUT, env=env)
     server = ComfyServer(f"http://127.0.0.1:{port}", base, process, log_path)

@@ -39,6 +39,7 @@ import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import folder_paths  # noqa: E402
 from comfy.quant_ops import QuantizedTensor  # noqa: E402
+from quantized_files import every_matmul, write_quantized  # noqa: E402  (beside this script)
 
 # The pack as the package ComfyUI would import (its modules import each other relatively).
 spec = importlib.util.spec_from_file_location("pid_pack", os.path.join(pack_path, "__init__.py"),
@@ -58,49 +59,10 @@ TEXT_DIM = 64
 # Narrow, with every quantized matmul a multiple of 32 (mxfp8 blocks).
 CONFIG = narrow_config(hidden_size=64, num_heads=2, mlp_hidden=192, pixel_attn_hidden_size=64, pixel_num_heads=2,
                        pixel_mlp_hidden=64, text_dim=TEXT_DIM, text_tokens=16)
-CONVROT_GROUP = 64  # a power of 4, dividing every quantized input width
 # Widths off every block: ComfyUI stores such weights padded (mxfp8 to 32, nvfp4 to 16).
 ODD_TEXT_DIM = 40
 ODD_CONFIG = narrow_config(hidden_size=48, num_heads=2, mlp_hidden=170, pixel_attn_hidden_size=48, pixel_num_heads=2,
                            pixel_hidden_size=20, text_dim=ODD_TEXT_DIM, text_tokens=16)
-
-
-def quantizable(name, shape):
-    """Matmul weights of the patch and pixel blocks (the bulk of the model), as in Comfy-Org's files."""
-    return (name.startswith(("patch_blocks.", "pixel_blocks.")) and name.endswith(".weight") and len(shape) == 2
-            and shape[0] % 32 == 0 and shape[1] % 32 == 0)
-
-
-def every_matmul(name, shape):
-    return name.endswith(".weight") and len(shape) == 2
-
-
-def write_quantized(sd, path, fmt, *, per_layer_tensors=False, select=quantizable):
-    out, layers = {}, {}
-    for key, w in sd.items():
-        if not select(key, w.shape):
-            out[key] = w
-            continue
-        layer = key[: -len(".weight")]
-        if fmt == "mxfp8":
-            qt = QuantizedTensor.from_float(w, "TensorCoreMXFP8Layout")
-            conf = {"format": "mxfp8"}
-        elif fmt == "nvfp4":
-            qt = QuantizedTensor.from_float(w, "TensorCoreNVFP4Layout")
-            conf = {"format": "nvfp4"}
-        else:
-            qt = QuantizedTensor.from_float(w, "TensorWiseINT8Layout", per_channel=True, convrot=True,
-                                            convrot_groupsize=CONVROT_GROUP)
-            conf = {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": CONVROT_GROUP}
-        for k, t in qt.state_dict(key).items():
-            out[k] = t.view(torch.uint8) if t.dtype == torch.float8_e8m0fnu else t
-        layers[layer] = conf
-        if per_layer_tensors:
-            out[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
-    metadata = None if per_layer_tensors else {
-        "_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
-    save_file({k: v.contiguous() for k, v in out.items()}, path, metadata=metadata)
-    return len(layers)
 
 
 def main():

@@ -14,12 +14,19 @@
 * PiDTestReferenceText: pid_core.text.GemmaTextEncoder on the same file (its embedded SentencePiece
   tokenizer), the reference contract to compare PiD Text Encode with.
 * PiDTestSaveConditioning: writes a CONDITIONING's tensor like PiDTestSaveLatent.
+* PiDTestLatent: a seeded random LATENT of any shape (the same latent for PiD Decode and core's PiD).
+* PiDTestMark / PiDTestMeasure: a LATENT passed through / an IMAGE measured, around what runs between
+  them (a decode): wall time (device synchronized), peak and current device memory (CUDA), and the
+  models ComfyUI holds with their loaded fraction, written as JSON; the IMAGE is saved after measuring.
+* PiDTestNarrowCorePiD: core's own PiD model (comfy.ldm.pixeldit, the MODEL that UNETLoader gives) for a
+  narrow checkpoint: UNETLoader fixes PiD's released body sizes, so only those are read from the weights.
 """
 
 import json
 import os
 import pathlib
 import sys
+import time
 
 import torch
 from typing_extensions import override
@@ -229,11 +236,179 @@ class PiDTestSaveConditioning(io.ComfyNode):
         return io.NodeOutput()
 
 
+class PiDTestLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PiDTestLatent", category="_pid_tests",
+            inputs=[
+                io.Int.Input("batch", default=1, min=1, max=8),
+                io.Int.Input("channels", default=16, min=1, max=1024),
+                io.Int.Input("height", default=64, min=1, max=1024),
+                io.Int.Input("width", default=64, min=1, max=1024),
+                io.Int.Input("seed", default=0, min=0, max=2**31),
+                io.Float.Input("scale", default=1.0, min=0.0, max=1e6),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, batch, channels, height, width, seed, scale):
+        g = torch.Generator().manual_seed(seed)
+        return io.NodeOutput({"samples": torch.randn(batch, channels, height, width, generator=g) * scale})
+
+
+# What PiDTestMark saw, by tag, for the PiDTestMeasure of the same tag (one server process).
+_MARKS = {}
+
+
+def _synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _loaded_models():
+    out = []
+    for loaded in comfy.model_management.current_loaded_models:
+        patcher = loaded.model
+        if patcher is None:
+            continue
+        size = int(patcher.model_size())
+        out.append({"model": type(patcher.model).__name__, "patcher": type(patcher).__name__,
+                    "dynamic": bool(patcher.is_dynamic()), "size": size, "loaded": int(patcher.loaded_size()),
+                    "device": str(loaded.device)})
+    return out
+
+
+class PiDTestMark(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PiDTestMark", category="_pid_tests",
+            inputs=[io.Latent.Input("latent"), io.String.Input("tag", default="decode"),
+                    io.Int.Input("nonce", default=0, min=0, max=2**31)],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, latent, tag, nonce):
+        _synchronize()
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        _MARKS[tag] = {"t": time.perf_counter(), "allocated_before": torch.cuda.memory_allocated() if cuda else None,
+                       "nonce": nonce}
+        return io.NodeOutput(latent)  # the same dict: PiD's LATENT keys still describe its samples
+
+
+class PiDTestMeasure(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PiDTestMeasure", category="_pid_tests", is_output_node=True,
+            inputs=[io.Image.Input("image"), io.String.Input("tag", default="decode"),
+                    io.String.Input("filename", default="decode"), io.Boolean.Input("save_image", default=True)],
+            outputs=[],
+        )
+
+    @classmethod
+    def execute(cls, image, tag, filename, save_image):
+        _synchronize()
+        end = time.perf_counter()
+        mark = _MARKS.pop(tag, None)
+        if mark is None:
+            raise RuntimeError(f"PiDTestMeasure: no PiDTestMark with tag {tag!r} ran before it in this prompt")
+        cuda = torch.cuda.is_available()
+        result = {
+            "tag": tag, "seconds": end - mark["t"], "nonce": mark["nonce"],
+            "device": str(comfy.model_management.get_torch_device()),
+            "peak_allocated": torch.cuda.max_memory_allocated() if cuda else None,
+            "allocated_before": mark["allocated_before"],
+            "allocated_after": torch.cuda.memory_allocated() if cuda else None,
+            "peak_reserved": torch.cuda.max_memory_reserved() if cuda else None,
+            "loaded_models": _loaded_models(),
+            "image_shape": list(image.shape),
+        }
+        if save_image:
+            _save({"image": image}, {"dtype": str(image.dtype), "device": str(image.device)},
+                  f"{filename}.safetensors")
+        os.makedirs(folder_paths.get_output_directory(), exist_ok=True)
+        with open(os.path.join(folder_paths.get_output_directory(), f"{filename}.json"), "w") as f:
+            json.dump(result, f)
+        return io.NodeOutput()
+
+
+def _narrow_core_sizes(sd):
+    """Core PixDiT/PiD constructor sizes read from a (narrow) PiD state dict."""
+    def count(prefix):
+        return 1 + max(int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix))
+
+    hidden = sd["s_embedder.proj.weight"].shape[0]
+    patch_depth = count("patch_blocks.")
+    gates = count("lq_proj.gate_modules.")
+    attn = sd["pixel_blocks.0.compress_to_attn.weight"].shape[0]
+    return {
+        "hidden_size": hidden,
+        "num_groups": hidden // sd["patch_blocks.0.attn.q_norm_x.weight"].shape[0],
+        "patch_depth": patch_depth,
+        "pixel_depth": count("pixel_blocks."),
+        "pixel_hidden_size": sd["pixel_embedder.proj.weight"].shape[0],
+        "pixel_attn_hidden_size": attn,
+        "pixel_num_groups": attn // sd["pixel_blocks.0.attn.q_norm.weight"].shape[0],
+        "txt_embed_dim": sd["y_embedder.proj.weight"].shape[1],
+        "txt_max_length": sd["y_pos_embedding"].shape[1],
+        "lq_interval": (patch_depth + gates - 1) // gates,  # core assumes 14 patch blocks here
+    }
+
+
+class PiDTestNarrowCorePiD(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="PiDTestNarrowCorePiD", category="_pid_tests",
+                         inputs=[io.String.Input("unet_name", default="pid_test_narrow_random.safetensors")],
+                         outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, unet_name):
+        import comfy.model_detection
+        import comfy.sd
+        import comfy.supported_models
+
+        path = None
+        for folder in ("pid", "diffusion_models"):
+            if folder in folder_paths.folder_names_and_paths:
+                path = path or folder_paths.get_full_path(folder, unet_name)
+        if path is None:
+            raise FileNotFoundError(unet_name)
+        sd = comfy.utils.load_torch_file(path, safe_load=True)
+        sizes = _narrow_core_sizes(sd)
+        detect = comfy.model_detection.detect_unet_config
+
+        def narrow(state_dict, key_prefix, *args, **kwargs):
+            config = detect(state_dict, key_prefix, *args, **kwargs)
+            if config and config.get("image_model") == "pid":
+                config = dict(config, **sizes)
+            return config
+
+        given = set(comfy.supported_models.PiD({"image_model": "pid"}).process_unet_state_dict(dict(sd)))
+        comfy.model_detection.detect_unet_config = narrow
+        try:
+            patcher = comfy.sd.load_diffusion_model_state_dict(sd)  # (it empties sd)
+        finally:
+            comfy.model_detection.detect_unet_config = detect
+        expected = set(patcher.model.diffusion_model.state_dict())
+        missing = sorted(expected - given)
+        if missing:
+            raise RuntimeError(f"core's PiD expects weights the file lacks: {missing[:5]}")
+        return io.NodeOutput(patcher)
+
+
 class PiDTestExtension(ComfyExtension):
     @override
     async def get_node_list(self):
         return [PiDTestConditioning, PiDTestSaveLatent, PiDTestSaveImage, PiDTestCaptureState, PiDTestTinyGemmaCLIP,
-                PiDTestReferenceText, PiDTestSaveConditioning]
+                PiDTestReferenceText, PiDTestSaveConditioning, PiDTestLatent, PiDTestMark, PiDTestMeasure,
+                PiDTestNarrowCorePiD]
 
 
 async def comfy_entrypoint():
