@@ -2,6 +2,7 @@
 shapes loads strictly and runs one forward at 256x256 on CPU (slow: about a minute per file)."""
 
 import gc
+import os
 
 import pytest
 import torch
@@ -22,7 +23,10 @@ def test_full_size_checkpoint_loads_and_runs(tmp_path, keys_file):
     # Official layout and name: checkpoints/<experiment>/model_ema_bf16.pth, keys prefixed net.
     path = save_checkpoint(random_state_dict(shapes), str(tmp_path / keys_file.stem / "model_ema_bf16.pth"))
     gc.collect()
-    model = load_pid(path)  # the CPU default: the file's bf16, fp32 compute per layer
+    try:
+        model = load_pid(path)  # the CPU default: the file's bf16, fp32 compute per layer
+    finally:
+        os.remove(path)  # 2.6 GB each: keeping every layout's file would fill a CI disk
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes
     cfg = model.config
     assert (cfg.hidden_size, cfg.num_heads, cfg.patch_depth, cfg.pixel_depth) == (1536, 24, 14, 2)

@@ -86,7 +86,7 @@ def pack_graph(pid_file: str, *, seed: int = 0, name: str = "pack", nonce: int =
         f"{name}_image": {"class_type": DECODE, "inputs": {
             "pid_model": ["pack_model", 0], "latent": ["latent", 0], "conditioning": ["text", 0], "seed": seed,
             "steps": 4, "latent_format": latent_format, "sigma": sigma, "tiling": tiling, "tile_size": tile_size,
-            "tile_overlap": 0, "cfg": -1.0, "sampler": "auto"}},
+            "tile_overlap": 0, "cfg": -1.0, "sampler": "auto", "color_match": 1.0}},
     })
     _measured(g, name, nonce, ["latent", 0], (f"{name}_image", "latent"))
     return g
