@@ -37,6 +37,7 @@ from .samplers import SamplerPlan, resolve_sampler
 from .text import validate_text_embedding
 from .tiling import TileOptions, TilePlan, plan_tiling
 from .variants import BACKBONES, check_output_size, variants_for_backbone
+from .wording import term
 
 log = logging.getLogger("pid_core")
 
@@ -72,7 +73,7 @@ def check_latent_format_name(choice: Optional[str]) -> str:
     """The lower-case name of a latent format choice: auto, a format or a backbone; anything else is an
     error (checked before anything is loaded)."""
     if choice is not None and not isinstance(choice, str):
-        raise LatentError(f"latent_format must be a name such as 'auto' or 'flux', got {choice!r}.")
+        raise LatentError(f"{term.latent_format} must be a name such as 'auto' or 'flux', got {choice!r}.")
     name = (choice or "auto").strip().lower()
     if name != "auto" and name not in LATENT_FORMATS and name not in BACKBONES:
         raise LatentError(
@@ -235,7 +236,8 @@ def plan_decode(
         )
     except SigmaError as e:
         if sigma_source.startswith("pid_sigma"):
-            raise SigmaError(f"{e} (This sigma is the {sigma_source}; give a sigma to override it.)") from None
+            raise SigmaError(f"{e.template} (This sigma is the {sigma_source}; {term.sigma_override} to override "
+                             "it.)") from None
         raise
     # The reference hands the latent to the network as bf16 (docs/DESIGN.md §10): keep that rounding.
     z = z.to(torch.bfloat16).float()
@@ -276,13 +278,10 @@ def plan_decode(
 def _negative_embedding(negative, config, batch: int, device, cfg: float) -> torch.Tensor:
     """The unconditional text of a guided decode, checked and matched to the batch."""
     if negative is None:
-        raise TextEmbeddingError(
-            f"A guided decode (teacher, cfg {cfg:g}) needs the negative text's embedding: give a negative prompt or "
-            "embedding (the reference's negative prompt is text.NEGATIVE_PROMPT, encoded like any caption), or "
-            "set cfg 1 for no guidance."
-        )
+        raise TextEmbeddingError(f"A guided decode (teacher, cfg {cfg:g}) needs a negative text: {term.give_negative}, "
+                                 f"or set {term.no_guidance} for no guidance.")
     try:
         negative = validate_text_embedding(negative, text_dim=config.text_dim, max_tokens=config.text_max_tokens)
         return match_text_batch(negative.to(device=device, dtype=torch.float32), batch)
     except TextEmbeddingError as e:
-        raise TextEmbeddingError(f"The negative text: {e}") from None
+        raise TextEmbeddingError(f"The negative text: {e.template}") from None
