@@ -16,7 +16,7 @@ import torch
 
 import comfy.model_management
 import comfy.utils
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..pid_core.decode import run_plan
 from ..pid_core.images import preview_uint8
@@ -44,6 +44,11 @@ def text_embedding_from_conditioning(conditioning, name: str = "conditioning") -
     if len(conditioning) > 1:
         log.warning("PiD Decode: the %s has %d entries; only the first is used.", name, len(conditioning))
     return emb
+
+
+def image_to_pid(image: torch.Tensor) -> torch.Tensor:
+    """A ComfyUI IMAGE [B, H, W, C] in 0..1 as pid_core's [B, 3, H, W] (an alpha channel dropped)."""
+    return image[..., :3].permute(0, 3, 1, 2)
 
 
 def negative_embedding(negative):
@@ -111,7 +116,9 @@ class PiDDecode(io.ComfyNode):
                                       tooltip="The prompt as Gemma-2 hidden states [B, 300, 2304]: PiD Text Encode's "
                                               "positive (CLIPLoader type 'pixeldit'). T5/CLIP conditionings do not fit."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="The seed of PiD's own noise."),
+                             tooltip="The seed of PiD's own noise. On a CUDA GPU every seed gives its own noise; on the "
+                                     "CPU, seeds that differ by a multiple of 2^32 give the same image (torch keeps a "
+                                     "seed's low 32 bits there)."),
                 io.Int.Input("steps", default=0, min=0, max=100,
                              tooltip="PiD steps. 0 = auto: 4 for the students (1-4; 4 is the released quality, "
                                      "fewer are faster and softer), 25 for undistilled checkpoints (1-100)."),
@@ -143,13 +150,22 @@ class PiDDecode(io.ComfyNode):
                                tooltip="auto: from the checkpoint's file name (undistilled -> teacher: guided "
                                        "DPM-Solver++; else the 4-step student). Set it when a renamed file cannot "
                                        "tell."),
+                io.Image.Input("color_reference", optional=True,
+                               tooltip="Optional: an image of the same scene with the colours to keep, e.g. the "
+                                       "finished latent through VAE Decode, or the image you upscale. PiD's colours "
+                                       "are matched to it at low frequencies; its detail stays. Any size with the "
+                                       "output's aspect ratio. The node shows the colour error before and after."),
+                io.Float.Input("color_match", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="With a color_reference: how strongly its colours replace PiD's (0 = PiD's own, "
+                                       "1 = the reference's). Without one it does nothing."),
             ],
             outputs=[io.Image.Output("image", display_name="IMAGE", tooltip="The decoded image, RGB in 0..1.")],
         )
 
     @classmethod
     def execute(cls, pid_model, latent, conditioning, seed, steps, latent_format, sigma, tiling="auto",
-                tile_size=2048, tile_overlap=0, negative=None, cfg=-1.0, sampler="auto") -> io.NodeOutput:
+                tile_size=2048, tile_overlap=0, negative=None, cfg=-1.0, sampler="auto", color_reference=None,
+                color_match=1.0) -> io.NodeOutput:
         patcher = pid_model
         model = patcher.model
         meta, warning = read_pid_metadata(latent)
@@ -162,7 +178,9 @@ class PiDDecode(io.ComfyNode):
             plan = plan_decode(model, latent["samples"], text_embedding_from_conditioning(conditioning), meta=meta,
                                latent_format=latent_format, sigma=None if sigma < 0 else sigma, tiling=options,
                                device=device, sampler=sampler, steps=int(steps), cfg=None if cfg < 0 else cfg,
-                               negative=lambda: negative_embedding(negative))
+                               negative=lambda: negative_embedding(negative),
+                               color_reference=None if color_reference is None else image_to_pid(color_reference),
+                               color_match=None if color_reference is None else float(color_match))
             said = plan.summary()
             log.info("PiD Decode: latent %s; sampler %s", said["latent"], said["sampler"])
             # ComfyUI makes room for what the plan wants (unloading other models) and loads PiD fully, or
@@ -174,9 +192,13 @@ class PiDDecode(io.ComfyNode):
             attention = comfy_attention_backend()
             log.info("PiD Decode: attention by %s", f"ComfyUI's {attention.wrapped.__name__} (from its command line)"
                      if attention is not None else "PyTorch SDPA")
+            colour = []
             with attention_backend(attention):
                 image = run_plan(model, plan, seed=int(seed), callback=step_callback, tile_callback=tile_callback,
-                                 after_forward=comfy.model_management.throw_exception_if_processing_interrupted)
+                                 after_forward=comfy.model_management.throw_exception_if_processing_interrupted,
+                                 on_colour=lambda before, after: colour.append(
+                                     f"Colour against the reference: {before.describe()} before, {after.describe()} "
+                                     f"after matching (strength {plan.colour.strength:g})."))
         image = image.permute(0, 2, 3, 1).to(device=comfy.model_management.intermediate_device(),
                                              dtype=torch.float32)
-        return io.NodeOutput(image)
+        return io.NodeOutput(image, ui=ui.PreviewText(colour[0]) if colour else None)

@@ -36,6 +36,16 @@ def resolve_vae_format(choice: str, vae) -> str:
                          "supported model, or set latent_format by hand.")
 
 
+def check_image_size_for_vae(image, vae) -> None:
+    """An image smaller than one latent cell of the VAE has no latent (the VAE's convolutions fail on it)."""
+    factor = getattr(vae, "spacial_compression_encode", lambda: None)()
+    height, width = image.shape[1:3]
+    if isinstance(factor, int) and min(height, width) < factor:
+        raise NodeInputError(
+            f"The image is {width}x{height} px, smaller than one latent cell of this VAE ({factor}x{factor} px), so it "
+            f"has no latent. Give an image of at least {factor}x{factor} px (PiD Decode then makes it 4x larger).")
+
+
 class PiDEncodeDegrade(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -56,7 +66,9 @@ class PiDEncodeDegrade(io.ComfyNode):
                                tooltip="Noise level to add (PiD's degrade sigma): 0 clean; higher lets PiD re-create "
                                        "more detail. The v1.5 models were trained on 0..0.8."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="The seed of the added noise."),
+                             tooltip="The seed of the added noise, drawn on the CPU (as KSampler's): seeds that "
+                                     "differ by a multiple of 2^32 give the same noise (torch keeps a seed's low 32 "
+                                     "bits there)."),
                 io.Combo.Input("latent_format", options=["auto", *LATENT_FORMAT_NAMES], default="auto",
                                tooltip="The VAE's model family. auto works for SDXL, FLUX.2 and Qwen-Image VAEs; a "
                                        "16-channel VAE needs 'flux' (FLUX.1, Z-Image) or 'sd3'."),
@@ -68,6 +80,7 @@ class PiDEncodeDegrade(io.ComfyNode):
     @classmethod
     def execute(cls, image, vae, sigma, seed, latent_format) -> io.NodeOutput:
         fmt = resolve_vae_format(latent_format, vae)
+        check_image_size_for_vae(image, vae)
         with user_errors():
             lf = get_latent_format(fmt)
             raw = vae.encode(image[:, :, :, :3])

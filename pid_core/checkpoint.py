@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import nonfinite_names, require_device
+from .checks import nonfinite_names, require_device, whole_number
 from .errors import ArgumentError, CheckpointError
 from .files import CHECKPOINT_FILE, read_tensor_file
 from .network import PidConfig, PidNet
@@ -320,10 +320,19 @@ def load_pid(path: str, *, device="cpu", dtype: torch.dtype | str | None = None,
     return model
 
 
+# The config fields the tensors cannot tell (the latent's geometry), which load_pid's overrides may set.
+GEOMETRY_OVERRIDES = ("latent_down_factor", "sr_scale", "latent_unpatchify")
+
+
 def read_config(sd: dict, path: str, quantized: dict | None = None, **overrides):
     """(config, variant) of a state dict: sizes from the tensors (the logical ones of `quantized` layers,
     {layer: quantization config}), the released variant from structure and name (its geometry), then
-    `overrides`."""
+    `overrides` (GEOMETRY_OVERRIDES, whole numbers from 1)."""
+    unknown = [k for k in overrides if k not in GEOMETRY_OVERRIDES]
+    if unknown:
+        raise ArgumentError(f"load_pid sets only the fields the weights cannot tell ({', '.join(GEOMETRY_OVERRIDES)}); "
+                            f"got {', '.join(unknown)}.")
+    overrides = {k: whole_number(v, k, 1, 64) for k, v in overrides.items()}
     name = os.path.basename(path)
     quantized = quantized or {}
     plain = without_quantization(sd, quantized)

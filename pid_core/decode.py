@@ -9,12 +9,14 @@ at every step); the result is clamped and mapped to [0, 1].
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from .checks import all_finite, check_seed
+from .colour import colour_error, match_colour
 from .errors import ArgumentError, DecodeError, TextEmbeddingError
 from .latents import NO_META, LatentMeta, Sigma
 from .plan import DecodePlan, plan_decode
@@ -24,6 +26,8 @@ from .text import NEGATIVE_PROMPT
 from .variants import TEACHER
 from .velocity import network_denoiser, network_velocity
 from .wording import term
+
+log = logging.getLogger("pid_core")
 
 ProgressCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -51,6 +55,8 @@ def decode(
     tile_callback: Optional[Callable[[int, int], None]] = None,
     bn_stats=None,
     compile: bool = False,
+    color_reference: Optional[torch.Tensor] = None,
+    color_match: Optional[float] = None,
 ) -> torch.Tensor:
     """Decode a latent with a PiD model. Returns RGB [B, 3, H, W] float32 in [0, 1] on the model's device
     (on the CPU when the tile plan keeps the sampler's state there: TileOptions.canvas_on_device).
@@ -75,6 +81,9 @@ def decode(
         trained size or the memory budget; manual: fixed tiles).
     tile_callback(done, total): after each batch of tiles (progress, cancel).
     compile: torch.compile the network (static shapes; worth it for many decodes of one size on a GPU).
+    color_reference: an image [1 or B, 3, h, w] in [0, 1] of the same scene whose colours the result keeps
+        (the VAE decode of the latent, an upscale's source), any size with the output's aspect ratio;
+        color_match: 0 to 1, how strongly (None: 1). The colour error before and after is logged.
     """
     check_seed(seed)  # checked again by run_plan; here before a text encoder or checkpoint loads
     if isinstance(model, (str, os.PathLike)):
@@ -84,7 +93,8 @@ def decode(
     plan = plan_decode(model, latent, encode_text(text, text_encoder), meta=meta, latent_format=latent_format,
                        sigma=sigma, leftover_noise=leftover_noise, tiling=tiling, bn_stats=bn_stats,
                        sampler=sampler, steps=steps, cfg=cfg, shift=shift,
-                       negative=lambda: encode_negative(negative, text_encoder))
+                       negative=lambda: encode_negative(negative, text_encoder), color_reference=color_reference,
+                       color_match=color_match)
     return run_plan(model, plan, seed=seed, noise=noise, renoise=renoise, callback=callback,
                     tile_callback=tile_callback, compile=compile)
 
@@ -101,12 +111,15 @@ def run_plan(
     after_forward: Optional[Callable[[], None]] = None,
     compile: bool = False,
     batch_runner=None,
+    on_colour: Optional[Callable] = None,
 ) -> torch.Tensor:
     """Run the plan's sampler (the student's, or the teacher's guided DPM-Solver++); RGB [B, 3, H, W] in
     [0, 1] (arguments as decode(); after_forward() runs after every network call, for cancel checks).
 
     batch_runner: where a tiled plan's tile batches run (None: all in this process;
     distributed.TileParallel: shared among torchrun's ranks, docs/DESIGN.md §14).
+    on_colour(before, after): with a colour reference in the plan, the colour error (colour.ColourError)
+    of the decode before and after it is matched to the reference (docs/DESIGN.md §15).
 
     Before anything runs: the arguments are checked and the plan's memory against what is free
     (refused when it cannot fit). While it runs: every step's x0 is checked for NaN and infinity, and
@@ -159,7 +172,23 @@ def run_plan(
         failure = out_of_memory_message(plan, exc)
     if failure is not None:  # raised outside the handler, so the failed run's tensors are freed first
         raise DecodeError(failure)
-    return x0.add_(1).div_(2)
+    image = x0.add_(1).div_(2)
+    if plan.colour is not None:  # the whole canvas, after the tiles are fused: tiles cannot disagree
+        image = _match_colour(image, plan.colour, on_colour)
+    return image
+
+
+def _match_colour(image: torch.Tensor, match, on_colour) -> torch.Tensor:
+    """The decode with its colour reference's low-frequency colour (colour.match_colour), the colour error
+    before and after measured (colour.colour_error), logged and handed to on_colour(before, after)."""
+    before = colour_error(image, match.reference)
+    image = match_colour(image, match.reference, match.strength)
+    after = colour_error(image, match.reference)
+    log.info("PiD colour against the reference: %s before, %s after matching (strength %g)", before.describe(),
+             after.describe(), match.strength)
+    if on_colour is not None:
+        on_colour(before, after)
+    return image
 
 
 def _check_noise(noise, shape, name: str):

@@ -59,3 +59,7 @@ class OutputError(PidError):
 
 class DecodeError(PidError):
     """The decode itself failed: non-finite values, or not enough memory."""
+
+
+class ColourReferenceError(PidError):
+    """The colour reference does not fit the decoded image (aspect ratio, channels, batch, values)."""

@@ -8,7 +8,10 @@ never run code (docs/DESIGN.md §13).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,8 @@ from .latent_formats import Flux2BNStats, flux2_bn_stats_from_state_dict
 from .latents import LatentMeta
 from .wording import library_detail, term
 
+log = logging.getLogger("pid_core")
+
 
 @dataclass(frozen=True)
 class FileRole:
@@ -33,6 +38,8 @@ class FileRole:
     resave: str = ""
     place: str = "the path"  # what to check when the file is missing (a wording term where readers differ)
     folder_hint: str = ""
+    image_hint: str = ""  # what to do when given an image instead
+    text_hint: str = ""  # what to do when given a text file instead
 
 
 CHECKPOINT_FILE = FileRole(
@@ -40,10 +47,35 @@ CHECKPOINT_FILE = FileRole(
     place=term.checkpoint_place, folder_hint=" (for the official release: checkpoints/<experiment>/model_ema_bf16.pth)")
 LATENT_FILE = FileRole(
     "latent file", LatentError,
-    "Save the latent as a tensor: safetensors.torch.save_file({'latent': t}, path), torch.save(t, path) or numpy.save.")
+    "Save the latent as a tensor: safetensors.torch.save_file({'latent': t}, path), torch.save(t, path) or numpy.save.",
+    image_hint=" PiD decodes latents: encode the image with its model's VAE first (PiD Encode-Degrade in ComfyUI "
+               "does that to upscale an image).")
 TEXT_EMBEDDING_FILE = FileRole(
     "text embedding file", TextEmbeddingError,
-    "Re-save it with safetensors.torch.save_file({'text_embedding': t}, path) or numpy.save.")
+    "Re-save it with safetensors.torch.save_file({'text_embedding': t}, path) or numpy.save.",
+    text_hint=" A prompt is encoded by the Gemma-2-2b-it text encoder (a prompt and a text encoder instead of an "
+              "embedding).")
+
+# The first bytes of image files, to name an image given where a tensor file belongs.
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+                (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+# What torch.save writes first in its legacy (non-zip) format: its magic number, pickled as a LONG1.
+_TORCH_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+@contextlib.contextmanager
+def _library_warnings_to_debug_log(name: str):
+    """Warnings the libraries raise while we read a file (torch's "Detected pickle protocol 4 ...", numpy's,
+    ...) go to the debug log (the command line's --verbose), never ahead of our own one-line message."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for warning in caught:
+                log.debug("while reading %s: %s: %s", name, warning.category.__name__, warning.message)
+
 FLUX2_VAE_FILE = FileRole(
     "FLUX.2 VAE file", LatentError,
     "Give the FLUX.2 VAE (flux2-vae.safetensors), or a file of its bn.running_mean and bn.running_var.")
@@ -93,11 +125,18 @@ def sniff(path, role: FileRole) -> str:
             return "torch"  # a damaged archive: the loader names it
         if names and all(n.endswith(".npy") for n in names):
             return "numpy-archive"
+        if not any(n.endswith("data.pkl") for n in names):  # torch.save's zip holds <archive>/data.pkl
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise error(f"{name} is a zip archive ({shown or 'empty'}), not a {what} written by torch.save: unpack it "
+                        "and give the file inside, or get the file again.")
         return "torch"
     if head.startswith(b"\x93NUMPY"):
         return "numpy"
     if head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "torch-legacy"  # a pickle: PyTorch's format before zip files
+        if _TORCH_LEGACY_MAGIC in head[:32]:
+            return "torch-legacy"  # PyTorch's format before zip files: its magic number, then pickles
+        raise error(f"{name} is a plain Python pickle (pickle.dump), not a {what} written by torch.save, safetensors "
+                    f"or numpy, so it was not read: unpickling it could run arbitrary code. {role.resave}".rstrip())
     if head.startswith(b"GGUF"):
         raise error(f"{name} is a GGUF file (quantized weights for ComfyUI-GGUF), not a {what} this pack reads. "
                     "Use the .safetensors or .pth file.")
@@ -107,8 +146,27 @@ def sniff(path, role: FileRole) -> str:
     if head.lstrip()[:14].lower().startswith((b"<!doctype html", b"<html")):
         raise error(f"{name} is a web page, not a {what}: the download saved an error or login page. "
                     "Download the file again (gated files need a Hugging Face login).")
+    image = next((fmt for magic, fmt in _IMAGE_MAGIC if head.startswith(magic)), None)
+    if image is None and head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        image = "WebP"
+    if image:
+        raise error(f"{name} is a {image} image, not a {what}.{role.image_hint}")
+    if _looks_like_text(head):
+        raise error(f"{name} is a text file (it starts with {head[:24].decode('utf-8', 'replace')!r}), not a "
+                    f"{what}.{role.text_hint}")
     raise error(f"{name} is not a {what}: its content is neither safetensors, PyTorch nor numpy "
                 f"(it starts with {head[:12]!r}).")
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """Printable UTF-8 (a prompt, JSON, a README), allowing a character cut off at the end."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:
+            return False
+        text = head[:exc.start].decode("utf-8")
+    return bool(text) and all(c.isprintable() or c in "\r\n\t" for c in text)
 
 
 def read_tensor_file(path, role: FileRole, *, device="cpu") -> Any:
@@ -122,16 +180,22 @@ def read_tensor_file(path, role: FileRole, *, device="cpu") -> Any:
     path = str(path)
     name = os.path.basename(path)
     try:
-        if kind == "safetensors":
-            from safetensors.torch import load_file
+        with _library_warnings_to_debug_log(name):
+            if kind == "safetensors":
+                from safetensors.torch import load_file
 
-            return load_file(path, device=str(device))
-        if kind in ("numpy", "numpy-archive"):
-            return _read_numpy(path, name, role)
-        return _read_torch(path, device, mmap=kind == "torch")
+                return load_file(path, device=str(device))
+            if kind in ("numpy", "numpy-archive"):
+                return _read_numpy(path, name, role)
+            return _read_torch(path, device, mmap=kind == "torch")
     except PidError:
         raise
     except Exception as exc:  # noqa: BLE001 - every library error becomes one message
+        if kind.startswith("torch") and "Unsupported operand" in str(exc):
+            # pickle instructions of protocol 4+ (torch.save(..., pickle_protocol=4)), which the safe loader lacks
+            raise error(f"{name} was saved with a pickle protocol that PyTorch's safe loader (tensors only) cannot read "
+                        f"(torch.save's pickle_protocol above 2), so it was not loaded: loading it otherwise could run "
+                        f"arbitrary code. {resave}".rstrip()) from None
         if kind.startswith("torch") and ("Weights only load failed" in str(exc) or "Unsupported global" in str(exc)):
             # The advice in torch's own message (weights_only=False) would run the file's code: never passed on.
             raise error(f"{name} holds pickled Python objects, not only tensors, so it was not loaded: unpickling "
@@ -190,7 +254,12 @@ def _latent_key(path, shapes: dict) -> str:
             return key
     candidates = [k for k, shape in shapes.items() if len(shape) >= 4 and not str(k).startswith("pid_")]
     if len(candidates) != 1:
-        raise LatentError(f"{path} should hold one latent tensor (key 'latent' or 'samples'); found keys {list(shapes)}.")
+        name = os.path.basename(str(path))
+        keys = ", ".join(map(str, list(shapes)[:5])) + (f", ... ({len(shapes)} in all)" if len(shapes) > 5 else "")
+        if any(str(k).endswith((".weight", ".bias")) for k in shapes):
+            raise LatentError(f"{name} holds a model's weights ({keys}), not a latent: give the latent file here, "
+                              "not a checkpoint.")
+        raise LatentError(f"{name} should hold one latent tensor (key 'latent' or 'samples'); found keys: {keys or 'none'}.")
     return candidates[0]
 
 
@@ -199,16 +268,17 @@ def latent_file_shape(path: str) -> tuple[int, ...]:
     format has one (safetensors, .npy): cheap enough to size thousands of files."""
     kind = sniff(path, LATENT_FILE)
     try:
-        if kind == "safetensors":
-            from safetensors import safe_open
+        with _library_warnings_to_debug_log(os.path.basename(str(path))):
+            if kind == "safetensors":
+                from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            return shapes[_latent_key(path, shapes)]
-        if kind == "numpy":
-            import numpy as np
+                with safe_open(str(path), framework="pt") as f:
+                    shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                return shapes[_latent_key(path, shapes)]
+            if kind == "numpy":
+                import numpy as np
 
-            return tuple(np.load(str(path), mmap_mode="r", allow_pickle=False).shape)
+                return tuple(np.load(str(path), mmap_mode="r", allow_pickle=False).shape)
     except PidError:
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged header: the full read names it
@@ -231,6 +301,9 @@ def load_text_embedding(path: str | os.PathLike) -> torch.Tensor:
             data = tensors["text_embedding"]
         elif len(tensors) == 1:
             data = next(iter(tensors.values()))
+        elif any(str(k).endswith((".weight", ".bias")) for k in tensors):
+            raise TextEmbeddingError(f"{name} holds a model's weights ({len(tensors)} tensors), not a text embedding: "
+                                     "give the text embedding file here, not a checkpoint.")
         else:
             raise TextEmbeddingError(
                 f"{name} holds {len(tensors)} tensors ({', '.join(sorted(map(str, tensors))[:5])}); name the text "

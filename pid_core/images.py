@@ -16,8 +16,9 @@ import zlib
 import numpy as np
 import torch
 
-from .errors import OutputError
+from .errors import ColourReferenceError, OutputError
 from .wording import library_detail
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every PNG ends with
 
@@ -240,3 +241,23 @@ def preview_uint8(x0: torch.Tensor, max_side: int = 512) -> np.ndarray:
         img = torch.nn.functional.interpolate(img, size=(max(1, int(h / scale)), max(1, int(w / scale))),
                                               mode="area")
     return to_uint8((img[0].clamp(-1, 1) + 1) / 2)
+
+
+def read_image(path: str) -> torch.Tensor:
+    """An image file (PNG, JPEG, WebP, ... whatever Pillow reads) as RGB [1, 3, H, W] float32 in [0, 1]: a
+    colour reference from the command line (alpha is dropped)."""
+    name = os.path.basename(str(path)) or str(path)
+    if not os.path.isfile(str(path)):
+        what = "is a folder" if os.path.isdir(str(path)) else "was not found"
+        raise ColourReferenceError(f"The colour reference {path} {what}: give an image file (PNG, JPEG, WebP).")
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ColourReferenceError("Reading a colour reference image needs Pillow (pip install pillow).") from None
+    try:
+        with Image.open(str(path)) as opened:
+            array = np.asarray(opened.convert("RGB"), dtype=np.float32) / 255.0
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ColourReferenceError(f"{name} is not an image Pillow can read ({type(exc).__name__}): give a PNG, "
+                                   "JPEG or WebP file.") from None
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]

@@ -118,6 +118,8 @@ def _sigma_vector(sigma, batch: int, device: torch.device) -> torch.Tensor:
         except (TypeError, ValueError, RuntimeError):
             raise SigmaError(f"sigma must be a number or a list of numbers, got {sigma!r}.") from None
     if isinstance(sigma, torch.Tensor):
+        if sigma.dtype == torch.bool or sigma.is_complex():  # as True and 0.3j are refused below
+            raise SigmaError(f"sigma must hold real numbers, got a {sigma.dtype} tensor.")
         if sigma.ndim > 1:
             raise SigmaError(
                 f"sigma must be a number or a 1-D tensor [B], got shape {list(sigma.shape)}."
@@ -208,6 +210,12 @@ def prepare_latent(
     s4 = s.view(-1, 1, 1, 1)
     s_pid = s
     if fmt.frame == "flow" and undo_noise_scaling:
+        if (s >= 1).any():  # undoing it would multiply by 0: an all-zero latent, decoded as pure noise
+            raise SigmaError(
+                "A stock leftover latent is x_t / (1 - sigma), undefined at sigma 1: it cannot be a leftover latent "
+                "at that sigma. Give the sampler's state x_t itself (KSampler Early Stop) without leftover noise, or "
+                "the sigma the sampler really stopped at (below 1)."
+            )
         z = z * (1 - s4)
     elif fmt.frame == "euler":
         # The EPS sampler's state is x_eu = x0 + s_eu * eps in model space, i.e. after process_in
@@ -241,12 +249,15 @@ def sigma_to_pid(sigma, latent_format: str | LatentFormat):
 
 
 def detect_latent_format(
-    samples: torch.Tensor, *, adapter_in_channels: int, unpatchify: int, variant: Variant | None = None
+    samples: torch.Tensor, *, adapter_in_channels: int, unpatchify: int, variant: Variant | None = None,
+    unreleased: str | None = None,
 ) -> str:
     """Pick the latent format for `samples` and a checkpoint ("auto").
 
     The channel count settles it except for 16 channels: FLUX.1 / Z-Image, SD3 and Qwen-Image
     latents look alike, so the checkpoint's variant (from its file name) decides, or the user must.
+    unreleased: why the checkpoint is none of the released PiDs (variants.unreleased_structure), which
+    is then what the message says first.
     """
     _check_samples(samples)
     channels = samples.shape[1]
@@ -268,10 +279,15 @@ def detect_latent_format(
         return variant.latent_format
     group = ", ".join(f"{f.label} ('{f.name}')" for f in formats_with_channels(channels))
     candidates = sorted({v.latent_format for v in VARIANTS.values() if v.latent_channels == expected})
+    alike = f"a {channels}-channel latent can be {group}, which are normalized differently"
+    if unreleased:
+        raise LatentError(
+            f"{unreleased}, so it does not tell the latent format, and {alike}. Set {term.latent_format} to one of: "
+            f"{', '.join(candidates)} (the one this checkpoint was trained on), or load a released PiD checkpoint."
+        )
     raise LatentError(
-        f"A {channels}-channel latent can be {group}, which are normalized differently, and the checkpoint's "
-        f"file name does not say which backbone it was made for. Set {term.latent_format} to one of: "
-        f"{', '.join(candidates)}."
+        f"{alike[0].upper()}{alike[1:]}, and the checkpoint's file name does not say which backbone it was made "
+        f"for. Set {term.latent_format} to one of: {', '.join(candidates)}."
     )
 
 

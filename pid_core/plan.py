@@ -23,12 +23,15 @@ decides nothing again. Each fact is decided by one function:
 from __future__ import annotations
 
 import logging
+import numbers
+import os
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Union
 
 import torch
 
 from .checks import require_device
+from .colour import check_colour_reference
 from .errors import ArgumentError, LatentError, SigmaError, TextEmbeddingError
 from .latent_formats import LATENT_FORMATS
 from .latents import NO_META, LatentMeta, Sigma, detect_latent_format, prepare_latent
@@ -36,7 +39,7 @@ from .precision import compute_dtype, storage_dtype
 from .samplers import SamplerPlan, resolve_sampler
 from .text import validate_text_embedding
 from .tiling import TileOptions, TilePlan, plan_tiling
-from .variants import BACKBONES, check_output_size, variants_for_backbone
+from .variants import BACKBONES, check_output_size, unreleased_structure, variants_for_backbone
 from .wording import term
 
 log = logging.getLogger("pid_core")
@@ -54,8 +57,15 @@ def resolve_latent_format(choice: Optional[str], meta: LatentMeta, model, sample
     if name == "auto":
         config = model.config
         return detect_latent_format(samples, adapter_in_channels=config.adapter_in_channels,
-                                    unpatchify=config.latent_unpatchify, variant=model.variant)
+                                    unpatchify=config.latent_unpatchify, variant=model.variant,
+                                    unreleased=unreleased_checkpoint(model))
     return name if name in LATENT_FORMATS else variants_for_backbone(name)[0].latent_format
+
+
+def unreleased_checkpoint(model) -> Optional[str]:
+    """Why the loaded checkpoint is none of the released PiDs (variants.unreleased_structure), or None."""
+    path = model.checkpoint.path if getattr(model, "checkpoint", None) is not None else None
+    return unreleased_structure(os.path.basename(path) if path else "This checkpoint", model.config)
 
 
 def resolve_sigma(explicit: Optional[Sigma], meta: LatentMeta) -> tuple[Sigma, str]:
@@ -116,6 +126,14 @@ NegativeText = Union[torch.Tensor, Callable[[], torch.Tensor], None]
 
 
 @dataclass(frozen=True)
+class ColourMatch:
+    """A decode's colour reference and how strongly its colours replace the decode's (colour.match_colour)."""
+
+    reference: torch.Tensor  # [1 or B, 3, h, w] in [0, 1], the output's aspect ratio (colour.check_colour_reference)
+    strength: float  # 0 (keep the decode's colours) .. 1 (the reference's low-frequency colour)
+
+
+@dataclass(frozen=True)
 class DecodePlan:
     """A decode, resolved: every fact the run needs, decided once. Run it with decode.run_plan."""
 
@@ -131,6 +149,7 @@ class DecodePlan:
     tile_options: TileOptions
     device: torch.device  # where the network runs
     compute_dtype: torch.dtype  # what the network computes in there (precision.compute_dtype)
+    colour: Optional[ColourMatch] = None  # the colour reference matched after the decode (None: none)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -171,6 +190,9 @@ class DecodePlan:
             "tiling": self.tiles.reason,
             "output": f"{self.batch} x {W}x{H} px, computed in {str(self.compute_dtype).replace('torch.', '')} "
                       f"on {self.device}",
+            "colour": ("none" if self.colour is None else
+                       "matched to a {}x{} reference, strength {:g}".format(*self.colour.reference.shape[-1:-3:-1],
+                                                                           self.colour.strength)),
         }
 
 
@@ -202,6 +224,8 @@ def plan_decode(
     cfg: Optional[float] = None,
     shift: Optional[float] = None,
     negative: NegativeText = None,
+    color_reference: Optional[torch.Tensor] = None,
+    color_match: Optional[float] = None,
 ) -> DecodePlan:
     """Resolve a decode of `samples` (what a ComfyUI LATENT's `samples` holds: raw VAE space) with the
     Gemma embedding `text` ([B or 1, T, text_dim]) on a loaded PidNet.
@@ -213,7 +237,10 @@ def plan_decode(
     device: where the network runs (default: the model's).
     sampler, steps, cfg, shift: see samplers.resolve_sampler (None: the sampler's defaults). negative: the
     unconditional text of a guided decode ([B or 1, T, text_dim]), or a function returning it, called only
-    when the decode is guided (so a text encoder runs only when needed)."""
+    when the decode is guided (so a text encoder runs only when needed). color_reference: an image of the
+    same scene with the colours to keep ([1 or B, 3, h, w] in [0, 1], any size with the output's aspect
+    ratio: the VAE decode of the latent, or an upscale's source); color_match: how strongly its colours
+    replace the decode's, 0 to 1 (None: 1 with a reference)."""
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise ArgumentError(f"model must be a PiD model loaded with checkpoint.load_pid, got {type(model).__name__}.")
     device = require_device(device) if device is not None else next(model.parameters()).device
@@ -242,7 +269,8 @@ def plan_decode(
     # The reference hands the latent to the network as bf16 (docs/DESIGN.md §10): keep that rounding.
     z = z.to(torch.bfloat16).float()
     batch = z.shape[0]
-    embedding = validate_text_embedding(text, text_dim=config.text_dim, max_tokens=config.text_max_tokens)
+    embedding = validate_text_embedding(text, text_dim=config.text_dim, max_tokens=config.text_max_tokens,
+                                        unreleased=unreleased_checkpoint(model))
     embedding = match_text_batch(embedding.to(device=device, dtype=torch.float32), batch)
 
     height, width = output_hw(config, z.shape[-2:])
@@ -257,7 +285,7 @@ def plan_decode(
     warnings += sampler_warnings
     negative_embedding = None
     if sampling.guided:
-        negative_embedding = _negative_embedding(negative() if callable(negative) else negative, config, batch,
+        negative_embedding = _negative_embedding(negative() if callable(negative) else negative, model, batch,
                                                  device, sampling.cfg)
     if model.variant is not None:
         size_warning = check_output_size(model.variant, height, width)
@@ -270,18 +298,39 @@ def plan_decode(
     tiles = _tiles(model, (height, width), options, batch, sampling, dtype,
                    _branches_batchable(embedding, negative_embedding))
     log.info("PiD sampler: %s (%s); tiling: %s", sampling.describe(), sampling.kind_source, tiles.reason)
+    colour = _colour_match(color_reference, color_match, (height, width), batch)
     return DecodePlan(latent_format=fmt, latent=z, latent_sigma=latent_sigma.cpu(), sigma=degrade_sigma,
                       sigma_source=sigma_source, text=embedding, negative=negative_embedding, sampler=sampling,
-                      tiles=tiles, tile_options=options, device=device, compute_dtype=dtype, warnings=tuple(warnings))
+                      tiles=tiles, tile_options=options, device=device, compute_dtype=dtype, colour=colour,
+                      warnings=tuple(warnings))
 
 
-def _negative_embedding(negative, config, batch: int, device, cfg: float) -> torch.Tensor:
+def _colour_match(reference, strength, output_hw, batch: int) -> Optional[ColourMatch]:
+    """The colour match of a decode: a reference checked against the output (colour.check_colour_reference)
+    and a strength from 0 to 1 (1 when not given); a strength without a reference is refused."""
+    if reference is None:
+        if strength is not None:
+            raise ArgumentError(f"{term.color_match} sets how strongly a colour reference's colours are kept, and no "
+                                f"{term.color_reference} was given: give one, or leave {term.color_match} out.")
+        return None
+    check_colour_reference(reference, output_hw, batch)
+    if strength is None:
+        strength = 1.0
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= strength <= 1:
+        raise ArgumentError(f"{term.color_match} must be a number from 0 to 1 (0: the decode's own colours), got "
+                            f"{strength!r}.")
+    return ColourMatch(reference.detach(), float(strength))
+
+
+def _negative_embedding(negative, model, batch: int, device, cfg: float) -> torch.Tensor:
     """The unconditional text of a guided decode, checked and matched to the batch."""
     if negative is None:
         raise TextEmbeddingError(f"A guided decode (teacher, cfg {cfg:g}) needs a negative text: {term.give_negative}, "
                                  f"or set {term.no_guidance} for no guidance.")
     try:
-        negative = validate_text_embedding(negative, text_dim=config.text_dim, max_tokens=config.text_max_tokens)
+        config = model.config
+        negative = validate_text_embedding(negative, text_dim=config.text_dim, max_tokens=config.text_max_tokens,
+                                           unreleased=unreleased_checkpoint(model))
         return match_text_batch(negative.to(device=device, dtype=torch.float32), batch)
     except TextEmbeddingError as e:
         raise TextEmbeddingError(f"The negative text: {e.template}") from None

@@ -18,7 +18,7 @@ import torch
 from .checks import whole_number
 from .errors import ArgumentError
 from .sampling import STUDENT_MAX_STEPS, student_schedule
-from .teacher import teacher_schedule, teacher_shift
+from .teacher import check_shift, teacher_schedule, teacher_shift
 from .variants import KINDS, STUDENT, TEACHER, kind_from_filename
 from .wording import term
 
@@ -112,7 +112,9 @@ def resolve_sampler(
     sampler: "auto" (the checkpoint's kind), "student" or "teacher". steps: None or 0 for the kind's
     default. cfg: None for the kind's default; students take no guidance. shift: the teacher's schedule
     shift, None for the reference's value for the output size."""
-    name = (sampler or "auto").strip().lower() if isinstance(sampler, str) or sampler is None else sampler
+    if sampler is not None and not isinstance(sampler, str):
+        raise ArgumentError(f"sampler must be auto, {STUDENT} or {TEACHER}, got {sampler!r}.")
+    name = (sampler or "auto").strip().lower()
     checkpoint, why = checkpoint_kind(model)
     if name == "auto":
         kind, source = checkpoint, why
@@ -129,9 +131,7 @@ def resolve_sampler(
                 f"checkpoints ({term.sampler_teacher})." if kind == STUDENT else f" The reference uses {spec.default_steps}.")
         raise ArgumentError(f"The {kind} sampler runs 1 to {spec.max_steps} steps; got {steps}.{more}")
     cfg_given = _number(cfg, term.cfg)
-    shift_given = _number(shift, "shift")
-    if shift_given == 0:
-        raise ArgumentError("shift must be above 0 (it stretches the schedule; None: the reference's for the size).")
+    shift_given = None if shift is None else check_shift(shift)
     cfg = spec.default_cfg if cfg_given is None else cfg_given
     label = model.variant.name if model.variant is not None else "this checkpoint"
     teacher = SAMPLERS[TEACHER]

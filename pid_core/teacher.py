@@ -17,10 +17,12 @@ the same formula, not a more accurate one, is what lands on its results.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional
 
 import torch
 
+from .errors import ArgumentError
 from .sampling import StepCallback
 
 # The solver's time range: from T = 1 down to 1 / 1000 (its flow schedule's 1000 training steps)
@@ -32,6 +34,20 @@ SHIFT_BASE, SHIFT_REFERENCE_PX = 6.0, 2048
 def teacher_shift(height: int, width: int) -> float:
     """The reference's resolution-dependent shift: 6 at 2048x2048, 8.49 at 4096x4096."""
     return SHIFT_BASE * math.sqrt(math.sqrt(height * width) / SHIFT_REFERENCE_PX)
+
+
+# The largest shift taken: the reference's is 6 at 2048 px, 12 at 8192 px. At 100 the first time is already
+# 1 - 1e-5, where x0 = (x - t n) / (1 - t) amplifies rounding 1e5 times; at a shift of 0 or below (or far
+# above) the schedule starts at t = 0 or t = 1 exactly and every x0 is infinite.
+MAX_SHIFT = 100.0
+
+
+def check_shift(shift) -> float:
+    """A schedule shift given by the user, as a float: a number in (0, MAX_SHIFT]."""
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not 0 < float(shift) <= MAX_SHIFT:
+        raise ArgumentError(f"shift must be a number above 0 and at most {MAX_SHIFT:g} (the reference's is 6 at "
+                            f"2048x2048, 8.49 at 4096x4096; None: that value for the output size), got {shift!r}.")
+    return float(shift)
 
 
 def teacher_schedule(steps: int, shift: float) -> torch.Tensor:

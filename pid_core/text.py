@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -29,6 +30,14 @@ from .wording import library_detail, term
 
 TEXT_TOKENS = 300  # tokens the network was trained with (y_pos_embedding length)
 TEXT_DIM = 2304  # Gemma-2-2b hidden size
+
+# The largest value taken in a text embedding. Gemma-2-2b-it's last hidden state leaves its final RMSNorm:
+# x_i / rms(x) is at most sqrt(2304) = 48 in size, times the norm's weight (1 + w_i), so real values are a few
+# hundred at most; 1e5 would need a norm weight above 2000. PiD's own text norm sums the squares of its
+# projected input in fp32, which overflows (every token becomes exactly 0, the prompt silently ignored) from
+# text values of about 1e17 in fp32 and bf16 alike (bf16 has fp32's range): 1e5 is 12 orders of magnitude
+# below. Values beyond it are no hidden state: a scaled tensor, or another layer's or model's output.
+MAX_TEXT_VALUE = 1e5
 
 CHI_PROMPT_SHA256 = "62b9ab89eebb0ac5ee4d264bf96bf19d2b81f504bc3852500efeaf5a34d638b1"
 _CHI_PROMPT_FILE = Path(__file__).with_name("chi_prompt.txt")
@@ -78,11 +87,26 @@ _HOW_TO_LOAD = term.encode_prompt
 _HOW_TO_ENCODE = f"PiD needs Gemma-2-2b-it hidden states encoded with its instruction prompt: {_HOW_TO_LOAD}"
 
 
-def validate_text_embedding(emb: Any, *, text_dim: int = TEXT_DIM, max_tokens: int = TEXT_TOKENS) -> torch.Tensor:
+def released_text_difference(text_dim: int, max_tokens: int) -> Optional[str]:
+    """How a text layer taking `text_dim`-wide text of at most `max_tokens` tokens differs from every
+    released PiD's (Gemma-2-2b-it's hidden states, 2304 wide, 300 tokens), or None when it does not."""
+    differences = []
+    if text_dim != TEXT_DIM:
+        differences.append(f"{text_dim}-wide text, where every released PiD takes Gemma-2-2b-it's hidden states, "
+                           f"{TEXT_DIM} wide")
+    if max_tokens != TEXT_TOKENS:
+        differences.append(f"at most {max_tokens} text tokens, where every released PiD takes {TEXT_TOKENS}")
+    return "; and ".join(differences) or None
+
+
+def validate_text_embedding(emb: Any, *, text_dim: int = TEXT_DIM, max_tokens: int = TEXT_TOKENS,
+                            unreleased: Optional[str] = None) -> torch.Tensor:
     """Check a precomputed text embedding and return it as [B, T, D] (dtype and device unchanged).
 
     Accepts [T, D] or [B, T, D]. T < max_tokens is allowed (the network takes shorter text; the
-    reference only ever cuts to 300), T > max_tokens is not.
+    reference only ever cuts to 300), T > max_tokens is not. Values must be finite and at most
+    MAX_TEXT_VALUE in size. unreleased: the sentence saying why the checkpoint is none of the released
+    PiDs (variants.unreleased_structure), for a width or length that only such a checkpoint asks for.
     """
     if not isinstance(emb, torch.Tensor):
         try:
@@ -114,8 +138,17 @@ def validate_text_embedding(emb: Any, *, text_dim: int = TEXT_DIM, max_tokens: i
             f"[batch, tokens, {text_dim}]. {_HOW_TO_ENCODE}."
         )
     b, t, d = emb.shape
+    # A checkpoint whose text layer is no released PiD's: say so, instead of calling its width Gemma's.
+    custom = released_text_difference(text_dim, max_tokens)
+    if custom and (d != text_dim or t > max_tokens):
+        what = f"width {d}" + (" (Gemma-2-2b-it's)" if d == TEXT_DIM else "") if d != text_dim else f"{t} tokens"
+        checkpoint = unreleased or f"the checkpoint's text layer takes {custom}"
+        raise TextEmbeddingError(
+            f"The text embedding has {what}, but {checkpoint}. Load a released PiD checkpoint (an official "
+            "model_ema_bf16.pth or a Comfy-Org pid_*.safetensors), or an embedding made for this one."
+        )
     if d != text_dim:
-        guess = _KNOWN_WIDTHS.get(d) if text_dim == TEXT_DIM else None
+        guess = _KNOWN_WIDTHS.get(d)
         looks = f"; width {d} looks like {guess}" if guess else ""
         raise TextEmbeddingError(
             f"The text embedding has width {d}{looks}. PiD needs Gemma-2-2b-it hidden states of width "
@@ -131,10 +164,17 @@ def validate_text_embedding(emb: Any, *, text_dim: int = TEXT_DIM, max_tokens: i
             f"last {max_tokens - 1} tokens of instruction prompt + caption + padding). It was not made by a PiD "
             f"text encoder. {_HOW_TO_ENCODE}."
         )
-    if not torch.isfinite(emb).all():
+    peak = emb.detach().float().abs().amax().item()  # NaN propagates
+    if not math.isfinite(peak):
         raise TextEmbeddingError(
             "The text embedding contains NaN or infinite values, usually a text encoder run in float16 that "
             "overflowed. Re-encode the prompt with the encoder in bfloat16 or float32."
+        )
+    if peak > MAX_TEXT_VALUE:
+        raise TextEmbeddingError(
+            f"The text embedding reaches {peak:.3g}, but Gemma-2-2b-it's hidden states leave its final norm a few "
+            f"hundred in size at most (up to {MAX_TEXT_VALUE:g} is taken): it was scaled, or it is not Gemma's last "
+            f"hidden state. {_HOW_TO_ENCODE}."
         )
     return emb
 

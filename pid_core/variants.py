@@ -19,6 +19,7 @@ from pathlib import PurePath
 
 from .errors import CheckpointError, LatentError, SizeError
 from .latent_formats import LATENT_FORMATS
+from .text import released_text_difference
 
 LICENSE_NOTE = (
     "PiD weights: NVIDIA Source Code License (NSCLv1), non-commercial research and evaluation use "
@@ -52,15 +53,7 @@ TEACHER = "teacher"  # undistilled: DPM-Solver++ over many steps with classifier
 KINDS = (STUDENT, TEACHER)
 
 
-@dataclass(frozen=True)
-class SamplerDefaults:
-    """How a kind of checkpoint is sampled unless the user says otherwise (the reference's settings)."""
-
-    steps: int
-    cfg: float  # classifier-free guidance scale; 1.0 = none
-
-
-SAMPLER_DEFAULTS = {STUDENT: SamplerDefaults(steps=4, cfg=1.0), TEACHER: SamplerDefaults(steps=25, cfg=5.0)}
+# How each kind is sampled by default, and its limits: samplers.SAMPLERS.
 
 
 @dataclass(frozen=True)
@@ -378,6 +371,23 @@ def resolve_variant(
     kind = TEACHER if says_undistilled(path) else STUDENT
     fits = [v for v in fits if v.kind == kind]
     return fits[0] if len(fits) == 1 else None
+
+
+def unreleased_structure(name: str, config) -> str | None:
+    """The sentence saying why a checkpoint of this structure (a PidConfig) is none of the released PiDs,
+    or None when what it takes (latent channels, text) is what a released one takes. Messages about a
+    checkpoint's text or latent format start with it, so they state no fact of the released checkpoints
+    that this one does not share."""
+    differences = []
+    if not variants_matching(config.layout, config.adapter_in_channels, include_deprecated=True):
+        differences.append(f"it has the {config.layout} layout with {config.adapter_in_channels} latent input "
+                           "channels, which no released PiD has")
+    text = released_text_difference(config.text_dim, config.text_max_tokens)
+    if text:
+        differences.append(f"its text layer takes {text}")
+    if not differences:
+        return None
+    return f"{name} is not a released PiD checkpoint: {'; and '.join(differences)}"
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ TERMS: dict[str, Words] = {
     "cfg": Words("cfg", "--cfg", "cfg"),
     "latent_format": Words("latent_format", "--latent-format", "latent_format"),
     "tiling": Words("tiling (TileOptions)", "--tile and --overlap", "tiling, tile_size and tile_overlap"),
+    "color_reference": Words("color_reference", "--color-reference", "color_reference"),
+    "color_match": Words("color_match", "--color-match", "color_match"),
     # Settings with their value.
     "tiling_auto": Words("tiling=TileOptions()", "--tile auto", "tiling auto"),
     "manual_tile": Words("tiling=TileOptions(mode='manual', tile_px=1024)", "--tile 1024", "tiling manual, tile_size 1024"),

@@ -86,7 +86,14 @@ def inputs(tmp_path_factory):
     torch.save({"latent": torch.randn(1, 16, 3, 4), "note": _Code()}, path("pickled_latent.pt"))
 
     save_file({"text_embedding": torch.randn(1, TEXT_TOKENS, TEXT_DIM)}, path("text.safetensors"))
-    save_file({"text_embedding": torch.randn(1, TEXT_TOKENS, TEXT_DIM) * 1e5}, path("huge_text.safetensors"))
+    # large for fp16 (up to 8e4, beyond its 65504) but inside what a Gemma hidden state may reach (text.MAX_TEXT_VALUE)
+    save_file({"text_embedding": torch.randn(1, TEXT_TOKENS, TEXT_DIM).clamp(-4, 4) * 2e4}, path("large_text.safetensors"))
+    for scale in ("1e20", "1e30"):  # PiD's text norm overflows: every token 0, the prompt ignored
+        save_file({"text_embedding": torch.randn(1, TEXT_TOKENS, TEXT_DIM) * float(scale)},
+                  path(f"text_{scale}.safetensors"))
+    make_random_checkpoint(path("custom_text768.safetensors"), text_dim=768, text_tokens=TEXT_TOKENS)
+    save_file({"text_embedding": torch.randn(1, TEXT_TOKENS, 2304)}, path("gemma_text.safetensors"))
+    save_file({"latent": torch.randn(1, 16, 3, 4), "pid_sigma": torch.tensor(1.0)}, path("sigma1_latent.safetensors"))
     np.save(path("text.npy"), torch.randn(1, TEXT_TOKENS, TEXT_DIM).numpy())
     torch.save({"text_embedding": torch.randn(1, TEXT_TOKENS, TEXT_DIM), "note": _Code()}, path("pickled_text.pt"))
     os.makedirs(path("a_folder"))
@@ -162,7 +169,7 @@ def test_a_huge_latent_is_refused(inputs, out_dir, capsys):
 
 
 @pytest.mark.parametrize("latent,text", [("large_latent.safetensors", "text.safetensors"),
-                                         ("latent.safetensors", "huge_text.safetensors")])
+                                         ("latent.safetensors", "large_text.safetensors")])
 def test_fp16_weights_compute_in_fp32_on_the_cpu(inputs, out_dir, capsys, latent, text):
     """fp16 storage on the CPU computes each layer in fp32 (docs/DESIGN.md §4): large inputs do not
     overflow there, and the image written is finite, never black from a silent overflow."""
@@ -207,6 +214,86 @@ def test_non_finite_explicit_noise_is_refused(inputs):
         decode(model, latent, text=text, steps=1, noise=torch.full((1, 3, 96, 128), float("nan")))
     with pytest.raises(ArgumentError, match=r"renoise\[0\] holds NaN"):
         decode(model, latent, text=text, steps=2, renoise=[torch.full((1, 3, 96, 128), float("inf"))])
+
+
+@pytest.mark.parametrize("text", ["text_1e20.safetensors", "text_1e30.safetensors"])
+def test_a_text_embedding_that_overflows_pid_text_norm_is_refused(inputs, out_dir, capsys, text):
+    """Values no Gemma hidden state has (squared in PiD's text norm they overflow: every token 0, the
+    prompt silently ignored) are refused by the command line, decode-many, the API, and as the negative
+    text of a guided decode."""
+    refused(capsys, decode_args(inputs, out_dir / "keep.png", text=text), "text embedding reaches", "Gemma-2-2b-it")
+    many = ["decode-many", "--checkpoint", inputs[FLUX], "--latents", str(out_dir), "--text-embedding", inputs[text],
+            "--out-dir", str(out_dir), "--steps", "1"]
+    (out_dir / "a.safetensors").write_bytes(pathlib.Path(inputs["latent.safetensors"]).read_bytes())
+    assert main(many) == 1
+    assert "text embedding reaches" in capsys.readouterr().out
+    assert sorted(os.listdir(out_dir)) == ["a.safetensors", "keep.png"]
+    refused(capsys, decode_args(inputs, out_dir / "keep.png", "--sampler", "teacher", "--cfg", "3",
+                                "--negative-embedding", inputs[text]), "negative text", "text embedding reaches")
+    model = load_pid(inputs[FLUX], dtype=torch.float32)
+    latent, good = torch.randn(1, 16, 3, 4), torch.randn(1, TEXT_TOKENS, TEXT_DIM)
+    huge = load_file(inputs[text])["text_embedding"]
+    with pytest.raises(TextEmbeddingError, match="text embedding reaches"):
+        decode(model, latent, text=huge, steps=1)
+    with pytest.raises(TextEmbeddingError, match="text embedding reaches"):
+        plan_decode(model, latent, huge)
+    with pytest.raises(TextEmbeddingError, match="The negative text: The text embedding reaches"):
+        plan_decode(model, latent, good, sampler="teacher", steps=2, cfg=3.0, negative=huge)
+
+
+def test_a_checkpoint_with_a_text_layer_no_release_has_is_named(inputs, out_dir, capsys):
+    """A text layer of width 768 with a correct 2304-wide embedding: the message names the checkpoint and
+    says it is no released PiD (768 is not Gemma-2-2b-it's width); with the format on auto, it says that first."""
+    name = "custom_text768.safetensors"
+    args = decode_args(inputs, out_dir / "keep.png", checkpoint=name, text="gemma_text.safetensors")
+    message = refused(capsys, args + ["--latent-format", "flux"], "The text embedding has width 2304",
+                      f"{name} is not a released PiD checkpoint", "768-wide text", "Gemma-2-2b-it's hidden states, 2304")
+    assert "hidden states of width 768" not in message
+    message = refused(capsys, args, "Set --latent-format to one of")
+    assert message.startswith(f"error: {name} is not a released PiD checkpoint: its text layer takes 768-wide"), message
+
+
+def test_a_leftover_latent_at_sigma_1_is_refused_everywhere(inputs, out_dir, capsys):
+    """x_t / (1 - sigma) is undefined at sigma 1: --sigma 1 --leftover-noise, a file's pid_sigma 1, the API
+    and a decode-many item are refused with that reason."""
+    reason = "x_t / (1 - sigma), undefined at sigma 1"
+    refused(capsys, decode_args(inputs, out_dir / "keep.png", "--sigma", "1.0", "--leftover-noise"), reason)
+    refused(capsys, decode_args(inputs, out_dir / "keep.png", "--leftover-noise", latent="sigma1_latent.safetensors"),
+            reason, "pid_sigma of the latent file sigma1_latent.safetensors")
+    model = load_pid(inputs[FLUX], dtype=torch.float32)
+    with pytest.raises(PidError, match=r"x_t / \(1 - sigma\), undefined at sigma 1"):
+        decode(model, torch.randn(2, 16, 3, 4), text=torch.randn(1, TEXT_TOKENS, TEXT_DIM), sigma=[0.5, 1.0],
+               leftover_noise=True, steps=1)
+    manifest = out_dir / "items.jsonl"
+    manifest.write_text('{"latent": "%s", "sigma": 1.0, "leftover_noise": true, "out": "x.png"}\n'
+                        % inputs["latent.safetensors"])
+    assert main(["decode-many", "--checkpoint", inputs[FLUX], "--manifest", str(manifest), "--text-embedding",
+                 inputs["text.safetensors"], "--out-dir", str(out_dir), "--steps", "1"]) == 1
+    assert reason in capsys.readouterr().out and not (out_dir / "x.png").exists()
+
+
+def test_library_warnings_never_precede_the_error(inputs, tmp_path):
+    """A raw pickle (protocol 4) and a torch.save with pickle protocol 4 (torch warns "Detected pickle
+    protocol 4" while reading it): stderr is our one line; --verbose shows torch's warning as a debug line."""
+    import pickle
+
+    raw, zip4 = tmp_path / "raw.pth", tmp_path / "zip4.pth"
+    state = load_file(inputs[FLUX])
+    with open(raw, "wb") as f:
+        pickle.dump(state, f, protocol=4)
+    torch.save(state, zip4, pickle_protocol=4)
+    for checkpoint in (raw, zip4):
+        argv = decode_args(inputs, tmp_path / "x.png", checkpoint=str(checkpoint))
+        result = subprocess.run([sys.executable, "-m", "pid_core", *argv], capture_output=True, text=True, cwd=REPO,
+                                check=False)
+        assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+    result = subprocess.run([sys.executable, "-m", "pid_core", *argv, "--verbose"], capture_output=True, text=True,
+                            cwd=REPO, check=False)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and lines[-1].startswith("error: zip4.pth"), result.stderr
+    assert any(line.startswith("debug: ") and "Detected pickle protocol 4" in line for line in lines), result.stderr
+    assert not (tmp_path / "x.png").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,6 +365,7 @@ def test_a_batch_file_is_never_an_input(inputs, tmp_path, capsys, monkeypatch):
     (["--device", "cpu:1"], "the CPU takes no index"),
     (["--tile", "1000000000"], "--tile takes off, auto or a tile size from 64"),
     (["--overlap", "1000000000"], "--overlap takes 0"),
+    (["--tile", "off", "--overlap", "32"], "--overlap 32 applies to tiles, but --tile is off"),
 ])
 def test_bad_options(inputs, out_dir, capsys, monkeypatch, extra, cause):
     refused(capsys, decode_args(inputs, out_dir / "keep.png", *extra), cause, before_loading=True,

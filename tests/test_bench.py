@@ -57,3 +57,14 @@ def test_bench_worker_runs_the_teacher_sampler():
     text = bench._format_row(dict(row, mode="untiled", chunk="on", dtype="fp32", device="cpu", size=[64, 64], steps=3,
                                   sampler="teacher", cfg=5.0))
     assert "teacher cfg 5" in text and "4 forward(s)" in text
+
+
+def test_bad_sizes_end_in_one_line(capsys):
+    import pytest
+
+    for sizes in ("abc", "0", "2048x", "32"):
+        with pytest.raises(SystemExit) as stop:
+            main(["bench", "--sizes", sizes])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and len(err.splitlines()) == 1 and "is no output size" in err, err
+    assert bench._sizes("1024, 768x512") == [(1024, 1024), (512, 768)]

@@ -173,6 +173,12 @@ def test_load_arguments_are_checked(tmp_path):
         load_pid(None)
     with pytest.raises(DeviceError, match="gpu0"):
         load_pid(path, device="gpu0")
+    with pytest.raises(ArgumentError, match="only the fields the weights cannot tell.*got scale"):
+        load_pid(path, scale=4)
+    for bad in (0, 2.5, "4"):  # an sr_scale of 0 would make a 0 x 0 image
+        with pytest.raises(ArgumentError, match="sr_scale must be a whole number from 1"):
+            load_pid(path, sr_scale=bad)
+    assert load_pid(path, sr_scale=2).config.scale == 16
 
 
 def test_cpu_default_keeps_the_file_dtype_and_computes_fp32_per_layer(tmp_path):

@@ -1,6 +1,7 @@
 """The command line: decode latent files of every backbone's shape to PNGs of the right size."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -79,6 +80,14 @@ def test_errors_are_one_line_messages(files, tmp_path, capsys):
     code = main(["decode", "--checkpoint", ckpt, "--latent", files["flux"][1], "--text-embedding", str(t5),
                  "--out", str(tmp_path / "x.png")])
     assert code == 2 and "T5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["decode", "decode-many"])
+def test_seed_help_says_which_seeds_repeat(capsys, command):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "0 to 2^64-1" in text and "on the CPU, seeds that differ by a multiple of 2^32 repeat" in text, text
 
 
 def test_info_names_the_variant(files, capsys):
@@ -160,3 +169,31 @@ def test_sampler_override_and_student_steps(files, tmp_path, capsys, caplog):
     assert "4-step student" in caplog.text  # the warning (stderr outside pytest)
     with pytest.raises(SystemExit):
         main(base + ["--negative-prompt", "blurry"])  # a prompt needs the encoder
+
+
+def test_a_colour_reference_on_the_command_line(files, tmp_path, capsys):
+    """--color-reference IMAGE (any size with the output's aspect ratio) and --color-match: the summary says
+    the colour error before and after; a reference that does not fit is one line and nothing is written."""
+    from pid_core.images import save_png
+
+    ckpt, latent, shape = files["flux"]
+    reference = tmp_path / "reference.png"
+    save_png(torch.rand(3, shape[-2] * 8, shape[-1] * 8), str(reference))  # the VAE's size: 1/4 of PiD's
+    out = tmp_path / "matched.png"
+    base = ["decode", "--checkpoint", ckpt, "--latent", latent, "--text-embedding", files["text"], "--steps", "1",
+            "--dtype", "fp32"]
+    assert main([*base, "--out", str(out), "--color-reference", str(reference), "--color-match", "0.8"]) == 0
+    said = capsys.readouterr().out
+    assert re.search(r"colour     : matched to a \d+x\d+ reference, strength 0.8: mean CIEDE2000 .* before, "
+                     r"mean CIEDE2000 .* after", said), said
+    square = tmp_path / "square.png"
+    save_png(torch.rand(3, 64, 64), str(square))
+    assert main([*base, "--out", str(tmp_path / "no.png"), "--color-reference", str(square)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "64x64" in err[0] and not (tmp_path / "no.png").exists()
+    assert main([*base, "--out", str(tmp_path / "no.png"), "--color-match", "0.5"]) == 2
+    assert "--color-match needs --color-reference" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "no.png"), "--color-reference", str(tmp_path / "missing.png")]) == 2
+    assert "missing.png was not found" in capsys.readouterr().err
+    assert main([*base, "--out", str(reference), "--color-reference", str(reference)]) == 2  # never the input
+    assert "is the input" in capsys.readouterr().err

@@ -84,6 +84,18 @@ def test_seed_is_deterministic_and_matters(checkpoints):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_on_the_cpu_seeds_repeat_every_2_to_the_32(checkpoints):
+    """What the seed's help and tooltips say: torch's CPU generator (mt19937) keeps the seed's low 32 bits,
+    so seeds s, s + 2^32 and s + 2^63 decode the same image on the CPU (on CUDA, Philox takes all 64 bits).
+    Seeds are not remapped: that would change the CPU images of every seed from 2^32 on."""
+    model = load_pid(checkpoints["flux"], dtype=torch.float32)
+    latent = torch.randn(1, 16, 2, 2)
+    a = decode(model, latent, text=_text(), seed=5, steps=2)
+    for seed in (5 + 2**32, 5 + 2**63, 2**64 - 2**32 + 5):
+        assert torch.equal(decode(model, latent, text=_text(), seed=seed, steps=2), a), seed
+    assert not torch.equal(decode(model, latent, text=_text(), seed=6 + 2**32, steps=2), a)
+
+
 def test_early_stopped_and_leftover_latents_agree(checkpoints):
     model = load_pid(checkpoints["flux"], dtype=torch.float32)
     fmt = LATENT_FORMATS["flux"]
@@ -223,3 +235,50 @@ def test_teacher_settings_and_errors(teacher_checkpoint, checkpoints):
     flux = load_pid(checkpoints["flux"], dtype=torch.float32)
     out = decode(flux, torch.randn(1, 16, 2, 2), text=_text(), sampler="teacher", steps=2, cfg=1.0)
     assert torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# a colour reference (docs/DESIGN.md §15)
+
+def test_a_colour_reference_is_matched_after_the_decode_and_reported(checkpoints):
+    from pid_core.colour import colour_error
+
+    model = load_pid(checkpoints["flux"], dtype=torch.float32)
+    latent = torch.randn(2, 16, 3, 4, generator=torch.Generator().manual_seed(5))
+    plain = decode(model, latent, text=_text(), seed=2, steps=2)
+    # a reference: the decode's own colours, smaller and cast towards red
+    reference = torch.nn.functional.avg_pool2d(plain, 4)
+    reference = (reference * torch.tensor([1.0, 0.8, 0.7]).view(1, 3, 1, 1) + 0.05).clamp(0, 1)
+    reports = []
+    from pid_core.decode import run_plan
+    from pid_core.plan import plan_decode
+
+    plan = plan_decode(model, latent, _text(), steps=2, color_reference=reference)
+    assert plan.colour.strength == 1.0 and plan.summary()["colour"] == "matched to a 32x24 reference, strength 1"
+    matched = run_plan(model, plan, seed=2, on_colour=lambda before, after: reports.append((before, after)))
+    (before, after), = reports
+    assert torch.equal(before.delta_e, colour_error(plain, reference).delta_e)
+    assert (after.delta_e < before.delta_e / 3).all() and (after.delta_e < 1.0).all()
+    assert torch.equal(colour_error(matched, reference).delta_e, after.delta_e)
+    # strength 0 leaves the decode's bits; no reference changes nothing
+    assert torch.equal(decode(model, latent, text=_text(), seed=2, steps=2, color_reference=reference,
+                              color_match=0.0), plain)
+
+
+def test_a_colour_reference_that_does_not_fit_is_refused(checkpoints):
+    from pid_core.errors import ArgumentError, ColourReferenceError
+
+    model = load_pid(checkpoints["flux"], dtype=torch.float32)
+    latent = torch.randn(1, 16, 3, 4)  # 128 x 96 output
+    with pytest.raises(ColourReferenceError, match=r"is 64x64 .* decoded image is 128x96"):
+        decode(model, latent, text=_text(), steps=1, color_reference=torch.rand(1, 3, 64, 64))
+    with pytest.raises(ColourReferenceError, match="NaN or infinite"):
+        decode(model, latent, text=_text(), steps=1, color_reference=torch.full((1, 3, 24, 32), float("nan")))
+    with pytest.raises(ColourReferenceError, match="1 colour channel"):
+        decode(model, latent, text=_text(), steps=1, color_reference=torch.rand(1, 1, 24, 32))
+    with pytest.raises(ColourReferenceError, match="holds 2 images but the decode makes 1"):
+        decode(model, latent, text=_text(), steps=1, color_reference=torch.rand(2, 3, 24, 32))
+    with pytest.raises(ArgumentError, match="color_match must be a number from 0 to 1"):
+        decode(model, latent, text=_text(), steps=1, color_reference=torch.rand(1, 3, 24, 32), color_match=1.5)
+    with pytest.raises(ArgumentError, match="no color_reference was given"):
+        decode(model, latent, text=_text(), steps=1, color_match=0.5)

@@ -130,6 +130,14 @@ def test_bad_items_are_reported_and_skipped_then_a_rerun_finishes_only_them(shar
     assert not [n for n in os.listdir(out) if n.startswith(".pid-")]  # no temporary files left
 
 
+def test_a_manifest_with_a_byte_order_mark_is_read(shared, tmp_path, capsys):
+    manifest = tmp_path / "notepad.jsonl"  # what Windows editors save as "UTF-8 with BOM"
+    manifest.write_text(json.dumps({"latent": str(shared / "l3.safetensors"), "out": "a.png"}) + "\n", encoding="utf-8-sig")
+    assert main(["decode-many", "--checkpoint", str(shared / CKPT), "--manifest", str(manifest), "--text-embedding",
+                 str(shared / "text.safetensors"), "--steps", "1", "--out-dir", str(tmp_path)]) == 0
+    assert "1 item(s): 1 done" in capsys.readouterr().out and is_complete_png(tmp_path / "a.png")
+
+
 def test_manifests_that_cannot_be_read_and_outputs_outside_the_folder(shared, tmp_path, capsys):
     base = ["decode-many", "--checkpoint", str(shared / CKPT), "--text-embedding", str(shared / "text.safetensors"),
             "--out-dir", str(tmp_path / "out")]
@@ -218,3 +226,20 @@ def test_two_ranks_equal_one_process_and_resume_after_an_interruption(shared, tm
     assert pngs(out) == pngs(shared / "one")
     assert all((out / name).stat().st_mtime_ns == t for name, t in before.items())  # finished: never rewritten
     assert not [n for n in os.listdir(out) if n.startswith(".pid-")]
+
+
+def test_items_take_a_colour_reference(shared, tmp_path, capsys):
+    """"color_reference" (relative to the manifest) and "color_match" per item; the item's line reports the
+    colour error before and after; a strength without a reference is a bad item."""
+    from pid_core.images import save_png
+
+    save_png(torch.rand(3, 32, 32), str(shared / "reference.png"))  # l0 is 4 x 4 cells: a square output
+    manifest = write_manifest(shared / "colour.jsonl", [
+        {"latent": "l0.safetensors", "out": "c0.png", "color_reference": "reference.png", "color_match": 0.5},
+        {"latent": "l3.safetensors", "out": "c3.png", "color_match": 0.5},
+    ])
+    assert main(["decode-many", "--checkpoint", str(shared / CKPT), "--manifest", str(manifest), "--text-embedding",
+                 str(shared / "text.safetensors"), "--steps", "1", "--out-dir", str(tmp_path)]) == 1
+    printed = capsys.readouterr()
+    assert "colour against the reference: mean CIEDE2000" in printed.err and (tmp_path / "c0.png").exists()
+    assert "colour.jsonl:2 FAILED" in printed.err and "needs a \"color_reference\"" in printed.err

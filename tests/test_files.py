@@ -61,7 +61,7 @@ def test_load_text_embedding_errors(tmp_path):
     save_file({"a": torch.zeros(2), "b": torch.zeros(2)}, tmp_path / "two.safetensors")
     with pytest.raises(TextEmbeddingError, match="text_embedding"):
         load_text_embedding(tmp_path / "two.safetensors")
-    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x01\x02not a safetensors file")
     with pytest.raises(TextEmbeddingError, match="not a text embedding file.*neither safetensors"):
         load_text_embedding(tmp_path / "junk.safetensors")
     (tmp_path / "x.txt").write_text("1 2 3")
@@ -106,14 +106,21 @@ def test_files_are_read_by_content_not_by_name(tmp_path):
     (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n", "Git LFS pointer"),
     (b"<!DOCTYPE html><html><body>Access denied</body></html>", "web page"),
     (b"\x00\x01 random bytes of no kind", "neither safetensors, PyTorch nor numpy"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(20), "is a PNG image, not a"),  # an image for a latent
+    (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(20), "is a JPEG image, not a"),
+    ("a red fox in snow, at dusk\n".encode(), "is a text file (it starts with 'a red fox in snow"),  # a prompt
 ])
 def test_foreign_content_is_named(tmp_path, content, cause):
     path = tmp_path / "model.safetensors"
     path.write_bytes(content)
-    with pytest.raises(LatentError, match=cause):
+    with pytest.raises(LatentError, match=re.escape(cause)) as latent:
         load_latent_file(str(path))
-    with pytest.raises(TextEmbeddingError, match=cause):
+    with pytest.raises(TextEmbeddingError, match=re.escape(cause)) as text:
         load_text_embedding(path)
+    if "image" in cause:
+        assert "encode the image with its model's VAE" in str(latent.value)
+    if "text file" in cause:
+        assert "A prompt is encoded by the Gemma-2-2b-it text encoder" in str(text.value)
 
 
 def test_refusals_never_advise_unsafe_loading(tmp_path):
@@ -171,3 +178,58 @@ def test_a_reader_failure_we_cannot_name_puts_its_words_after_ours(tmp_path, mon
         load_latent_file(str(path))
     assert str(e.value) == ("l.safetensors could not be read as safetensors, so it is damaged or not such a file: "
                             "download or save it again (RuntimeError: a reader's own words).")
+
+
+def _pickles(tmp_path):
+    """Files that PyTorch's safe loader cannot read: a plain pickle.dump (protocol 4 and 2), and torch.save
+    with pickle protocol 4 (zip and legacy), which makes torch warn "Detected pickle protocol 4" first."""
+    import pickle
+
+    tensors = {"latent": torch.randn(1, 16, 3, 4)}
+    made = {}
+    for protocol in (4, 2):
+        made[f"raw{protocol}"] = tmp_path / f"raw{protocol}.pt"
+        with open(made[f"raw{protocol}"], "wb") as f:
+            pickle.dump(tensors, f, protocol=protocol)
+    made["zip4"] = tmp_path / "zip4.pt"
+    torch.save(tensors, made["zip4"], pickle_protocol=4)
+    made["legacy4"] = tmp_path / "legacy4.pt"
+    torch.save(tensors, made["legacy4"], pickle_protocol=4, _use_new_zipfile_serialization=False)
+    return made
+
+
+def test_pickles_the_safe_loader_cannot_read_are_named_without_warnings(tmp_path, caplog):
+    import logging
+    import warnings
+
+    made = _pickles(tmp_path)
+    for kind, path in made.items():
+        with warnings.catch_warnings(record=True) as shown, caplog.at_level(logging.DEBUG, logger="pid_core"):
+            warnings.simplefilter("always")
+            with pytest.raises(LatentError) as err:
+                load_latent_file(str(path))
+        assert not shown, (kind, [str(w.message) for w in shown])  # nothing ahead of the one-line error
+        message = str(err.value)
+        assert "weights_only" not in message and "truncated" not in message, (kind, message)
+        if kind.startswith("raw"):
+            assert "plain Python pickle (pickle.dump)" in message, message
+        else:
+            assert "pickle protocol" in message and "safe loader" in message, message
+            assert "Detected pickle protocol 4" in caplog.text  # kept for --verbose
+
+
+def test_other_zips_and_checkpoints_given_as_latents_or_text_are_named(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "download.zip", "w") as archive:
+        archive.writestr("pid/model.safetensors", b"not here")
+    with pytest.raises(LatentError, match=r"download.zip is a zip archive \(pid/model.safetensors\), not a latent file"):
+        load_latent_file(str(tmp_path / "download.zip"))
+    weights = {f"blocks.{i}.weight": torch.randn(2, 2) for i in range(9)} | {"blocks.0.bias": torch.zeros(2)}
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(LatentError) as err:
+        load_latent_file(str(tmp_path / "model.safetensors"))
+    message = str(err.value)
+    assert "holds a model's weights" in message and "(10 in all)" in message and len(message) < 300, message
+    with pytest.raises(TextEmbeddingError, match="model.safetensors holds a model's weights \\(10 tensors\\), not a text"):
+        load_text_embedding(tmp_path / "model.safetensors")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pid_core.errors import LatentError
+from pid_core.errors import LatentError, SigmaError
 from pid_core.latent_formats import LATENT_FORMATS, Flux2BNStats
 from pid_core.latents import (
     convert_state_frame,
@@ -193,6 +193,15 @@ def test_detect_16_channels_without_a_variant_asks_the_user():
         detect_latent_format(torch.zeros(1, 16, 8, 8), adapter_in_channels=16, unpatchify=1)
 
 
+def test_detect_16_channels_for_an_unreleased_checkpoint_says_so_first():
+    note = "custom.safetensors is not a released PiD checkpoint: its text layer takes 768-wide text"
+    with pytest.raises(LatentError) as err:
+        detect_latent_format(torch.zeros(1, 16, 8, 8), adapter_in_channels=16, unpatchify=1, unreleased=note)
+    msg = str(err.value)
+    assert msg.startswith(note) and "Set latent_format to one of: flux, qwenimage, sd3" in msg, msg
+    assert "file name does not say" not in msg  # the name is not what is missing
+
+
 def test_detect_5d_latent_with_a_non_qwen_checkpoint():
     with pytest.raises(LatentError, match="Qwen-Image .*flux-2k.*Load the Qwen-Image PiD checkpoint"):
         detect_latent_format(torch.zeros(1, 16, 1, 8, 8), adapter_in_channels=16, unpatchify=1,
@@ -249,6 +258,20 @@ def test_flow_sigma_outside_0_1(sigma):
         prepare_latent(randn(2, 16, 4, 4), "sd3", sigma, expected_channels=16)
 
 
+@pytest.mark.parametrize("name", ["flux", "sd3", "qwenimage", "flux2"])
+@pytest.mark.parametrize("sigma", [1.0, [0.3, 1.0]])
+def test_a_leftover_latent_at_sigma_1_is_refused(name, sigma):
+    """A stock leftover latent is x_t / (1 - sigma): at sigma 1 it is undefined (and undoing it would
+    multiply by 0: an all-zero latent decoded as pure noise)."""
+    fmt = LATENT_FORMATS[name]
+    latent = randn(2, fmt.channels, 4, 4)
+    with pytest.raises(SigmaError, match=r"x_t / \(1 - sigma\), undefined at sigma 1"):
+        prepare_latent(latent, name, sigma, expected_channels=fmt.pid_channels, undo_noise_scaling=True)
+    z, _, _ = prepare_latent(latent, name, sigma, expected_channels=fmt.pid_channels)  # x_t itself at sigma 1: fine
+    assert torch.isfinite(z).all()
+    prepare_latent(randn(1, 4, 4, 4), "sdxl", 1.0, expected_channels=4, undo_noise_scaling=True)  # nothing to undo
+
+
 def test_sdxl_sigma_may_exceed_1_but_not_be_negative():
     prepare_latent(randn(1, 4, 4, 4), "sdxl", 14.6, expected_channels=4)
     with pytest.raises(LatentError, match="negative.*Euler sigma"):
@@ -292,6 +315,8 @@ def test_several_frames_are_named_before_the_format():
         (randn(2, 16, 4, 4), torch.tensor([0.1, 0.2, 0.3]), "3 values but the latent batch has 2"),
         (randn(2, 16, 4, 4), torch.zeros(2, 1), "1-D tensor"),
         (randn(2, 16, 4, 4), "high", "must be a number"),
+        (randn(2, 16, 4, 4), torch.tensor([True, False]), "real numbers, got a torch.bool tensor"),
+        (randn(2, 16, 4, 4), torch.tensor([0.3j, 0.1]), "real numbers"),
         (torch.zeros(0, 16, 4, 4), 0.0, "empty"),
         (torch.zeros(1, 16, 4, 4, dtype=torch.int64), 0.0, "floating-point"),
     ],

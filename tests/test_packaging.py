@@ -17,7 +17,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # sha256 of the Apache License 2.0 text (apache.org's LICENSE-2.0.txt, the file Debian ships as
 # /usr/share/common-licenses/Apache-2.0), surrounding blank lines stripped
 APACHE_2_SHA256 = "283ea6cc2997a1a70da0049e09adf9317bb60ca1b51279b65196b83a69e1996b"
-USER_FILES = ["__init__.py", "pyproject.toml", "requirements.txt", "README.md", "LICENSE", "docs/DESIGN.md"]
+# what a user reads or runs: the README's pictures (docs/*.png, linked from it) travel with it
+USER_FILES = ["__init__.py", "pyproject.toml", "requirements.txt", "README.md", "LICENSE", "docs/DESIGN.md",
+              *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.png"))]
 USER_FOLDERS = ("nodes/", "pid_core/", "workflows/")
 # the ComfyUI CI tests (.ci/run, tests/comfyui/setup_comfyui.sh): the one version requires-comfyui names
 CI_COMFYUI_ARCHIVE = re.compile(r"comfyui-v(\d+\.\d+\.\d+)\.tar\.gz")

@@ -106,6 +106,15 @@ def test_api_arguments_are_checked(model):
         plan_decode(model, samples.numpy(), _text(), latent_format="flux")
     with pytest.raises(ArgumentError, match="overlap_px"):
         TileOptions(overlap_px=-5)
+    with pytest.raises(ArgumentError, match="sampler must be auto, student or teacher, got 3"):
+        plan_decode(model, samples, _text(), latent_format="flux", sampler=3)
+    with pytest.raises(LatentError, match="latent_format must be a name"):
+        plan_decode(model, samples, _text(), meta=LatentMeta(latent_format=3))
+    for shift in (float("nan"), -1.0, 0.0, 1e30, "6", True):  # 0 and below, or far above: infinite x0 from step 1
+        with pytest.raises(ArgumentError, match="shift must be a number above 0 and at most 100"):
+            plan_decode(model, samples, _text(), latent_format="flux", sampler="teacher", cfg=1.0, shift=shift)
+    assert plan_decode(model, samples, _text(), latent_format="flux", sampler="teacher", cfg=1.0,
+                       shift=3).sampler.shift == 3.0
 
 
 def test_one_untiled_path(model):

@@ -92,7 +92,7 @@ def test_steps_and_cfg_are_checked_per_sampler(model, teacher_model):
     for bad in (-1, -0.5, float("nan"), True, "5"):
         with pytest.raises(PidError, match="cfg must be a finite number of 0 or more"):
             resolve_sampler(teacher_model, (64, 64), cfg=bad)
-    with pytest.raises(PidError, match="shift must be above 0"):
+    with pytest.raises(PidError, match="shift must be a number above 0"):
         resolve_sampler(teacher_model, (64, 64), shift=0)
 
 

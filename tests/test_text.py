@@ -468,3 +468,62 @@ def test_validate_rejects_bad_embeddings():
         validate_text_embedding(torch.zeros(1, 0, HIDDEN), text_dim=HIDDEN)
     with pytest.raises(TextEmbeddingError, match="not a tensor"):
         validate_text_embedding([[0.0] * HIDDEN], text_dim=HIDDEN)
+
+
+# ------------------------------------------------------------------------------------------ magnitudes
+
+
+def test_validate_refuses_magnitudes_no_gemma_hidden_state_has():
+    """Gemma-2-2b-it's last hidden state leaves its final RMSNorm, so its values stay small; far larger
+    values are no hidden state and, from about 1e17, overflow PiD's own text norm (every token 0)."""
+    from pid_core.text import MAX_TEXT_VALUE
+
+    emb = torch.randn(1, 300, TEXT_DIM)
+    emb[0, 3, 5] = -0.9 * MAX_TEXT_VALUE  # an outlier inside the bound is still taken
+    assert validate_text_embedding(emb).shape == (1, 300, TEXT_DIM)
+    assert validate_text_embedding(emb.bfloat16()).dtype == torch.bfloat16
+    for scale in (1e6, 1e20, 1e30):
+        for dtype in (torch.float32, torch.bfloat16):
+            with pytest.raises(TextEmbeddingError, match=r"The text embedding reaches [0-9.e+]+.*Gemma-2-2b-it"):
+                validate_text_embedding((torch.randn(1, 300, TEXT_DIM) * scale).to(dtype))
+
+
+def test_the_text_bound_is_far_below_where_pid_text_norm_overflows():
+    """Why MAX_TEXT_VALUE is safe for the network: PiD's text embedder (Linear, then RMSNorm summing
+    squares in fp32) gives finite, non-zero tokens at the bound in fp32 and in bf16 autocast, while at
+    1e20 the squares overflow and every token becomes exactly 0 (the silent wrong image of issue 22)."""
+    from pid_core.network.layers import TokenEmbedder
+    from pid_core.text import MAX_TEXT_VALUE
+
+    torch.manual_seed(0)
+    embedder = TokenEmbedder(TEXT_DIM, 1536, norm=True)  # the released text layer's shape
+    with torch.no_grad():
+        embedder.proj.weight.copy_(torch.randn(1536, TEXT_DIM) / TEXT_DIM**0.5)
+        at_bound = torch.randn(1, 30, TEXT_DIM).sign() * MAX_TEXT_VALUE  # every value at the bound
+        for autocast in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                tokens = embedder(at_bound).float()
+                overflowed = embedder(torch.randn(1, 30, TEXT_DIM) * 1e20).float()
+            assert torch.isfinite(tokens).all() and (tokens.abs().amax(-1) > 0.1).all()
+            assert (overflowed == 0).all()
+
+
+# ------------------------------------------------------------------------------------------ unreleased text layers
+
+
+def test_a_text_layer_no_released_pid_has_is_named_not_blamed_on_gemma():
+    """A checkpoint whose text layer takes 768-wide text is no released PiD: the message says so (the
+    caller's sentence naming the checkpoint) instead of calling 768 Gemma-2-2b-it's width."""
+    note = "custom.safetensors is not a released PiD checkpoint: its text layer takes 768-wide text"
+    with pytest.raises(TextEmbeddingError) as e:
+        validate_text_embedding(torch.randn(1, 300, TEXT_DIM), text_dim=768, unreleased=note)
+    msg = str(e.value)
+    assert msg.startswith("The text embedding has width 2304 (Gemma-2-2b-it's), but custom.safetensors is not a "
+                          "released PiD checkpoint"), msg
+    assert "hidden states of width 768" not in msg
+    with pytest.raises(TextEmbeddingError) as e:  # without the caller's sentence: still no wrong fact
+        validate_text_embedding(torch.randn(1, 300, TEXT_DIM), text_dim=768)
+    assert "hidden states of width 768" not in str(e.value) and "768" in str(e.value) and "2304" in str(e.value)
+    with pytest.raises(TextEmbeddingError) as e:  # a text layer of 16 tokens is no released one either
+        validate_text_embedding(torch.randn(1, 300, HIDDEN), text_dim=HIDDEN, max_tokens=16, unreleased=note)
+    assert "300 tokens" in str(e.value) and note in str(e.value) and "PiD takes at most 16" not in str(e.value)

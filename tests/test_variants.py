@@ -23,6 +23,7 @@ from pid_core.variants import (
     kind_from_filename,
     recommended_stop_step,
     resolve_variant,
+    unreleased_structure,
     variant_from_filename,
     variants_for_backbone,
     variants_from_filename,
@@ -312,6 +313,24 @@ def test_resolve_variant_errors():
         resolve_variant("pid_sdxl_1024_to_4096_4step_bf16.safetensors", layout="v1", adapter_in_channels=16)
     with pytest.raises(CheckpointError, match="No released PiD checkpoint has the v1.5 layout with 4 latent"):
         resolve_variant("x.pth", layout="v1.5", adapter_in_channels=4)
+
+
+def test_unreleased_structures_are_named_with_what_differs():
+    """One sentence says why a checkpoint is none of the released PiDs (messages about its text and its
+    latent format start with it): its layout and latent channels, its text width, its text length."""
+    from pid_core.commands.random_checkpoints import narrow_config, released_config
+
+    assert unreleased_structure("a.pth", released_config("v1.5", 16)) is None
+    assert unreleased_structure("a.pth", released_config("v1", 4)) is None
+    text768 = released_config("v1", 16, text_dim=768)
+    assert unreleased_structure("custom.safetensors", text768) == (
+        "custom.safetensors is not a released PiD checkpoint: its text layer takes 768-wide text, where every "
+        "released PiD takes Gemma-2-2b-it's hidden states, 2304 wide")
+    short = unreleased_structure("x.pth", narrow_config(text_dim=2304, text_tokens=16))
+    assert short.startswith("x.pth is not a released PiD checkpoint") and "at most 16 text tokens" in short
+    assert "300" in short
+    odd = unreleased_structure("x.pth", narrow_config(layout="v1.5", latent_channels=4))
+    assert "v1.5 layout with 4 latent input channels" in odd
 
 
 # ---------------------------------------------------------------- output sizes

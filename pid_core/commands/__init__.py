@@ -8,6 +8,7 @@
     conformance   the engine against reference case folders (conformance.py)
     bench         time, memory and seam figures with a full-size random model (bench.py)
     bench-ranks   the commands timed in one process and under torchrun (bench_ranks.py)
+    bench-colour  colour matching on synthetic images: colour error, detail, time, seams (bench_colour.py)
 
 The library (pid_core's other modules) never imports from here; what the decode commands share lives
 in options.py, the random checkpoints of selftest, the benchmarks and the tests in random_checkpoints.py.
@@ -21,9 +22,9 @@ import sys
 
 from ..errors import PidError
 from ..wording import CLI
-from . import bench, bench_ranks, conformance, decode, decode_many, download, info, selftest
+from . import bench, bench_colour, bench_ranks, conformance, decode, decode_many, download, info, selftest
 
-COMMANDS = (decode, decode_many, info, download, selftest, conformance, bench, bench_ranks)
+COMMANDS = (decode, decode_many, info, download, selftest, conformance, bench, bench_ranks, bench_colour)
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -39,7 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(sub)
+    for command_parser in sub.choices.values():
+        command_parser.add_argument("--verbose", action="store_true",
+                                    help="also print debug lines (such as the libraries' warnings while reading files)")
     return parser
+
+
+class _LevelPrefix(logging.Formatter):
+    def format(self, record):
+        return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
 def main(argv=None) -> int:
@@ -49,7 +58,11 @@ def main(argv=None) -> int:
         parser.error("--negative-prompt needs --text-encoder (a Gemma-2-2b-it folder); or give --negative-embedding")
     if getattr(args, "prompt", None) is not None and not args.text_encoder:
         parser.error("--prompt needs --text-encoder (a Gemma-2-2b-it folder)")
-    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LevelPrefix())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])  # "warning: ...", as before; no-op if set up
+    # --verbose: our own debug lines too (pid_core's logger hands them to the root's handler), no library's
+    logging.getLogger("pid_core").setLevel(logging.DEBUG if args.verbose else logging.NOTSET)
     try:
         return args.func(args)
     except PidError as exc:

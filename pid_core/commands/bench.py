@@ -283,11 +283,19 @@ def _gb(x) -> str:
     return "-" if x is None else f"{x / 2**30:.2f}"
 
 
-def _size(text: str) -> tuple[int, int]:
-    if "x" in text:
-        w, h = text.lower().split("x")
-        return int(h), int(w)
-    return int(text), int(text)
+def _sizes(text: str) -> list[tuple[int, int]]:
+    """--sizes / --seam-sizes: comma-separated N (square) or WxH, as (H, W); a mistake ends in one line."""
+    sizes = []
+    for item in (s.strip().lower() for s in text.split(",") if s.strip()):
+        try:
+            w, h = item.split("x") if "x" in item else (item, item)
+            size = int(h), int(w)
+        except ValueError:
+            size = (0, 0)
+        if min(size) < 64:
+            raise argparse.ArgumentTypeError(f"{item!r} is no output size: give N (a square) or WxH, at least 64 px")
+        sizes.append(size)
+    return sizes
 
 
 def _expected_bytes(spec: dict) -> int:
@@ -313,7 +321,7 @@ def measure(args) -> list[dict]:
         if device.startswith("cuda") and not torch.cuda.is_available():
             print(f"# {device}: not available, skipped", flush=True)
             continue
-        for size in [_size(s) for s in args.sizes.split(",") if s]:
+        for size in args.sizes:
             for mode in args.modes.split(","):
                 for dtype in args.dtype.split(","):
                     for chunk in args.chunk.split(","):
@@ -402,7 +410,7 @@ def seam(args) -> list[dict]:
     results = []
     print(f"{'output':>10} {'tiles':>12} {'steps':>5} {'seam tiled':>10} {'same, untiled':>13} "
           f"{'PSNR tiled/untiled':>18} {'time':>8}", flush=True)
-    for size in [_size(s) for s in args.seam_sizes.split(",") if s]:
+    for size in args.seam_sizes:
         H, W = size
         g = torch.Generator().manual_seed(2)
         text = torch.randn(1, cfg.text_max_tokens, cfg.text_dim, generator=g)
@@ -436,7 +444,8 @@ def seam(args) -> list[dict]:
 def add_parser(sub) -> None:
     parser = sub.add_parser("bench", help="time, memory and seam figures with a full-size random model",
                             description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="1024,2048", help="output sizes: N (square) or WxH, comma-separated")
+    parser.add_argument("--sizes", default="1024,2048", type=_sizes,
+                        help="output sizes: N (square) or WxH, comma-separated")
     parser.add_argument("--modes", default="untiled,tiled")
     parser.add_argument("--tile", type=int, default=1024, help="tile side in px for the tiled mode")
     parser.add_argument("--overlap", type=int, default=0, help="overlap in px (0: automatic)")
@@ -458,7 +467,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--timeout", type=float, default=None, help="seconds per measurement")
     parser.add_argument("--seam-only", action="store_true")
     parser.add_argument("--no-seam", action="store_true")
-    parser.add_argument("--seam-sizes", default="2048,4096")
+    parser.add_argument("--seam-sizes", default="2048,4096", type=_sizes)
     parser.add_argument("--seam-tile", type=int, default=1024)
     parser.add_argument("--seam-steps", type=int, default=4)
     parser.add_argument("--seam-untiled-max", type=int, default=2048,

@@ -44,8 +44,10 @@ def cmd_decode(args) -> int:
                         f"ranks runs it (give --tile, e.g. --tile 1024, to share tiles among them)")
     loaded = time.perf_counter()
     progress = ProgressBar(plan.sampler.steps) if ranks.is_main else None
+    colour = {}
     image = run_plan(model, plan, seed=args.seed, compile=args.compile, callback=progress,
-                     tile_callback=progress.tile if progress else None, batch_runner=distributed.tile_runner())
+                     tile_callback=progress.tile if progress else None, batch_runner=distributed.tile_runner(),
+                     on_colour=lambda before, after: colour.update(before=before, after=after))
     finished = time.perf_counter()
     if not ranks.is_main:
         return 0  # every rank holds the same image; rank 0 writes it
@@ -57,6 +59,9 @@ def cmd_decode(args) -> int:
     print(f"checkpoint : {describe(model)}")
     for key in ("latent", "sampler", "tiling", "output"):
         print(f"{key:<11}: {said[key]}")
+    if colour:
+        print(f"colour     : {said['colour']}: {colour['before'].describe()} before, {colour['after'].describe()} "
+              "after")
     print(f"time       : load {loaded - started:.1f}s, decode {finished - loaded:.1f}s ({plan.sampler.steps} steps, "
           f"{device.type})")
     print(f"peak memory: {peak_memory_text(device)}")

@@ -43,7 +43,7 @@ from .options import add_decode_options, check_run_options
 
 LATENT_SUFFIXES = (".safetensors", ".latent", ".pt", ".pth", ".npy")
 MANIFEST_KEYS = ("latent", "out", "sigma", "prompt", "embedding", "seed", "steps", "latent_format", "tile",
-                 "overlap", "leftover_noise")
+                 "overlap", "leftover_noise", "color_reference", "color_match")
 # Ranks wait for the slowest at the start (rank 0 lists the items) and at the end (the summary); the
 # shares are balanced, but a listing of many files or one large last item can take long.
 WAIT_FOR_SLOWEST = timedelta(hours=24)
@@ -70,6 +70,8 @@ class Item:
     leftover_noise: bool = False
     sampler: str = "auto"  # the run's --sampler and --cfg (not manifest keys)
     cfg: Optional[float] = None
+    color_reference: Optional[str] = None  # an image of the scene with the colours to keep
+    color_match: Optional[float] = None
 
     @property
     def text_key(self) -> str:
@@ -109,7 +111,8 @@ def defaults_from(args) -> dict:
     """The command line's options, the defaults of every item."""
     return dict(prompt=args.prompt, embedding=args.text_embedding, sigma=args.sigma, seed=args.seed,
                 steps=args.steps, latent_format=args.latent_format, tile=args.tile, overlap=args.overlap,
-                leftover_noise=args.leftover_noise, sampler=args.sampler, cfg=args.cfg)
+                leftover_noise=args.leftover_noise, sampler=args.sampler, cfg=args.cfg,
+                color_reference=args.color_reference, color_match=args.color_match)
 
 
 def folder_items(folder: str, out_dir: str, defaults: dict) -> list[Item]:
@@ -138,7 +141,7 @@ def manifest_items(path: str, out_dir: Optional[str], defaults: dict) -> list[Un
     out_dir = out_dir or base
     entries: list[Union[Item, Problem]] = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # also with the byte-order mark Windows editors write
             lines = f.readlines()
     except UnicodeDecodeError:
         raise PidError(f"The manifest {path} is not a text file (JSON Lines, UTF-8): one JSON object per line, "
@@ -188,6 +191,14 @@ def _manifest_item(entry, where: str, base: str, out_dir: str, defaults: dict) -
     steps = _typed(entry, "steps", int, options["steps"])
     if steps is not None and steps < 0:
         raise PidError(f"\"steps\" must be a number of steps (0: the sampler's default), not {steps}")
+    reference = _typed(entry, "color_reference", str, options["color_reference"])
+    if "color_reference" in entry:
+        reference = os.path.join(base, reference)
+    strength = entry.get("color_match", options["color_match"])
+    if strength is not None and (not _is_number(strength) or not 0 <= strength <= 1):
+        raise PidError(f"\"color_match\" must be a number from 0 to 1, not {json.dumps(strength)}")
+    if strength is not None and reference is None:
+        raise PidError("\"color_match\" needs a \"color_reference\" (or the command's --color-reference)")
     out = _typed(entry, "out", str, None)
     out = os.path.join(out_dir, out if out is not None else os.path.splitext(os.path.basename(latent))[0] + ".png")
     inside = os.path.abspath(out_dir)
@@ -199,7 +210,7 @@ def _manifest_item(entry, where: str, base: str, out_dir: str, defaults: dict) -
         seed=_typed(entry, "seed", int, options["seed"]), steps=steps,
         latent_format=_typed(entry, "latent_format", str, options["latent_format"]), tile=str(tile),
         overlap=overlap, leftover_noise=_typed(entry, "leftover_noise", bool, options["leftover_noise"]),
-        sampler=options["sampler"], cfg=options["cfg"],
+        sampler=options["sampler"], cfg=options["cfg"], color_reference=reference, color_match=strength,
     )
 
 
@@ -240,6 +251,8 @@ def list_jobs(entries: list[Union[Item, Problem]], *, text_encoder: Optional[str
             if item.prompt is not None and not text_encoder:
                 raise PidError("a prompt needs the Gemma text encoder: give --text-encoder")
             shape = latent_file_shape(item.latent)
+            if item.color_reference is not None and not os.path.isfile(item.color_reference):
+                raise PidError(f"the colour reference {item.color_reference} was not found: give an image file")
             batch = shape[0] if len(shape) >= 4 else 1
             outputs = output_paths(item.out, batch)
             for path in outputs:
@@ -334,9 +347,10 @@ def in_text_order(jobs: list[Job]) -> list[Job]:
     return sorted(jobs, key=lambda job: first[job.item.text_key])  # stable: listed order inside a group
 
 
-def decode_job(model, job: Job, text: torch.Tensor, device: torch.device, negative, bn_stats) -> torch.Tensor:
+def decode_job(model, job: Job, text: torch.Tensor, device: torch.device, negative, bn_stats,
+               on_colour=None) -> torch.Tensor:
     """One item, as the decode command runs it: its images [B, 3, H, W] in [0, 1]. negative() gives the
-    run's negative text of a guided decode; bn_stats: the run's --bn-stats."""
+    run's negative text of a guided decode; bn_stats: the run's --bn-stats; on_colour: run_plan's."""
     from ..decode import run_plan
     from ..files import load_latent_file
     from .options import plan_for
@@ -347,7 +361,7 @@ def decode_job(model, job: Job, text: torch.Tensor, device: torch.device, negati
         raise PidError(f"{item.latent} changed while this run went on (now {latent.shape[0]} images, listed with {job.batch})")
     plan = plan_for(model, latent, meta, text, item, budget_bytes=distributed.memory_budget(device), negative=negative,
                     bn_stats=bn_stats)
-    return run_plan(model, plan, seed=item.seed)
+    return run_plan(model, plan, seed=item.seed, on_colour=on_colour)
 
 
 def _reason(exc: Exception) -> str:
@@ -382,28 +396,33 @@ def decode_share(jobs: list[Job], args, device: torch.device) -> RankReport:
         """Wait for an item's write and report it."""
         if pending is None:
             return
-        head, job, began, writing = pending
+        head, job, began, writing, colour = pending
         try:
             written = writing.result()
         except Exception as exc:
             failed(head, job, exc)
         else:
             report.done += 1
-            print(f"{head} -> {', '.join(written)} ({time.perf_counter() - began:.1f}s)", file=sys.stderr, flush=True)
+            print(f"{head} -> {', '.join(written)} ({time.perf_counter() - began:.1f}s{colour})", file=sys.stderr,
+                  flush=True)
 
     pending = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pid-png") as writer:  # waits for a write under way
         for k, job in enumerate(in_text_order(jobs), 1):
             began = time.perf_counter()
             head = f"{ranks.label}[{k}/{len(jobs)}] {job.item.where}"
+            colour = []
             try:
-                image = decode_job(model, job, texts(job.item), device, lambda: texts.negative(args), bn_stats)
+                image = decode_job(model, job, texts(job.item), device, lambda: texts.negative(args), bn_stats,
+                                   on_colour=lambda before, after: colour.append(
+                                       f"; colour against the reference: {before.describe()} -> {after.describe()}"))
             except Exception as exc:  # this item fails, the run goes on
                 failed(head, job, exc)
                 continue
             finish(pending)
             # on the CPU: the device's memory stays what one decode needs while the next one runs
-            pending = head, job, began, writer.submit(write_images, image.cpu(), job.item.out, only=job.missing)
+            pending = (head, job, began, writer.submit(write_images, image.cpu(), job.item.out, only=job.missing),
+                       "".join(colour))
             del image
         finish(pending)
     report.seconds = time.perf_counter() - started
@@ -486,4 +505,5 @@ Manifest: one JSON object per line; inputs relative to the manifest's folder, ou
   {"latent": "a.safetensors", "prompt": "a red fox in snow", "seed": 1, "out": "png/a.png"}
   {"latent": "b.latent", "embedding": "b_text.safetensors", "sigma": 0.3, "steps": 4, "tile": 2048}
 Keys: latent (required), out, sigma, prompt or embedding, seed, steps, latent_format, tile, overlap,
-leftover_noise; a key left out takes the command line's option. Outputs that exist are skipped."""
+leftover_noise, color_reference (an image), color_match; a key left out takes the command line's option.
+Outputs that exist are skipped."""

@@ -68,6 +68,9 @@ def tile_options(tile, overlap: Optional[int], budget_bytes: Optional[int] = Non
         raise ArgumentError(f"--tile takes off, auto or a tile size from {SMALLEST_TILE_PX} to {LARGEST_PX} px, "
                             f"not {tile!r}.")
     overlap = overlap or 0
+    if mode == "off" and overlap:
+        raise ArgumentError(f"--overlap {overlap} applies to tiles, but --tile is off: drop --overlap, or give --tile "
+                            "auto or a tile size.")
     if not 0 <= overlap <= LARGEST_PX or (mode == "manual" and overlap > side // 2):
         limit = f", at most half the tile ({side // 2} px)" if mode == "manual" else ""
         raise ArgumentError(f"--overlap takes 0 (automatic) or a number of pixels{limit}, not {overlap}.")
@@ -82,6 +85,22 @@ def check_run_options(args) -> None:
         raise ArgumentError(f"--cfg takes a guidance scale of 0 or more (1 = no guidance), not {args.cfg}.")
     if args.bn_stats is not None:
         sniff(args.bn_stats, FLUX2_VAE_FILE)
+    check_colour_options(args.color_reference, args.color_match)
+
+
+def check_colour_options(reference, strength) -> None:
+    """--color-reference names an image file; --color-match (0 to 1) only with a reference."""
+    from ..errors import ColourReferenceError
+
+    if strength is not None and not (math.isfinite(strength) and 0 <= strength <= 1):
+        raise ArgumentError(f"--color-match takes a strength from 0 to 1 (0: the decode's own colours), not {strength}.")
+    if reference is None:
+        if strength is not None:
+            raise ArgumentError("--color-match needs --color-reference (an image of the scene with the colours to keep).")
+        return
+    if not os.path.isfile(reference):
+        what = "is a folder" if os.path.isdir(reference) else "was not found"
+        raise ColourReferenceError(f"The colour reference {reference} {what}: give an image file (PNG, JPEG, WebP).")
 
 
 def check_decode_arguments(args) -> torch.device:
@@ -110,19 +129,22 @@ def check_decode_arguments(args) -> torch.device:
     if args.negative_embedding is not None:
         sniff(args.negative_embedding, TEXT_EMBEDDING_FILE)
     check_output_path(args.out, inputs=(args.checkpoint, args.latent, args.text_embedding, args.negative_embedding,
-                                        args.text_encoder, args.bn_stats))
+                                        args.text_encoder, args.bn_stats, args.color_reference))
     return device
 
 
 def plan_for(model, latent, meta, text, options, *, budget_bytes: Optional[int], negative, bn_stats=None):
     """The decode plan of one latent from a command's options: decode's arguments, or a decode-many item
     (which holds the same names). Only translates: every decision is plan.plan_decode's."""
+    from ..images import read_image
     from ..plan import plan_decode
 
+    reference = read_image(options.color_reference) if options.color_reference else None
     return plan_decode(model, latent, text, meta=meta, latent_format=options.latent_format, sigma=options.sigma,
                        leftover_noise=options.leftover_noise, bn_stats=bn_stats,
                        tiling=tile_options(options.tile, options.overlap, budget_bytes), sampler=options.sampler,
-                       steps=options.steps, cfg=options.cfg, negative=negative)
+                       steps=options.steps, cfg=options.cfg, negative=negative, color_reference=reference,
+                       color_match=options.color_match)
 
 
 def flux2_bn_stats(args):
@@ -212,7 +234,9 @@ def add_decode_options(p: argparse.ArgumentParser, *, text_required: bool) -> No
     text.add_argument("--prompt", help="prompt, encoded with --text-encoder")
     text.add_argument("--text-embedding", help="precomputed Gemma embedding [B,300,2304] (.safetensors/.pt/.npy)")
     p.add_argument("--text-encoder", help="Gemma-2-2b-it folder (Hugging Face layout) for --prompt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of PiD's noise, 0 to 2^64-1. On CUDA every seed is its own noise; on the CPU, seeds that "
+                        "differ by a multiple of 2^32 repeat (torch's CPU generator keeps a seed's low 32 bits)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps: students 1-4 (default 4), undistilled checkpoints 1-100 (default 25); 0 = the default")
     p.add_argument("--sampler", default="auto", choices=["auto", "student", "teacher"],
@@ -225,6 +249,12 @@ def add_decode_options(p: argparse.ArgumentParser, *, text_required: bool) -> No
     negative.add_argument("--negative-embedding", default=None,
                           help="precomputed Gemma embedding of the negative prompt [1|B,300,2304] (needed with "
                                "--text-embedding and no --text-encoder)")
+    p.add_argument("--color-reference", default=None, metavar="IMAGE",
+                   help="an image of the same scene whose colours to keep (the VAE decode of the latent, an upscale's "
+                        "source; PNG, JPEG, WebP; any size with the output's aspect ratio): the decode's low-frequency "
+                        "colour is matched to it, its detail kept")
+    p.add_argument("--color-match", type=float, default=None, metavar="S",
+                   help="how strongly the colour reference's colours are kept, 0 to 1 (default 1 with a reference)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="storage dtype of the weights (auto: the file's); CPUs compute in fp32 per layer, GPUs in bf16 autocast")
     p.add_argument("--tile", default="auto", help="auto (tiles only beyond the trained size or free memory), off, or a tile size in output pixels, at least 64 (e.g. 2048)")

@@ -45,13 +45,16 @@ def save_image(graph, node_id, source, filename):
 
 
 def pid_decode_node(latent, *, cond=("cond", 0), pid=("pid", 0), fmt="auto", sigma=-1.0, steps=2, seed=0,
-                    tiling="auto", tile_size=2048, tile_overlap=0, negative=None, cfg=-1.0, sampler="auto"):
+                    tiling="auto", tile_size=2048, tile_overlap=0, negative=None, cfg=-1.0, sampler="auto",
+                    color_reference=None, color_match=1.0):
     node = {"class_type": DECODE, "inputs": {
         "pid_model": list(pid), "latent": list(latent), "conditioning": list(cond), "seed": seed, "steps": steps,
         "latent_format": fmt, "sigma": sigma, "tiling": tiling, "tile_size": tile_size, "tile_overlap": tile_overlap,
-        "cfg": cfg, "sampler": sampler}}
+        "cfg": cfg, "sampler": sampler, "color_match": color_match}}
     if negative is not None:
         node["inputs"]["negative"] = list(negative)
+    if color_reference is not None:
+        node["inputs"]["color_reference"] = list(color_reference)
     return node
 
 
@@ -103,8 +106,10 @@ def test_nodes_registered_with_tooltips(comfyui):
     assert info[TEXT]["output"] == ["CONDITIONING", "CONDITIONING"]
     assert info[TEXT]["output_name"] == ["positive", "negative"]
     # new PiD Decode inputs come after the old ones: saved workflows keep their widget values
-    assert info[DECODE]["input_order"]["required"][-2:] == ["cfg", "sampler"]
-    assert info[DECODE]["input_order"]["optional"] == ["negative"]
+    assert info[DECODE]["input_order"]["required"][-3:] == ["cfg", "sampler", "color_match"]
+    assert info[DECODE]["input_order"]["optional"] == ["negative", "color_reference"]
+    for node_id in (DECODE, ENCODE):  # torch's CPU generator keeps a seed's low 32 bits (tests/test_decode.py)
+        assert "multiple of 2^32" in info[node_id]["input"]["required"]["seed"][1]["tooltip"], node_id
 
 
 @pytest.mark.parametrize(
@@ -186,6 +191,33 @@ def test_early_stop_to_pid_decode(comfyui, model_files):
     assert "PiD v1" in text and "16-channel" in text, text
 
 
+def test_colour_reference_matches_the_decode_and_reports_it(comfyui, model_files):
+    """The finished latent through the VAE as PiD Decode's color_reference: the image takes its colours, the
+    node shows the colour error before and after; a reference of another aspect ratio is refused."""
+    from pid_core.colour import colour_error
+
+    g = graph_base(model_files, steps=6, stop=4)
+    g["vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": model_files["vae"]}}
+    g["reference"] = {"class_type": "VAEDecode", "inputs": {"samples": ["early", 1], "vae": ["vae", 0]}}
+    add_pid_decode(g, model_files, latent=("early", 0), color_reference=("reference", 0))
+    g["plain"] = pid_decode_node(("early", 0), color_reference=("reference", 0), color_match=0.0)
+    save_image(g, "s_img", ["decode", 0], "coloured.safetensors")
+    save_image(g, "s_plain", ["plain", 0], "plain.safetensors")
+    save_image(g, "s_ref", ["reference", 0], "reference.safetensors")
+    entry = comfyui.run(g)
+    text = entry["outputs"]["decode"]["text"][0]
+    assert text.startswith("Colour against the reference: mean CIEDE2000") and "after matching (strength 1)" in text
+    images = {name: comfyui.read_tensors(f"{name}.safetensors")[0]["image"].permute(0, 3, 1, 2)
+              for name in ("coloured", "plain", "reference")}
+    matched, unmatched = (colour_error(images[name], images["reference"]) for name in ("coloured", "plain"))
+    assert matched.delta_e.item() < unmatched.delta_e.item() and matched.levels.item() < unmatched.levels.item()
+    g["wide"] = {"class_type": "EmptyImage", "inputs": {"width": 96, "height": 64, "batch_size": 1, "color": 0}}
+    g["decode"]["inputs"]["color_reference"] = ["wide", 0]
+    del g["s_ref"]
+    message = failure_message(comfyui, g, DECODE)
+    assert "96x64" in message and "256x256" in message, message
+
+
 def test_tiled_decode_in_comfyui(comfyui, model_files):
     # 192 px image -> 24x24 latent -> 768 px PiD image in 512 px tiles: the tiled path end to end
     g = graph_base(model_files, steps=3, stop=2, finish=False)
@@ -217,6 +249,24 @@ def test_bad_conditioning_gets_a_clear_error(comfyui, model_files):
     save_image(g, "s_img", ["decode", 0], "never.safetensors")
     message = failure_message(comfyui, g, node_type=DECODE)
     assert "4096" in message and "2304" in message, message
+
+
+def test_a_conditioning_beyond_any_gemma_hidden_state_is_refused(comfyui, model_files):
+    """A CONDITIONING of values around 1e30 (squared in PiD's text norm they overflow and the prompt is
+    silently ignored) fails in PiD Decode naming the text embedding, as the conditioning and as the
+    negative of a guided decode; no IMAGE is handed on."""
+    g = graph_base(model_files, steps=3, stop=2, finish=False)
+    g["huge"] = {"class_type": "PiDTestConditioning",
+                 "inputs": {"batch": 1, "tokens": 300, "width": 2304, "seed": 1, "scale": 1e30}}
+    add_pid_decode(g, model_files, latent=("early", 0), cond=("huge", 0))
+    save_image(g, "s_img", ["decode", 0], "never_huge.safetensors")
+    message = failure_message(comfyui, g, node_type=DECODE)
+    assert "The text embedding reaches" in message and "Gemma-2-2b-it" in message, message
+    # the guided sampler on the student file (the teacher's loader output stays uncached for its own test)
+    add_pid_decode(g, model_files, latent=("early", 0), sampler="teacher", steps=2, cfg=4.0, negative=("huge", 0))
+    message = failure_message(comfyui, g, node_type=DECODE)
+    assert message.startswith("The negative text: The text embedding reaches"), message
+    assert not (comfyui.output_dir / "never_huge.safetensors").exists()
 
 
 def test_invalid_input_is_reported_before_running(comfyui, model_files):
@@ -267,6 +317,22 @@ def test_encode_degrade_auto_format_asks_for_16_channel_vaes(comfyui, model_file
     with pytest.raises(ComfyError) as err:
         comfyui.run(g)
     assert "'flux' or 'sd3'" in err.value.execution_error.get("exception_message", "")
+
+
+def test_encode_degrade_names_an_image_smaller_than_a_latent_cell(comfyui, model_files):
+    """A 4 x 4 image for an 8x VAE has no latent: a message with the size to give, not the VAE's conv error."""
+    g = {
+        "img": {"class_type": "EmptyImage", "inputs": {"width": 4, "height": 4, "batch_size": 1, "color": 0}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": model_files["vae"]}},
+        "enc": {"class_type": ENCODE, "inputs": {"image": ["img", 0], "vae": ["vae", 0], "sigma": 0.3, "seed": 1,
+                                                 "latent_format": "flux"}},
+    }
+    save_latent(g, "s_enc", ["enc", 0], "never_tiny.safetensors")
+    message = failure_message(comfyui, g, node_type=ENCODE)
+    assert "The image is 4x4 px, smaller than one latent cell of this VAE (8x8 px)" in message, message
+    g["img"]["inputs"].update(width=8, height=8)  # one latent cell: fine
+    comfyui.run(g)
+    assert comfyui.read_tensors("never_tiny.safetensors")[0]["samples"].shape[-2:] == (1, 1)
 
 
 def test_non_finite_decode_fails_with_the_cause(comfyui, model_files):

@@ -64,7 +64,7 @@ class PiDTestConditioning(io.ComfyNode):
                 io.Int.Input("tokens", default=300, min=1, max=1024),
                 io.Int.Input("width", default=2304, min=1, max=8192),
                 io.Int.Input("seed", default=0, min=0, max=2**31),
-                io.Float.Input("scale", default=1.0, min=0.0, max=1e6),
+                io.Float.Input("scale", default=1.0, min=0.0, max=1e38),  # up to values no text encoder gives
                 io.Int.Input("pooled", default=0, min=0, max=8192, optional=True),
             ],
             outputs=[io.Conditioning.Output()],
