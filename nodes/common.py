@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from ..pid_core.errors import PidError
 from ..pid_core.latent_formats import COMFY_FORMATS
 from ..pid_core.latents import LatentMeta
+from ..pid_core.wording import NODE, render
 
 CATEGORY = "PiD"
 # The formats a user can pick on the nodes: those a ComfyUI model or VAE produces.
@@ -33,19 +34,24 @@ KEY_SAMPLES_REF = "pid_samples_ref"  # the samples tensor the keys describe (ide
 
 
 class NodeInputError(ValueError):
-    """A user-facing problem with a node's inputs; the message says what to do."""
+    """A user-facing problem with a node's inputs; the message says what to do, its terms (wording.term)
+    in a ComfyUI user's words."""
 
     # ComfyUI shows "<module>.<class>" as the error type; the loaded pack's module path is a file path.
     __module__ = "PiD"
 
+    def __init__(self, message: str):
+        super().__init__(render(message, NODE))
+
 
 @contextlib.contextmanager
 def user_errors():
-    """Engine errors (PidError) reach ComfyUI as one clear message, without the engine's traceback."""
+    """Engine errors (PidError) reach ComfyUI as one clear message in a node's words (inputs, ComfyUI's
+    nodes and folders), without the engine's traceback."""
     try:
         yield
     except PidError as e:
-        raise NodeInputError(str(e)) from None
+        raise NodeInputError(e.template) from None
 
 
 def write_pid_metadata(latent: dict, samples, *, sigma: float, latent_format: Optional[str]) -> dict:

@@ -19,18 +19,18 @@ import comfy.utils
 from comfy_api.latest import io, ui
 
 from ..pid_core.decode import run_plan
-from ..pid_core.errors import TextEmbeddingError
 from ..pid_core.images import preview_uint8
 from ..pid_core.network.layers import attention_backend, heads_merged_backend
 from ..pid_core.plan import plan_decode
 from ..pid_core.tiling import TileOptions
+from ..pid_core.wording import term
 from .common import (CATEGORY, LATENT_FORMAT_NAMES, NODE_ID_DECODE, NodeInputError, PidModel, read_pid_metadata,
                      user_errors)
 
 log = logging.getLogger("pid_decoder")
 
 
-ENCODE_HINT = "Encode it with PiD Text Encode (CLIPLoader type 'pixeldit')."
+ENCODE_HINT = f"PiD needs Gemma-2-2b-it hidden states: {term.encode_prompt}."
 
 
 def text_embedding_from_conditioning(conditioning, name: str = "conditioning") -> torch.Tensor:
@@ -52,12 +52,10 @@ def image_to_pid(image: torch.Tensor) -> torch.Tensor:
 
 
 def negative_embedding(negative):
-    """The negative conditioning's embedding, asked for by the plan only for a guided decode."""
+    """The negative conditioning's embedding, asked for by the plan only for a guided decode (None: the
+    plan says what to connect)."""
     if negative is None:
-        raise TextEmbeddingError(
-            "A guided decode (an undistilled checkpoint with cfg above 1) needs the negative conditioning: connect "
-            "PiD Text Encode's negative output to PiD Decode's negative input, or set cfg to 1 for no guidance."
-        )
+        return None
     return text_embedding_from_conditioning(negative, "negative conditioning")
 
 

@@ -29,6 +29,7 @@ from ..pid_core.checkpoint import (CheckpointInfo, build_model, describe, read_c
                                    strip_prefix)
 from ..pid_core.precision import DTYPES, compute_dtype
 from ..pid_core.quantized import floating_dtype, formats, quantized_layers
+from ..pid_core.wording import term
 from .common import CATEGORY, NODE_ID_LOADER, NodeInputError, PidModel, user_errors
 
 log = logging.getLogger("pid_decoder")
@@ -135,7 +136,7 @@ def full_path(name: str) -> str:
         path = folder_paths.get_full_path(folder, name)
         if path is not None:
             return path
-    raise NodeInputError(f"PiD checkpoint {name!r} was not found in models/{PID_FOLDER} or models/diffusion_models.")
+    raise NodeInputError(f"PiD checkpoint {name!r} was not found. Check {term.checkpoint_place}.")
 
 
 class PiDLoader(io.ComfyNode):

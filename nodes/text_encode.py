@@ -12,10 +12,10 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..pid_core.text import NEGATIVE_PROMPT, TEXT_TOKENS, contract_token_ids
+from ..pid_core.wording import term
 from .common import CATEGORY, NODE_ID_TEXT_ENCODE, NodeInputError
 
-_LOAD_GEMMA = ("Load the Gemma file (gemma_2_2b_it_elm_bf16.safetensors) with Load CLIP (CLIPLoader), type "
-               "'pixeldit', and connect it here.")
+_LOAD_GEMMA = f"Connect {term.gemma_file} here."
 
 
 def pid_tokens(clip, caption: str) -> dict:

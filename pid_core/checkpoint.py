@@ -22,18 +22,19 @@ from .precision import DTYPES, operations_for, storage_dtype
 from .quantized import (dequantize, describe_layers, floating_dtype, logical_size, storage_shape, stores_as_is,
                         unsupported_layouts, without_quantization)
 from .variants import TEACHER, kind_from_filename, latent_geometry, resolve_variant, variants_matching
+from .wording import term
 
 PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.", "model.")
 # Keys that say what a non-PiD file is, so the error can name it.
 FOREIGN_MODELS = (
-    ("double_blocks.", "a FLUX diffusion model (load it with Load Diffusion Model, not as PiD)"),
+    ("double_blocks.", "a FLUX diffusion model"),
     ("joint_blocks.", "an SD3 diffusion model"),
     ("input_blocks.", "an SD/SDXL UNet"),
     ("decoder.conv_in.", "a VAE"),
     ("encoder.conv_in.", "a VAE"),
     ("encoder.block.", "a T5 text encoder"),
     ("text_model.", "a CLIP text encoder"),
-    ("layers.0.self_attn.", "a language-model text encoder (such as Gemma: load it with CLIPLoader type 'pixeldit')"),
+    ("layers.0.self_attn.", f"a language-model text encoder such as Gemma, which goes to {term.text_encoder}"),
     ("transformer_blocks.", "a diffusers transformer (FLUX/SD3/Qwen-Image), not a PiD decoder"),
     ("net_ema.", "a PiD training checkpoint with separate EMA weights (convert it with the official script)"),
 )
@@ -85,7 +86,8 @@ def _flat_tensor_dict(obj, name: str) -> dict:
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
-    raise CheckpointError(f"{name} holds no tensors ({type(obj).__name__}); it is not a model checkpoint.")
+    raise CheckpointError(f"{name} holds no tensors ({type(obj).__name__}); it is not a model checkpoint. "
+                          f"{term.choose_checkpoint}.")
 
 
 def strip_prefix(sd: dict) -> tuple[dict, str]:
@@ -162,9 +164,10 @@ def detect_config(sd: dict, name: str = "checkpoint", quantized: dict | None = N
             has_aux_rgb_head=has_aux,
         )
     except (KeyError, StopIteration, ValueError, ZeroDivisionError) as exc:
+        lacks = f" (it has no {exc.args[0]})" if isinstance(exc, KeyError) and exc.args else ""
         raise CheckpointError(
-            f"{name} looks like a PiD checkpoint but its structure is incomplete ({type(exc).__name__}: {exc}). "
-            f"The file is damaged or from an unsupported release."
+            f"{name} looks like a PiD checkpoint but its structure is incomplete{lacks}: the file is damaged or from "
+            "an unsupported release."
         ) from None
 
 
@@ -195,9 +198,9 @@ def _logical_width(sd: dict, quantized: dict, name: str, holders) -> int:
 def describe_foreign(sd: dict, name: str) -> str:
     for marker, what in FOREIGN_MODELS:
         if any(marker in k for k in sd):
-            return f"{name} is not a PiD checkpoint: it looks like {what}. Choose a PiD decoder file."
+            return f"{name} is not a PiD checkpoint: it looks like {what}. {term.choose_checkpoint}."
     sample = ", ".join(list(sd)[:3])
-    return f"{name} is not a PiD checkpoint (its first keys are: {sample}). Choose a PiD decoder file."
+    return f"{name} is not a PiD checkpoint (its first keys are: {sample}). {term.choose_checkpoint}."
 
 
 def expected_shapes(config: PidConfig) -> dict:
@@ -310,7 +313,7 @@ def load_pid(path: str, *, device="cpu", dtype: torch.dtype | str | None = None,
         if overflowed:
             raise CheckpointError(
                 f"{name}: {len(overflowed)} weight tensor(s) (first {overflowed[0]}) exceed float16's range "
-                "(65504). Load the weights as bf16 or fp32."
+                f"(65504). Load the weights as bf16 or fp32 ({term.weights_bf16})."
             )
     model.variant = variant
     model.checkpoint = CheckpointInfo(path=path, key_layout=key_layout, file_dtype=file_dtype)

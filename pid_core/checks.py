@@ -13,6 +13,7 @@ import numbers
 import torch
 
 from .errors import ArgumentError, DeviceError
+from .wording import term
 
 SEED_MAX = 2**64 - 1  # torch generators (and ComfyUI's seed widgets) take 0 .. 2^64 - 1
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
@@ -40,7 +41,7 @@ def require_device(device) -> torch.device:
         if dev.type == "cuda" and torch.version.cuda is None:
             why = " (this PyTorch is built without CUDA: install a CUDA build of torch)"
         raise DeviceError(
-            f"The device {str(dev)!r} is not available on this machine{why}. Use --device cpu, or a device "
+            f"The device {str(dev)!r} is not available on this machine{why}. Use {term.device_cpu}, or a device "
             f"this machine has ({', '.join(available_devices())})."
         )
     count = backend.device_count() if hasattr(backend, "device_count") else 1
@@ -82,7 +83,7 @@ def whole_number(value, name: str, low: int, high: int, hint: str = "") -> int:
 
 
 def check_seed(seed) -> int:
-    return whole_number(seed, "seed", 0, SEED_MAX)
+    return whole_number(seed, term.seed, 0, SEED_MAX)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

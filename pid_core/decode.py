@@ -25,6 +25,7 @@ from .teacher import dpm_solver_pp
 from .text import NEGATIVE_PROMPT
 from .variants import TEACHER
 from .velocity import network_denoiser, network_velocity
+from .wording import term
 
 log = logging.getLogger("pid_core")
 
@@ -216,15 +217,14 @@ def nonfinite_message(plan: DecodePlan, step: int, steps: int) -> str:
     latent_peak = plan.latent.abs().amax().item()
     if plan.compute_dtype == torch.float16:
         cause = ("the network overflowed float16 (its largest value is 65504): load the weights as bf16 or fp32 "
-                 "(--dtype bf16, or weight_dtype bf16 in PiD Loader)")
+                 f"({term.weights_bf16})")
     elif text_peak > LARGE_TEXT_VALUE:
-        cause = (f"the text embedding reaches {text_peak:.3g}, far beyond Gemma-2 hidden states: encode the prompt "
-                 "with the Gemma-2-2b-it text encoder (CLIPLoader type 'pixeldit')")
+        cause = f"the text embedding reaches {text_peak:.3g}, far beyond Gemma-2 hidden states: {term.encode_prompt}"
     elif latent_peak > LARGE_LATENT_VALUE:
         cause = (f"the latent reaches {latent_peak:.3g} in PiD's input space, where latents are a few units: check "
                  "the latent and its format")
     else:
-        cause = "the checkpoint or the inputs are damaged: check the checkpoint (python -m pid_core info) and the latent"
+        cause = f"the checkpoint or the inputs are damaged: check the checkpoint ({term.checkpoint_summary}) and the latent"
     return f"The decode gave NaN or infinite values at step {step} of {steps}, so no image was made: {cause}."
 
 
@@ -246,12 +246,11 @@ def check_memory(plan: DecodePlan) -> None:
     if not fits:
         need, free = tiles.memory_bytes / gib, budget / gib
         if options.mode == "off":
-            fix = ("Use tiling (--tile auto on the command line, tiling auto in PiD Decode, TileOptions() in Python), "
-                   "which fits any size, or decode fewer images at once.")
+            fix = f"Use {term.tiling_auto}, which fits any size, or decode fewer images at once."
         elif options.mode == "manual":
-            fix = "Use a smaller tile, or tiling auto, which picks one that fits."
+            fix = f"Use {term.smaller_tile}, or {term.tiling_auto}, which picks a tile that fits."
         else:
-            fix = "Free memory (other programs or models), decode fewer images at once, or use another device."
+            fix = f"Free memory (other programs or models), decode fewer images at once, or use {term.other_device}."
         raise DecodeError(f"Decoding {what} needs about {need:.1f} GiB of working memory on {plan.device}, and about "
                           f"{free:.1f} GiB are free. {fix}")
     if plan.canvas_device.type == "cpu":
@@ -272,9 +271,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def out_of_memory_message(plan: DecodePlan, exc: BaseException) -> str:
     H, W = plan.output_hw
     tiled = "tiles of {}x{} px".format(*plan.tiles.tile_hw[::-1]) if plan.tiles.tiled else "one pass"
-    return (f"Out of memory on {plan.device} while decoding {W}x{H} px in {tiled} ({type(exc).__name__}). "
-            "Use tiling (--tile auto, or a smaller --tile; tiling auto or a smaller tile_size in PiD Decode), decode "
-            "fewer images at once, or free memory.")
+    if plan.tile_options.mode == "off":
+        fix = f"use {term.tiling_auto}"
+    else:  # auto chose one pass, or tiles that did not fit after all: tiles of a size given by hand
+        fix = f"use {term.smaller_tile}" if plan.tiles.tiled else f"use tiles of a fixed size ({term.manual_tile})"
+    return (f"Out of memory on {plan.device} while decoding {W}x{H} px in {tiled}: {fix}, decode fewer images at "
+            "once, or free memory.")
 
 
 def encode_text(text, text_encoder):
@@ -284,10 +286,8 @@ def encode_text(text, text_encoder):
     if not is_prompt:
         return text
     if text_encoder is None:
-        raise TextEmbeddingError(
-            "A prompt needs a Gemma-2-2b-it text encoder: pass text_encoder (pid_core.text.GemmaTextEncoder), "
-            "or give a precomputed embedding [B, 300, 2304]."
-        )
+        raise TextEmbeddingError(f"A prompt needs the Gemma-2-2b-it text encoder: give {term.text_encoder}, or "
+                                 f"{term.text_embedding} instead of the prompt.")
     prompts = [text] if isinstance(text, str) else list(text)
     return text_encoder.encode(prompts)
 

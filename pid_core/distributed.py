@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from .checks import require_device
 from .errors import PidError
+from .wording import term
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,7 @@ class TileParallel:
         dist.all_gather_object(everyone, mine, group=self.group)
         if any(other != mine for other in everyone):
             raise PidError("The ranks planned different tiles for this image (different memory budgets or "
-                           "options): give every rank the same --tile and --overlap.")
+                           f"options): give every rank the same {term.tiling}.")
 
 
 def tile_runner() -> Optional[TileParallel]:

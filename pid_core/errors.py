@@ -1,12 +1,28 @@
 """Errors a user can act on.
 
-Every error raised for bad input is a PidError whose message names the problem and the fix, so the
-command line and the ComfyUI nodes can show it as is, without a traceback.
+Every error raised for bad input is a PidError whose one-line message names the problem and the fix,
+so the command line and the ComfyUI nodes can show it without a traceback. What the message calls an
+option is said in its reader's words (wording.py): str(exc) in the API's, render(CLI) or render(NODE)
+in the command line's or a node's.
 """
+
+from .wording import API, render
 
 
 class PidError(Exception):
     """Base class: a problem with the user's input, explained in the message."""
+
+    @property
+    def template(self) -> str:
+        """The message with its terms not yet rendered: what a message that wraps this one quotes."""
+        return super().__str__()
+
+    def render(self, context: str) -> str:
+        """The message in the words of `context`: wording.API, CLI or NODE."""
+        return render(self.template, context)
+
+    def __str__(self) -> str:
+        return self.render(API)
 
 
 class CheckpointError(PidError):

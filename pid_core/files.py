@@ -20,8 +20,10 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, LatentError, PidError, TextEmbeddingError
+from .file_damage import what_is_wrong
 from .latent_formats import Flux2BNStats, flux2_bn_stats_from_state_dict
 from .latents import LatentMeta
+from .wording import library_detail, term
 
 log = logging.getLogger("pid_core")
 
@@ -29,11 +31,12 @@ log = logging.getLogger("pid_core")
 @dataclass(frozen=True)
 class FileRole:
     """What a file is for, for messages: its name, the error to raise, how to re-save it with tensors
-    only, and where to look when given a folder."""
+    only, where to look for it when it is missing, and where to look when given a folder."""
 
     what: str
     error: type = PidError
     resave: str = ""
+    place: str = "the path"  # what to check when the file is missing (a wording term where readers differ)
     folder_hint: str = ""
     image_hint: str = ""  # what to do when given an image instead
     text_hint: str = ""  # what to do when given a text file instead
@@ -41,7 +44,7 @@ class FileRole:
 
 CHECKPOINT_FILE = FileRole(
     "checkpoint", CheckpointError, "Use the official model_ema_bf16.pth or a repackaged .safetensors file.",
-    " (for the official release: checkpoints/<experiment>/model_ema_bf16.pth)")
+    place=term.checkpoint_place, folder_hint=" (for the official release: checkpoints/<experiment>/model_ema_bf16.pth)")
 LATENT_FILE = FileRole(
     "latent file", LatentError,
     "Save the latent as a tensor: safetensors.torch.save_file({'latent': t}, path), torch.save(t, path) or numpy.save.",
@@ -77,10 +80,16 @@ FLUX2_VAE_FILE = FileRole(
     "FLUX.2 VAE file", LatentError,
     "Give the FLUX.2 VAE (flux2-vae.safetensors), or a file of its bn.running_mean and bn.running_var.")
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else ""
-    return line if line and "weights_only" not in line else type(exc).__name__  # never torch's unsafe advice
+def unreadable(path, kind: str, exc: BaseException, role: FileRole) -> PidError:
+    """The role's error for a file of a known kind that its reader could not read: the cause in our words
+    from the file's structure (truncated, damaged), else our sentence with the reader's words after it."""
+    name = os.path.basename(str(path))
+    wrong = what_is_wrong(str(path), kind, exc)
+    if wrong:
+        return role.error(f"{name} {wrong}: download or save it again.")
+    fmt = {"safetensors": "safetensors", "numpy": "numpy", "numpy-archive": "numpy"}.get(kind, "a PyTorch file")
+    return role.error(f"{name} could not be read as {fmt}, so it is damaged or not such a file: download or save it "
+                      f"again{library_detail(exc)}.")
 
 
 def sniff(path, role: FileRole) -> str:
@@ -96,7 +105,7 @@ def sniff(path, role: FileRole) -> str:
     path = str(path)
     name = os.path.basename(path) or path
     if not os.path.exists(path):
-        raise error(f"{what[0].upper()}{what[1:]} not found: {path}. Check the path.")
+        raise error(f"{what[0].upper()}{what[1:]} not found: {path}. Check {role.place}.")
     if os.path.isdir(path):
         raise error(f"{path} is a folder, not a {what}. Give the file itself{role.folder_hint}.")
     try:
@@ -191,9 +200,7 @@ def read_tensor_file(path, role: FileRole, *, device="cpu") -> Any:
             # The advice in torch's own message (weights_only=False) would run the file's code: never passed on.
             raise error(f"{name} holds pickled Python objects, not only tensors, so it was not loaded: unpickling "
                         f"it could run arbitrary code. {resave}".rstrip()) from None
-        fmt = {"safetensors": "safetensors", "numpy": "numpy", "numpy-archive": "numpy"}.get(kind, "a PyTorch file")
-        raise error(f"{name} could not be read as {fmt} ({_first_line(exc)}). The file is truncated or corrupt: "
-                    "download or save it again.") from None
+        raise unreadable(path, kind, exc, role) from None
 
 
 def _read_torch(path: str, device, *, mmap: bool):
@@ -276,8 +283,7 @@ def latent_file_shape(path: str) -> tuple[int, ...]:
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged header: the full read names it
         if kind == "safetensors":
-            raise LatentError(f"{os.path.basename(str(path))} could not be read as safetensors "
-                              f"({_first_line(exc)}). The file is truncated or corrupt: save it again.") from None
+            raise unreadable(path, kind, exc, LATENT_FILE) from None
     return tuple(load_latent_file(path)[0].shape)
 
 
@@ -321,8 +327,7 @@ def load_flux2_bn_stats(path: str | os.PathLike) -> Flux2BNStats:
             with safe_open(str(path), framework="pt") as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys() if k.endswith(("bn.running_mean", "bn.running_var"))}
         except Exception as exc:  # noqa: BLE001 - a damaged header
-            raise LatentError(f"{Path(path).name} could not be read as safetensors ({_first_line(exc)}). The file is "
-                              "truncated or corrupt: download it again.") from None
+            raise unreadable(path, kind, exc, FLUX2_VAE_FILE) from None
     else:
         tensors = read_tensor_file(path, FLUX2_VAE_FILE)
         if not isinstance(tensors, dict):

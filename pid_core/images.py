@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from .errors import ColourReferenceError, OutputError
+from .wording import library_detail
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every PNG ends with
 
@@ -94,7 +96,7 @@ def encode_image(rgb: np.ndarray, ext: str) -> bytes:
     try:
         Image.fromarray(rgb, "RGB").save(buffer, format=name, **options)
     except (OSError, KeyError, ValueError) as exc:  # e.g. a Pillow built without WebP
-        raise OutputError(f"Pillow could not write {ext} ({exc}). Write .png instead.") from None
+        raise OutputError(f"This Pillow cannot write {ext}: write .png instead{library_detail(exc)}.") from None
     return buffer.getvalue()
 
 

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from .errors import CheckpointError, LatentError
+from .wording import term
 
 # Wan 2.1 VAE per-channel statistics, which Qwen-Image's VAE shares (ComfyUI's Wan21 latent format,
 # `latents_mean` / `latents_std`; the same 16 values are in the diffusers Wan / Qwen-Image VAE config).
@@ -140,9 +141,8 @@ class LatentFormat:
     def _stats(self, bn_stats: Flux2BNStats | None) -> Flux2BNStats:
         if bn_stats is None:
             raise LatentError(
-                "A raw 32-channel FLUX.2 latent must be packed and normalized with the FLUX.2 VAE's "
-                "BatchNorm statistics, and none were given. Give the FLUX.2 VAE file, or pass the "
-                "128-channel latent that ComfyUI's FLUX.2 VAE gives (latent format 'flux2')."
+                "A raw 32-channel FLUX.2 latent must be packed and normalized with the FLUX.2 VAE's BatchNorm "
+                f"statistics, and none were given: give {term.flux2_stats}."
             )
         return bn_stats
 
@@ -156,7 +156,7 @@ class LatentFormat:
                 raise LatentError(
                     f"This latent is 5-D {list(samples.shape)} ([B, C, T, H, W], a video or Qwen-Image "
                     f"latent), but the latent format '{self.name}' ({self.label}) takes 4-D "
-                    f"[B, C, H, W] latents. Use the format {video} for Qwen-Image latents."
+                    f"[B, C, H, W] latents. Set {term.latent_format} to {video} for Qwen-Image latents."
                 )
             if samples.shape[2] != 1:
                 raise LatentError(
@@ -256,5 +256,5 @@ def format_mismatch(channels: int, fmt: LatentFormat) -> str:
     """The message for a latent whose channels are not the chosen format's."""
     what = f" ({looks_like(channels)})" if looks_like(channels) else ""
     return (f"The latent has {channels} channels{what}, but the latent format '{fmt.name}' ({fmt.label}) takes "
-            f"{fmt.channels}-channel latents. Set the latent format to 'auto' or to the format of the model that "
+            f"{fmt.channels}-channel latents. Set {term.latent_format} to 'auto' or to the format of the model that "
             "made the latent.")

@@ -25,6 +25,7 @@ from .errors import LatentError, SigmaError
 from .latent_formats import (LATENT_FORMATS, Flux2BNStats, LatentFormat, format_by_channels, format_mismatch,
                              formats_with_channels, get_latent_format, looks_like, pid_channels)
 from .variants import VARIANTS, Variant
+from .wording import term
 
 Sigma = Union[float, torch.Tensor]
 
@@ -46,26 +47,42 @@ NO_META = LatentMeta()
 
 def _checkpoint_mismatch(channels: int, expected: int) -> str:
     wants = f"{expected}-channel {looks_like(expected)}".rstrip()
-    fits = [v.name for v in VARIANTS.values() if v.latent_channels == pid_channels(channels)]
-    if not looks_like(channels) or not fits:
+    fix = _other_checkpoint(channels)
+    if fix is None:
         return (
             f"This {channels}-channel latent is not one that any released PiD checkpoint takes; the "
             f"checkpoint expects {wants} latents. Give it a latent from a model it was made for, or "
             "decode this latent with its own VAE."
         )
-    return (
-        f"This is a {channels}-channel {looks_like(channels)} latent, but the checkpoint expects "
-        f"{wants} latents; load the {looks_like(channels)} PiD checkpoint ({', '.join(fits)}), or "
-        "give this checkpoint a latent from a model it was made for."
-    )
+    return (f"This is a {channels}-channel {looks_like(channels)} latent, but the checkpoint expects {wants} latents; "
+            f"{fix}, or give this checkpoint a latent from a model it was made for.")
+
+
+def _other_checkpoint(channels: int) -> Optional[str]:
+    """'load the <backbone> PiD checkpoint (<variants>)' for a latent of this many channels; None when no
+    released checkpoint takes it."""
+    fits = [v.name for v in VARIANTS.values() if v.latent_channels == pid_channels(channels)]
+    if not looks_like(channels) or not fits:
+        return None
+    return f"load the {looks_like(channels)} PiD checkpoint ({', '.join(fits)})"
 
 
 def _format_mismatch(channels: int, fmt: LatentFormat, expected: int) -> str:
-    if pid_channels(channels) != expected:
-        what = f" ({looks_like(channels)})" if looks_like(channels) else ""
-        return (f"The latent has {channels} channels{what}, but the latent format '{fmt.name}' ({fmt.label}) takes "
-                f"{fmt.channels}-channel latents. " + _checkpoint_mismatch(channels, expected))
-    return format_mismatch(channels, fmt)
+    """The chosen format does not take the latent's channels; when the checkpoint does not either, one
+    message says both (each fact once) and the fix for both."""
+    if pid_channels(channels) == expected:
+        return format_mismatch(channels, fmt)
+    what = f" ({looks_like(channels)})" if looks_like(channels) else ""
+    chosen = f"the latent format '{fmt.name}' ({fmt.label})"
+    if fmt.channels == expected:
+        takes = f"{chosen} and the checkpoint take {expected}-channel latents"
+    else:
+        takes = f"{chosen} takes {fmt.channels}-channel latents and the checkpoint {expected}-channel ones"
+    other = _other_checkpoint(channels)
+    fix = (f"{other} and set {term.latent_format} to 'auto', or give this checkpoint a latent from a model it was "
+           "made for" if other else "give the checkpoint a latent from a model it was made for, or decode this "
+           "latent with its own VAE")
+    return f"The latent has {channels} channels{what}, but {takes}: {fix}."
 
 
 def _check_samples(samples: torch.Tensor) -> None:
@@ -253,7 +270,7 @@ def detect_latent_format(
             raise LatentError(
                 f"This 5-D latent {list(samples.shape)} is a {video.label} (Wan VAE) latent, but the "
                 f"checkpoint is {variant.name} ({variant.label}). Load the {video.label} PiD checkpoint, "
-                "or set the latent format by hand if the latent really is what the checkpoint takes."
+                f"or set {term.latent_format} by hand if the latent really is what the checkpoint takes."
             )
         return video.name
     if format_by_channels(channels) is not None:
@@ -265,12 +282,12 @@ def detect_latent_format(
     alike = f"a {channels}-channel latent can be {group}, which are normalized differently"
     if unreleased:
         raise LatentError(
-            f"{unreleased}, so it does not tell the latent format, and {alike}. Set the latent format to one of: "
+            f"{unreleased}, so it does not tell the latent format, and {alike}. Set {term.latent_format} to one of: "
             f"{', '.join(candidates)} (the one this checkpoint was trained on), or load a released PiD checkpoint."
         )
     raise LatentError(
         f"{alike[0].upper()}{alike[1:]}, and the checkpoint's file name does not say which backbone it was made "
-        f"for. Set the latent format to one of: {', '.join(candidates)}."
+        f"for. Set {term.latent_format} to one of: {', '.join(candidates)}."
     )
 
 

@@ -40,6 +40,7 @@ from .samplers import SamplerPlan, resolve_sampler
 from .text import validate_text_embedding
 from .tiling import TileOptions, TilePlan, plan_tiling
 from .variants import BACKBONES, check_output_size, unreleased_structure, variants_for_backbone
+from .wording import term
 
 log = logging.getLogger("pid_core")
 
@@ -82,7 +83,7 @@ def check_latent_format_name(choice: Optional[str]) -> str:
     """The lower-case name of a latent format choice: auto, a format or a backbone; anything else is an
     error (checked before anything is loaded)."""
     if choice is not None and not isinstance(choice, str):
-        raise LatentError(f"latent_format must be a name such as 'auto' or 'flux', got {choice!r}.")
+        raise LatentError(f"{term.latent_format} must be a name such as 'auto' or 'flux', got {choice!r}.")
     name = (choice or "auto").strip().lower()
     if name != "auto" and name not in LATENT_FORMATS and name not in BACKBONES:
         raise LatentError(
@@ -262,7 +263,8 @@ def plan_decode(
         )
     except SigmaError as e:
         if sigma_source.startswith("pid_sigma"):
-            raise SigmaError(f"{e} (This sigma is the {sigma_source}; give a sigma to override it.)") from None
+            raise SigmaError(f"{e.template} (This sigma is the {sigma_source}; {term.sigma_override} to override "
+                             "it.)") from None
         raise
     # The reference hands the latent to the network as bf16 (docs/DESIGN.md §10): keep that rounding.
     z = z.to(torch.bfloat16).float()
@@ -308,14 +310,14 @@ def _colour_match(reference, strength, output_hw, batch: int) -> Optional[Colour
     and a strength from 0 to 1 (1 when not given); a strength without a reference is refused."""
     if reference is None:
         if strength is not None:
-            raise ArgumentError("color_match sets how strongly a colour reference's colours are kept, and no "
-                                "color_reference was given: give one, or leave color_match out.")
+            raise ArgumentError(f"{term.color_match} sets how strongly a colour reference's colours are kept, and no "
+                                f"{term.color_reference} was given: give one, or leave {term.color_match} out.")
         return None
     check_colour_reference(reference, output_hw, batch)
     if strength is None:
         strength = 1.0
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= strength <= 1:
-        raise ArgumentError(f"color_match must be a number from 0 to 1 (0: the decode's own colours), got "
+        raise ArgumentError(f"{term.color_match} must be a number from 0 to 1 (0: the decode's own colours), got "
                             f"{strength!r}.")
     return ColourMatch(reference.detach(), float(strength))
 
@@ -323,15 +325,12 @@ def _colour_match(reference, strength, output_hw, batch: int) -> Optional[Colour
 def _negative_embedding(negative, model, batch: int, device, cfg: float) -> torch.Tensor:
     """The unconditional text of a guided decode, checked and matched to the batch."""
     if negative is None:
-        raise TextEmbeddingError(
-            f"A guided decode (teacher, cfg {cfg:g}) needs the negative text's embedding: give a negative prompt or "
-            "embedding (the reference's negative prompt is text.NEGATIVE_PROMPT, encoded like any caption), or "
-            "set cfg 1 for no guidance."
-        )
+        raise TextEmbeddingError(f"A guided decode (teacher, cfg {cfg:g}) needs a negative text: {term.give_negative}, "
+                                 f"or set {term.no_guidance} for no guidance.")
     try:
         config = model.config
         negative = validate_text_embedding(negative, text_dim=config.text_dim, max_tokens=config.text_max_tokens,
                                            unreleased=unreleased_checkpoint(model))
         return match_text_batch(negative.to(device=device, dtype=torch.float32), batch)
     except TextEmbeddingError as e:
-        raise TextEmbeddingError(f"The negative text: {e}") from None
+        raise TextEmbeddingError(f"The negative text: {e.template}") from None

@@ -20,6 +20,7 @@ from .errors import ArgumentError
 from .sampling import STUDENT_MAX_STEPS, student_schedule
 from .teacher import check_shift, teacher_schedule, teacher_shift
 from .variants import KINDS, STUDENT, TEACHER, kind_from_filename
+from .wording import term
 
 
 @dataclass(frozen=True)
@@ -123,13 +124,13 @@ def resolve_sampler(
         raise ArgumentError(f"Unknown sampler {sampler!r}: choose auto, {STUDENT} or {TEACHER}.")
     spec = SAMPLERS[kind]
     if steps is not None and not (isinstance(steps, numbers.Integral) and not isinstance(steps, bool)):
-        steps = whole_number(steps, "steps", 0, spec.max_steps, "0 gives the sampler's default.")  # 2.7 refused
+        steps = whole_number(steps, term.steps, 0, spec.max_steps, "0 gives the sampler's default.")  # 2.7 refused
     steps = int(steps) if steps else spec.default_steps
     if not 1 <= steps <= spec.max_steps:
         more = (f" Use {spec.default_steps} for the released quality; many guided steps are for the undistilled "
-                f"checkpoints (sampler '{TEACHER}')." if kind == STUDENT else f" The reference uses {spec.default_steps}.")
+                f"checkpoints ({term.sampler_teacher})." if kind == STUDENT else f" The reference uses {spec.default_steps}.")
         raise ArgumentError(f"The {kind} sampler runs 1 to {spec.max_steps} steps; got {steps}.{more}")
-    cfg_given = _number(cfg, "cfg")
+    cfg_given = _number(cfg, term.cfg)
     shift_given = None if shift is None else check_shift(shift)
     cfg = spec.default_cfg if cfg_given is None else cfg_given
     label = model.variant.name if model.variant is not None else "this checkpoint"

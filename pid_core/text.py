@@ -25,6 +25,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .errors import TextEmbeddingError
+from .file_damage import what_is_wrong
+from .wording import library_detail, term
 
 TEXT_TOKENS = 300  # tokens the network was trained with (y_pos_embedding length)
 TEXT_DIM = 2304  # Gemma-2-2b hidden size
@@ -81,10 +83,7 @@ _KNOWN_WIDTHS = {
     3584: "a Qwen2.5-VL-7B text encoder (Qwen-Image)",
     4096: "a T5-XXL (FLUX.1 / SD3) text encoder",
 }
-_HOW_TO_LOAD = (
-    "in ComfyUI load the Gemma file (gemma_2_2b_it_elm_bf16.safetensors) with CLIPLoader type 'pixeldit', "
-    "or use this pack's Gemma encoder"
-)
+_HOW_TO_LOAD = term.encode_prompt
 _HOW_TO_ENCODE = f"PiD needs Gemma-2-2b-it hidden states encoded with its instruction prompt: {_HOW_TO_LOAD}"
 
 
@@ -375,8 +374,7 @@ def _load_tokenizer(tokenizer_path: str | os.PathLike):
         return AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
     except Exception as e:
         raise TextEmbeddingError(
-            f"Could not load a tokenizer from {tokenizer_path} ({type(e).__name__}). Give a folder with the "
-            "Gemma-2-2b-it tokenizer files (tokenizer.json, tokenizer_config.json) from google/gemma-2-2b-it."
+            f"{tokenizer_path} holds no tokenizer that loads: give {term.tokenizer_folder}{library_detail(e)}."
         ) from e
 
 
@@ -386,14 +384,14 @@ def _load_folder(path: Path, tokenizer_path, backend: str, dtype: torch.dtype, t
 
     if not (path / "config.json").is_file():
         raise TextEmbeddingError(
-            f"{path} has no config.json. Give the google/gemma-2-2b-it folder (config.json, weights, "
-            "tokenizer files) or a single Gemma-2-2b-it .safetensors file."
+            f"{path} has no config.json, so it is not a Hugging Face model folder: give {term.gemma_file}."
         )
     try:
         cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
         raise TextEmbeddingError(
-            f"Could not read {path / 'config.json'} ({type(e).__name__}: {e}). PiD needs Gemma-2-2b-it."
+            f"{path / 'config.json'} is not a model config that transformers reads: give {term.gemma_file}"
+            f"{library_detail(e)}."
         ) from e
     _check_gemma2_config(cfg, text_dim, str(path))
     tokenizer = _load_tokenizer(tokenizer_path or path)
@@ -405,7 +403,8 @@ def _load_folder(path: Path, tokenizer_path, backend: str, dtype: torch.dtype, t
             str(path), config=cfg, local_files_only=True, attn_implementation=backend, **_dtype_kwargs(dtype)
         )
     except Exception as e:
-        raise TextEmbeddingError(f"Could not load the Gemma-2 weights from {path} ({type(e).__name__}: {e}).") from e
+        raise TextEmbeddingError(f"The Gemma-2 weights in {path} do not load: the folder is incomplete or damaged; get "
+                                 f"google/gemma-2-2b-it again{library_detail(e)}.") from e
     return model, tokenizer
 
 
@@ -414,17 +413,13 @@ def _single_file_tokenizer(path: Path, tokenizer_path, spiece):
     if tokenizer_path is not None:
         return _load_tokenizer(tokenizer_path)
     if spiece is None:
-        raise TextEmbeddingError(
-            f"{path.name} holds no tokenizer. Pass tokenizer_path= a folder with the google/gemma-2-2b-it "
-            "tokenizer files (tokenizer.json, tokenizer_config.json)."
-        )
+        raise TextEmbeddingError(f"{path.name} holds no tokenizer: give {term.tokenizer_folder}.")
     try:
         return _SentencePieceTokenizer(spiece.numpy().tobytes())
     except ImportError as e:
         raise TextEmbeddingError(
             f"{path.name} embeds a SentencePiece tokenizer, but the sentencepiece package is not "
-            "installed: `pip install sentencepiece`, or pass tokenizer_path= a folder with the "
-            "google/gemma-2-2b-it tokenizer files."
+            f"installed: `pip install sentencepiece`, or give {term.tokenizer_folder}."
         ) from e
 
 
@@ -435,12 +430,15 @@ def _load_single_file(path: Path, tokenizer_path, backend: str, dtype: torch.dty
 
     if path.suffix.lower() != ".safetensors":
         raise TextEmbeddingError(
-            f"{path.name}: a single Gemma file must be .safetensors (or give the Hugging Face folder)."
+            f"{path.name} is not a .safetensors file, the one single-file form of Gemma read here: give {term.gemma_file}."
         )
     try:
         raw = load_file(str(path), device="cpu")
     except Exception as e:
-        raise TextEmbeddingError(f"Could not read {path.name} ({type(e).__name__}: {e}).") from e
+        wrong = what_is_wrong(str(path), "safetensors", e)
+        raise TextEmbeddingError(f"{path.name} {wrong}: download it again." if wrong else
+                                 f"{path.name} could not be read as safetensors, so it is damaged or not such a file: "
+                                 f"download it again{library_detail(e)}.") from None
     spiece = raw.get("spiece_model")
     sd = _gemma_state_dict(raw, path.name)
     del raw
@@ -455,7 +453,8 @@ def _load_single_file(path: Path, tokenizer_path, backend: str, dtype: torch.dty
             **_dtype_kwargs(dtype),
         )
     except Exception as e:
-        raise TextEmbeddingError(f"{path.name} does not fit the Gemma-2-2b architecture ({type(e).__name__}: {e}).") from e
+        raise TextEmbeddingError(f"{path.name} does not fit the Gemma-2-2b architecture: use an unmodified "
+                                 f"Gemma-2-2b-it file{library_detail(e)}.") from e
     problems = {k: sorted(map(str, info.get(k) or [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if any(problems.values()):
         detail = "; ".join(f"{k.replace('_', ' ')}: {v[:3]}" for k, v in problems.items() if v)

@@ -12,6 +12,7 @@ from pid_core.checks import (
     whole_number,
 )
 from pid_core.errors import ArgumentError, DeviceError
+from pid_core.wording import CLI
 
 
 def test_devices_are_checked_and_named():
@@ -21,8 +22,9 @@ def test_devices_are_checked_and_named():
     with pytest.raises(DeviceError, match="not on 'meta'"):
         require_device("meta")
     if not torch.cuda.is_available():
-        with pytest.raises(DeviceError, match="'cuda' is not available.*--device cpu"):
+        with pytest.raises(DeviceError, match="'cuda' is not available.*Use device='cpu'") as missing:
             require_device("cuda")
+        assert "Use --device cpu" in missing.value.render(CLI)  # the command line's test_bad_input case too
     else:
         with pytest.raises(DeviceError, match="does not exist"):
             require_device(f"cuda:{torch.cuda.device_count()}")

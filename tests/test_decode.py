@@ -222,7 +222,7 @@ def test_teacher_decodes_with_dpm_solver_and_guidance(teacher_checkpoint):
 def test_teacher_settings_and_errors(teacher_checkpoint, checkpoints):
     model = load_pid(teacher_checkpoint, dtype=torch.float32)
     latent = torch.randn(1, 16, 2, 2)
-    with pytest.raises(TextEmbeddingError, match="needs the negative text's embedding"):
+    with pytest.raises(TextEmbeddingError, match="needs a negative text"):
         decode(model, latent, text=_text(), steps=2)  # an embedding, no encoder: no negative to make
     a = decode(model, latent, text=_text(), steps=2, negative=_text(seed=5))
     b = decode(model, latent, text=_text(), steps=2, cfg=1.0)  # no guidance: no negative needed

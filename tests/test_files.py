@@ -1,6 +1,7 @@
 """Reading user files: latent files with what travels with them, precomputed text embeddings; tensors only."""
 
 import re
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +9,10 @@ from safetensors.torch import save_file
 
 from pid_core.errors import LatentError, TextEmbeddingError
 from pid_core.files import load_latent_file, load_text_embedding
+
+# What the readers say about a damaged file (safetensors, torch.load, numpy, the OS): never in our messages.
+LIBRARY_WORDS = re.compile(r"miniz|PytorchStreamReader|deserializ|incomplete metadata|EOF|Errno|central directory|"
+                           r"could only read|not fully written|RuntimeError|OSError|ValueError", re.IGNORECASE)
 
 
 def test_latent_file_and_its_sigma(tmp_path):
@@ -132,12 +137,47 @@ def test_refusals_never_advise_unsafe_loading(tmp_path):
         load_text_embedding(tmp_path / "words.npy")
 
 
-def test_truncated_files_are_called_truncated(tmp_path):
-    for path in _write_each_kind(tmp_path, torch.randn(1, 16, 30, 40)).values():
+@pytest.mark.parametrize("keep", [0.5, 0.99, -1], ids=["half", "most", "all but a byte"])
+def test_truncated_files_are_called_truncated(tmp_path, keep):
+    """A file cut short, of any kind, is named truncated in our words: the readers' own text ("incomplete
+    metadata", "PytorchStreamReader", "internal miniz error", "unexpected EOF") stays out of the message."""
+    for kind, path in _write_each_kind(tmp_path, torch.randn(1, 16, 30, 40)).items():
         data = path.read_bytes()
-        path.write_bytes(data[: len(data) // 2])
-        with pytest.raises(LatentError, match="truncated or corrupt"):
+        path.write_bytes(data[: int(len(data) * keep) if keep > 0 else keep])
+        with pytest.raises(LatentError, match=f"^{path.name} is truncated .*: download or save it again.$") as e:
             load_latent_file(str(path))
+        assert not LIBRARY_WORDS.search(str(e.value)), (kind, str(e.value))
+
+
+def test_a_damaged_safetensors_file_is_named_in_our_words(tmp_path):
+    path = tmp_path / "l.safetensors"
+    save_file({"latent": torch.randn(1, 16, 3, 4)}, path)
+    data = bytearray(path.read_bytes())
+    path.write_bytes(data + b"tail")
+    with pytest.raises(LatentError, match=r"^l.safetensors is damaged \(4 bytes follow the tensors its header lists\)"):
+        load_latent_file(str(path))
+    data[10:14] = b"\x00\x00\x00\x00"  # inside the JSON header
+    path.write_bytes(data)
+    with pytest.raises(LatentError, match=r"^l.safetensors is damaged \(its safetensors header does not read"):
+        load_latent_file(str(path))
+
+
+def test_a_reader_failure_we_cannot_name_puts_its_words_after_ours(tmp_path, monkeypatch):
+    """The one rule for library text (docs/DESIGN.md §13): our sentence first; the reader's first line after
+    it only when the file's structure does not tell the cause."""
+    import safetensors.torch
+
+    path = tmp_path / "l.safetensors"
+    save_file({"latent": torch.randn(1, 16, 3, 4)}, path)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("a reader's own words\nand a second line")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", fails)
+    with pytest.raises(LatentError) as e:
+        load_latent_file(str(path))
+    assert str(e.value) == ("l.safetensors could not be read as safetensors, so it is damaged or not such a file: "
+                            "download or save it again (RuntimeError: a reader's own words).")
 
 
 def _pickles(tmp_path):

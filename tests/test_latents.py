@@ -189,7 +189,7 @@ def test_detect_16_channels_from_the_variant(variant, expected):
 
 
 def test_detect_16_channels_without_a_variant_asks_the_user():
-    with pytest.raises(LatentError, match="Set the latent format to one of: flux, qwenimage, sd3"):
+    with pytest.raises(LatentError, match="Set latent_format to one of: flux, qwenimage, sd3"):
         detect_latent_format(torch.zeros(1, 16, 8, 8), adapter_in_channels=16, unpatchify=1)
 
 
@@ -198,7 +198,7 @@ def test_detect_16_channels_for_an_unreleased_checkpoint_says_so_first():
     with pytest.raises(LatentError) as err:
         detect_latent_format(torch.zeros(1, 16, 8, 8), adapter_in_channels=16, unpatchify=1, unreleased=note)
     msg = str(err.value)
-    assert msg.startswith(note) and "Set the latent format to one of: flux, qwenimage, sd3" in msg, msg
+    assert msg.startswith(note) and "Set latent_format to one of: flux, qwenimage, sd3" in msg, msg
     assert "file name does not say" not in msg  # the name is not what is missing
 
 
@@ -228,9 +228,17 @@ def test_sdxl_latent_for_a_flux_checkpoint():
 
 
 def test_wrong_format_for_the_latent():
-    with pytest.raises(LatentError, match=r"has 4 channels \(SDXL\), but the latent format 'flux'.*checkpoint expects 16"):
+    # the format and the checkpoint both take 16 channels: one message says so once, with the fix for both
+    with pytest.raises(LatentError) as both:
         prepare_latent(randn(1, 4, 8, 8), "flux", 0.0, expected_channels=16)
-    with pytest.raises(LatentError, match="has 16 channels.*format 'sdxl'.*Set the latent format to 'auto'"):
+    assert str(both.value) == (
+        "The latent has 4 channels (SDXL), but the latent format 'flux' (FLUX.1 / Z-Image) and the checkpoint take "
+        "16-channel latents: load the SDXL PiD checkpoint (sdxl-2kto4k) and set latent_format to 'auto', or give "
+        "this checkpoint a latent from a model it was made for.")
+    with pytest.raises(LatentError, match=r"has 128 channels \(FLUX.2 / Klein\), but the latent format 'sdxl' \(SDXL\) "
+                                          r"takes 4-channel latents and the checkpoint 16-channel ones: load the FLUX.2"):
+        prepare_latent(randn(1, 128, 8, 8), "sdxl", 0.0, expected_channels=16)
+    with pytest.raises(LatentError, match="has 16 channels.*format 'sdxl'.*Set latent_format to 'auto'"):
         prepare_latent(randn(1, 16, 8, 8), "sdxl", 0.0, expected_channels=16)
 
 

@@ -64,7 +64,7 @@ def test_plan_holds_every_resolved_fact(model):
 
 @pytest.mark.parametrize("stored", [1.5, float("nan"), torch.tensor([[0.1]]), torch.tensor([0.1, 0.2]), "high"])
 def test_a_bad_sigma_from_the_latent_says_so(model, stored):
-    with pytest.raises(LatentError, match="pid_sigma of latent.safetensors; give a sigma to override it"):
+    with pytest.raises(LatentError, match="pid_sigma of latent.safetensors; pass sigma= to override it"):
         plan_decode(model, torch.randn(1, 16, 2, 2), _text(),
                     meta=LatentMeta(sigma=stored, latent_format="flux", source="latent.safetensors"))
 
@@ -189,7 +189,7 @@ def test_a_guided_plan_needs_the_negative_text_only_when_guided(teacher_model):
     assert shorter.tiles.branches == 1
     plain = plan_decode(teacher_model, samples, _text(), latent_format="flux", cfg=1.0, negative=negative)
     assert asked == [1] and plain.negative is None and plain.tiles.branches == 1
-    with pytest.raises(TextEmbeddingError, match="needs the negative text's embedding"):
+    with pytest.raises(TextEmbeddingError, match="needs a negative text: pass negative="):
         plan_decode(teacher_model, samples, _text(), latent_format="flux")
     with pytest.raises(TextEmbeddingError, match="The negative text: .*width 2304"):
         plan_decode(teacher_model, samples, _text(), latent_format="flux", negative=torch.randn(1, 5, 2304))

@@ -14,6 +14,7 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma2Model, PreTrainedTokenizerFast, T5Config
 
 from pid_core.errors import TextEmbeddingError
+from pid_core.wording import CLI, NODE
 from pid_core.text import (
     CHI_PROMPT,
     NEGATIVE_PROMPT,
@@ -439,7 +440,8 @@ def test_validate_wrong_width_names_the_encoder():
     with pytest.raises(TextEmbeddingError) as e:
         validate_text_embedding(torch.randn(1, 256, 4096))
     msg = str(e.value)
-    assert "4096" in msg and "T5-XXL" in msg and "2304" in msg and "pixeldit" in msg
+    assert "4096" in msg and "T5-XXL" in msg and "2304" in msg and "GemmaTextEncoder" in msg
+    assert "Load CLIP, type pixeldit" in e.value.render(NODE) and "--text-encoder" in e.value.render(CLI)
     with pytest.raises(TextEmbeddingError, match="CLIP-L"):
         validate_text_embedding(torch.randn(1, 77, 768))
     with pytest.raises(TextEmbeddingError, match="width 48"):

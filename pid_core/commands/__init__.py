@@ -21,6 +21,7 @@ import logging
 import sys
 
 from ..errors import PidError
+from ..wording import CLI
 from . import bench, bench_colour, bench_ranks, conformance, decode, decode_many, download, info, selftest
 
 COMMANDS = (decode, decode_many, info, download, selftest, conformance, bench, bench_ranks, bench_colour)
@@ -65,5 +66,5 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except PidError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc.render(CLI)}", file=sys.stderr)
         return 2

@@ -38,6 +38,7 @@ import torch
 
 from .. import distributed
 from ..errors import PidError
+from ..wording import CLI, library_detail
 from .options import add_decode_options, check_run_options
 
 LATENT_SUFFIXES = (".safetensors", ".latent", ".pt", ".pth", ".npy")
@@ -154,7 +155,7 @@ def manifest_items(path: str, out_dir: Optional[str], defaults: dict) -> list[Un
         except json.JSONDecodeError as exc:
             entries.append((where, f"not a JSON object: {exc.msg} at column {exc.colno}"))
         except PidError as exc:
-            entries.append((where, str(exc)))
+            entries.append((where, exc.render(CLI)))
     if not entries:
         raise PidError(f"The manifest {path} lists no items: one JSON object per line, such as "
                        "{\"latent\": \"a.safetensors\"}.")
@@ -264,7 +265,7 @@ def list_jobs(entries: list[Union[Item, Problem]], *, text_encoder: Optional[str
             if broken:
                 raise PidError(f"{broken[0]} exists but is not a complete PNG: it is left as it is; move it away to decode this item")
         except PidError as exc:
-            listing.failures.append((item.where, str(exc)))
+            listing.failures.append((item.where, exc.render(CLI)))
             continue
         if all(present):
             listing.skipped += 1
@@ -286,7 +287,7 @@ def _listing_or_error(args) -> Union[Listing, str]:
             entries = folder_items(args.latents, args.out_dir, defaults)
         return list_jobs(entries, text_encoder=args.text_encoder)
     except PidError as exc:
-        return str(exc)
+        return exc.render(CLI)
 
 
 # ------------------------------------------------------------------------------------- the decoding
@@ -365,8 +366,8 @@ def decode_job(model, job: Job, text: torch.Tensor, device: torch.device, negati
 
 def _reason(exc: Exception) -> str:
     if isinstance(exc, PidError):
-        return str(exc)
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"  # out of memory, a broken file, ...
+        return exc.render(CLI)
+    return f"an unexpected error{library_detail(exc)}"  # what the engine does not name: a bug, worth reporting
 
 
 def decode_share(jobs: list[Job], args, device: torch.device) -> RankReport:

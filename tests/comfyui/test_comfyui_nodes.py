@@ -81,7 +81,7 @@ def failure_message(comfyui, g, node_type=None) -> str:
     e = err.value.execution_error
     if node_type is not None:
         assert e.get("node_type") == node_type, e
-    message = e.get("exception_message", "")
+    message = e.get("exception_message", "").rstrip("\n")  # ComfyUI ends it with a newline
     assert "Traceback" not in message, e
     return message
 
@@ -662,3 +662,42 @@ def test_undistilled_decode_with_guidance(comfyui, model_files):
     save_image(g, "s_img", ["decode", 0], "never_teacher.safetensors")
     message = failure_message(comfyui, g)
     assert "negative" in message and "PiD Text Encode" in message, message
+
+
+# --- messages in a node's words (docs/DESIGN.md §13) -------------------------------------------------
+
+def test_a_giant_untiled_decode_names_the_tiling_input(comfyui, model_files):
+    """8192 px latent image -> 32768 x 32768 px with tiling off: refused before allocating, and the fix is
+    the node's tiling input, not a command-line option or a Python argument."""
+    g = {"cond": graph_base(model_files)["cond"],
+         "empty": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 8192, "height": 8192, "batch_size": 1}}}
+    add_pid_decode(g, model_files, latent=("empty", 0), tiling="off", steps=1, fmt="flux")
+    save_image(g, "s_img", ["decode", 0], "never_giant.safetensors")
+    message = failure_message(comfyui, g, node_type=DECODE)
+    assert message.startswith("Decoding 32768x32768 px needs about "), message
+    assert message.endswith("Use tiling auto, which fits any size, or decode fewer images at once."), message
+    assert "--" not in message and "TileOptions" not in message, message
+
+
+def test_checkpoint_file_errors_speak_of_the_loader(comfyui, model_files):
+    """A truncated checkpoint is named truncated, without the reader's own text; a model that is not PiD
+    points to PiD Loader."""
+    pid_dir = comfyui.base_dir / "models" / "pid"
+    data = (pid_dir / model_files["pid"]).read_bytes()
+    (pid_dir / "pid_test_truncated.safetensors").write_bytes(data[: len(data) // 2])
+    g = graph_base(model_files, steps=3, stop=2, finish=False)
+    add_pid_decode(g, dict(model_files, pid="pid_test_truncated.safetensors"), latent=("early", 0))
+    save_image(g, "s_img", ["decode", 0], "never_truncated.safetensors")
+    message = failure_message(comfyui, g, node_type=LOADER)
+    assert message.startswith("pid_test_truncated.safetensors is truncated ("), message
+    assert message.endswith("bytes its header announces): download or save it again."), message
+    for library_words in ("miniz", "PytorchStreamReader", "deserializ", "metadata", "Error"):
+        assert library_words not in message, message
+
+    from safetensors.torch import save_file
+
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(4, 4)}, str(pid_dir / "pid_test_flux_dit.safetensors"))
+    add_pid_decode(g, dict(model_files, pid="pid_test_flux_dit.safetensors"), latent=("early", 0))
+    message = failure_message(comfyui, g, node_type=LOADER)
+    assert message == ("pid_test_flux_dit.safetensors is not a PiD checkpoint: it looks like a FLUX diffusion model. "
+                       "Pick a PiD checkpoint in PiD Loader."), message
