@@ -73,7 +73,8 @@ def decode(
     tiling: None (one pass over the whole canvas) or tiling.TileOptions (auto: tiles only beyond the
         trained size or the memory budget; manual: fixed tiles).
     tile_callback(done, total): after each batch of tiles (progress, cancel).
-    compile: torch.compile the network (static shapes; worth it for many decodes of one size on a GPU).
+    compile: torch.compile the network's blocks (True, or a torch.compile mode such as "reduce-overhead";
+        compiled once, reused at any size; worth it on a GPU: compile.py).
     """
     check_seed(seed)  # checked again by run_plan; here before a text encoder or checkpoint loads
     if isinstance(model, (str, os.PathLike)):

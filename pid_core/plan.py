@@ -280,7 +280,7 @@ class DecodePlan:
 def _tiles(model, output_hw, options: TileOptions, batch: int, sampler: SamplerPlan, device) -> TilePlan:
     return plan_tiling(model.config, output_hw, options, dtype=compute_dtype(storage_dtype(model), device), variant=model.variant,
                        batch=batch, guidance=sampler.guided,
-                       state_canvases=TEACHER_CANVASES if sampler.kind == TEACHER else CANVASES)
+                       state_canvases=TEACHER_CANVASES if sampler.kind == TEACHER else CANVASES, device=device)
 
 
 def plan_decode(

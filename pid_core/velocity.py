@@ -17,6 +17,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .compile import use_compiled_blocks
+from .network.prepared import PreparedCache
 from .precision import compute_context
 from .teacher import branches_may_share_forward, data_prediction
 from .tiling import TiledVelocity, TilePlan
@@ -42,15 +44,15 @@ def network_velocity(
 
     text [B|1, T, text_dim], latent [B, C, h, w] (PiD space), sigma [B]|[1]. The network runs on `device`
     (default: the latent's). callback_per_tile(done, total) after each batch of tiles; after_forward()
-    after every network call (cancel checks). compile: torch.compile the network with static shapes
-    (every tile batch padded to one shape); the first call of each shape compiles. max_batches:
+    after every network call (cancel checks). compile: False, True or a torch.compile mode: the
+    network's blocks compiled (compile.use_compiled_blocks), every tile batch padded to one shape. max_batches:
     benchmarks only (see TiledVelocity). batch_runner: where tile batches run (TiledVelocity; None: all
     in this process)."""
     forward = _network_forward(model, plan, device or latent.device, compile=compile, autocast=autocast,
                                after_forward=after_forward)
 
-    def call(x, t, z, y, s):
-        return forward(x, t, z, y, s)
+    def call(x, t, z, y, s, key=None):
+        return forward(x, t, z, y, s, key=key)
 
     return _over_canvas(call, model, latent, (_batch_text(text, latent), _batch_sigma(sigma, latent)), plan,
                         device=device, callback_per_tile=callback_per_tile, max_batches=max_batches, pad=compile,
@@ -93,32 +95,40 @@ def network_denoiser(
         conditioning.append(_batch_text(negative, latent))
     batched = plan.branches == 2 and guided and negative.shape[1:] == text.shape[1:]
 
-    def call(x, t, z, y, s, y_neg=None):
+    def call(x, t, z, y, s, y_neg=None, key=None):
         if not guided:
-            return data_prediction(x, t, forward(x, t, z, y, s))
+            return data_prediction(x, t, forward(x, t, z, y, s, key=key))
         if batched and branches_may_share_forward(t):
             v_uncond, v_cond = forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([z, z]),
-                                       torch.cat([y_neg, y]), torch.cat([s, s])).chunk(2)
-        else:
-            v_uncond = forward(x, t, z, y_neg, s)
-            v_cond = forward(x, t, z, y, s)
+                                       torch.cat([y_neg, y]), torch.cat([s, s]), key=_branch(key, "both")).chunk(2)
+        else:  # batched plans run this only near t = 1 (the first step): nothing to keep
+            v_uncond = forward(x, t, z, y_neg, s, key=None if batched else _branch(key, "uncond"))
+            v_cond = forward(x, t, z, y, s, key=None if batched else _branch(key, "cond"))
         return data_prediction(x, t, v_cond, v_uncond, cfg)
 
     return _over_canvas(call, model, latent, tuple(conditioning), plan, device=device,
                         callback_per_tile=callback_per_tile, pad=compile, batch_runner=batch_runner)
 
 
-def _network_forward(model, plan: TilePlan, device, *, compile: bool = False, autocast: bool = True,
+def _branch(key, name: str):
+    return None if key is None else (key, name)
+
+
+def _network_forward(model, plan: TilePlan, device, *, compile: bool | str = False, autocast: bool = True,
                      after_forward: Optional[Callable[[], None]] = None):
-    """(x, t, latent, text, sigma) -> v: one network call on `device`, with the plan's chunking."""
-    network = torch.compile(model, mode="default", dynamic=False) if compile else model
+    """(x, t, latent, text, sigma, key=None) -> v: one network call on `device`, with the plan's chunking.
+    key names the call's (latent, text, sigma) for the decode's step cache (plan.step_cache): what does
+    not depend on the step is made at a key's first call and reused (network/prepared.py)."""
+    network = use_compiled_blocks(model, compile)
     chunk = plan.pixel_chunk_tokens
     device = torch.device(device)
+    cache = PreparedCache(model, plan.step_cache, chunk) if plan.step_cache != "off" else None
 
-    def forward(x, t, z, y, s):
+    def forward(x, t, z, y, s, key=None):
         precision = compute_context(model, device) if autocast else contextlib.nullcontext()
         with torch.no_grad(), precision:
-            v = network(x, t, y, z, s, chunk_tokens=chunk)
+            prepared = cache.get(key, x, z, y, s) if cache is not None and key is not None else None
+            v = network(x, t, y, z, s, chunk_tokens=chunk, prepared=prepared)
         if after_forward is not None:
             after_forward()
         return v
@@ -146,12 +156,13 @@ def _over_canvas(call, model, latent, conditioning, plan: TilePlan, *, device=No
         conditioning_d = [c.to(device) for c in conditioning]
 
         def whole(x, t):
-            out = call(x.to(device), t.reshape(-1).expand(x.shape[0]).to(device), latent_d, *conditioning_d)
+            out = call(x.to(device), t.reshape(-1).expand(x.shape[0]).to(device), latent_d, *conditioning_d,
+                       key="canvas")
             return out.to(x.device)
 
         return whole
     return TiledVelocity(
         call, latent, plan.tiles, scale=model.config.scale, batch_tiles=plan.batch_tiles,
         conditioning=conditioning, device=device, callback_per_tile=callback_per_tile,
-        max_batches=max_batches, pad_batches=pad, batch_runner=batch_runner,
+        max_batches=max_batches, pad_batches=pad, batch_runner=batch_runner, keyed=True,
     )
