@@ -145,13 +145,17 @@ class PiDDecode(io.ComfyNode):
                                tooltip="auto: from the checkpoint's file name (undistilled -> teacher: guided "
                                        "DPM-Solver++; else the 4-step student). Set it when a renamed file cannot "
                                        "tell."),
+                io.Boolean.Input("compile", default=False,
+                                 tooltip="torch.compile PiD's transformer blocks (each kind compiled once and "
+                                         "reused, any image size). The first decode waits for the compile; "
+                                         "later ones run faster on a GPU. Off: eager."),
             ],
             outputs=[io.Image.Output("image", display_name="IMAGE", tooltip="The decoded image, RGB in 0..1.")],
         )
 
     @classmethod
     def execute(cls, pid_model, latent, conditioning, seed, steps, latent_format, sigma, tiling="auto",
-                tile_size=2048, tile_overlap=0, negative=None, cfg=-1.0, sampler="auto") -> io.NodeOutput:
+                tile_size=2048, tile_overlap=0, negative=None, cfg=-1.0, sampler="auto", compile=False) -> io.NodeOutput:
         patcher = pid_model
         model = patcher.model
         meta, warning = read_pid_metadata(latent)
@@ -179,7 +183,8 @@ class PiDDecode(io.ComfyNode):
                      if attention is not None else "PyTorch SDPA")
             with attention_backend(attention):
                 image = run_plan(model, plan, seed=int(seed), callback=step_callback, tile_callback=tile_callback,
-                                 after_forward=comfy.model_management.throw_exception_if_processing_interrupted)
+                                 after_forward=comfy.model_management.throw_exception_if_processing_interrupted,
+                                 compile=bool(compile))
         image = image.permute(0, 2, 3, 1).to(device=comfy.model_management.intermediate_device(),
                                              dtype=torch.float32)
         return io.NodeOutput(image)

@@ -90,6 +90,10 @@ def check_decode_arguments(args) -> torch.device:
         raise ArgumentError(f"--sigma takes the noise level the latent carries, 0 or more (0 = clean), not {args.sigma}.")
     check_latent_format_name(args.latent_format)
     tile_options(args.tile, args.overlap)
+    if getattr(args, "compile", False):
+        from ..compile import compile_mode
+
+        compile_mode(args.compile)
     sniff(args.checkpoint, CHECKPOINT_FILE)
     sniff(args.latent, LATENT_FILE)
     if args.text_embedding is not None:
