@@ -56,3 +56,14 @@ def test_bench_worker_runs_the_teacher_sampler():
     text = bench._format_row(dict(row, mode="untiled", chunk="on", dtype="fp32", device="cpu", size=[64, 64], steps=3,
                                   sampler="teacher", cfg=5.0))
     assert "teacher cfg 5" in text and "4 forward(s)" in text
+
+
+def test_bench_reference_skips_without_a_checkout():
+    """The side-by-side benchmark needs a checkout of nv-tlabs/PiD (never part of this repository)."""
+    import pytest
+
+    from pid_core.commands.bench_reference import import_reference_network
+    from pid_core.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match="checkout of nv-tlabs/PiD"):
+        import_reference_network("/nonexistent")
