@@ -145,7 +145,7 @@ class PiDDecode(io.ComfyNode):
                                tooltip="auto: from the checkpoint's file name (undistilled -> teacher: guided "
                                        "DPM-Solver++; else the 4-step student). Set it when a renamed file cannot "
                                        "tell."),
-                io.Boolean.Input("compile", default=False,
+                io.Boolean.Input("compile", default=False, optional=True,
                                  tooltip="torch.compile PiD's transformer blocks (each kind compiled once and "
                                          "reused, any image size). The first decode waits for the compile; "
                                          "later ones run faster on a GPU. Off: eager."),

@@ -104,7 +104,7 @@ def test_nodes_registered_with_tooltips(comfyui):
     assert info[TEXT]["output_name"] == ["positive", "negative"]
     # new PiD Decode inputs come after the old ones: saved workflows keep their widget values
     assert info[DECODE]["input_order"]["required"][-2:] == ["cfg", "sampler"]
-    assert info[DECODE]["input_order"]["optional"] == ["negative"]
+    assert info[DECODE]["input_order"]["optional"] == ["negative", "compile"]  # optional: API prompts without it run
 
 
 @pytest.mark.parametrize(
