@@ -84,7 +84,7 @@ def test_shared_reference_cases_decode_bit_identical_with_every_step_cache(share
                      if k in case["config"]}
         model = load_pid(str(folder / case["checkpoint"]), dtype=torch.float32, **overrides)
         H, W = io["sample.noise"].shape[-2:]
-        for chunk in (None, 3):
+        for chunk in (None, 16):
             base = plan_tiling(model.config, (H, W), TileOptions(mode="off", pixel_chunk_tokens=chunk,
                                                                  step_cache="off"))
             results = {}
