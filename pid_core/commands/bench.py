@@ -338,6 +338,9 @@ def _format_row(row: dict) -> str:
         note = f"{row['steps']} step(s), {row['forwards']} forward(s), {row['cpu_time']:.1f} cpu-s"
         if row.get("sampler") == "teacher":
             note += f", teacher cfg {row['cfg']:g}"
+    if "step_cache" in row:  # what the plan chose (tiling.policy.spend_spare_memory)
+        chunks = "whole" if row["chunk_tokens"] is None else f"chunks of {row['chunk_tokens']}"
+        note += f"; pixel blocks {chunks}, kept: {row['step_cache']}"
     return head + (f"{tiles:>11} {timing:>14} {_gb(row['peak']):>8} {_gb(row['weights']):>8} "
                    f"{_gb(row['working']):>8} {_gb(row.get('forward')):>8} {_gb(row['estimate']):>6}  {note}")
 

@@ -23,8 +23,8 @@ DEFAULT_MAX_BATCH_TILES = 4
 # What a decode may keep from one step to the next (network/prepared.py, docs/DESIGN.md §3.5): nothing,
 # the tables, + the adapter's tokens, or its head outputs instead.
 STEP_CACHE = ("off", "tables", "tokens", "heads")
-# On the CPU the pixel blocks always run in chunks: measured as fast as whole or faster there (the
-# chunk's working set stays in cache), at a quarter of the memory (docs/DESIGN.md §9).
+# On the CPU the pixel blocks always run in chunks: measured faster there than whole blocks (their
+# working set stays in the caches), at a third of the working memory (docs/DESIGN.md §9, README).
 CPU_PIXEL_CHUNKS = True
 
 
@@ -361,7 +361,7 @@ def _choose_pixel_chunks(plan: TilePlan, config: PidConfig, dtype, spare, fits, 
     if device_type is None:
         return chunked(default), f"pixel blocks in chunks of {default} tokens (the device was not given)"
     if device_type == "cpu" and CPU_PIXEL_CHUNKS:
-        return chunked(default), f"pixel blocks in chunks of {default} tokens (CPU: as fast as whole, less memory)"
+        return chunked(default), f"pixel blocks in chunks of {default} tokens (CPU: measured faster than whole)"
     whole = chunked(None)
     if fits(whole):
         return whole, "pixel blocks whole" + (" (they fit the budget)" if spare is not None else "")
