@@ -54,7 +54,7 @@ def decode(
     tiling=None,
     tile_callback: Optional[Callable[[int, int], None]] = None,
     bn_stats=None,
-    compile: bool = False,
+    compile: bool | str = False,
     color_reference: Optional[torch.Tensor] = None,
     color_match: Optional[float] = None,
 ) -> torch.Tensor:
@@ -80,7 +80,8 @@ def decode(
     tiling: None (one pass over the whole canvas) or tiling.TileOptions (auto: tiles only beyond the
         trained size or the memory budget; manual: fixed tiles).
     tile_callback(done, total): after each batch of tiles (progress, cancel).
-    compile: torch.compile the network (static shapes; worth it for many decodes of one size on a GPU).
+    compile: torch.compile the network's blocks (True, or a torch.compile mode such as "reduce-overhead";
+        compiled once, reused at any size; worth it on a GPU: compile.py).
     color_reference: an image [1 or B, 3, h, w] in [0, 1] of the same scene whose colours the result keeps
         (the VAE decode of the latent, an upscale's source), any size with the output's aspect ratio;
         color_match: 0 to 1, how strongly (None: 1). The colour error before and after is logged.
@@ -109,7 +110,7 @@ def run_plan(
     callback: Optional[ProgressCallback] = None,
     tile_callback: Optional[Callable[[int, int], None]] = None,
     after_forward: Optional[Callable[[], None]] = None,
-    compile: bool = False,
+    compile: bool | str = False,
     batch_runner=None,
     on_colour: Optional[Callable] = None,
 ) -> torch.Tensor:

@@ -174,7 +174,8 @@ class DecodePlan:
         """This plan with its tiles chosen for a memory budget (None: no limit); the rest stays."""
         options = replace(self.tile_options, memory_budget_bytes=budget_bytes)
         return replace(self, tiles=_tiles(model, self.output_hw, options, self.batch, self.sampler,
-                                          self.compute_dtype, _branches_batchable(self.text, self.negative)),
+                                          self.compute_dtype, _branches_batchable(self.text, self.negative),
+                                          self.device),
                        tile_options=options)
 
     def summary(self) -> dict[str, str]:
@@ -202,9 +203,10 @@ def _branches_batchable(text: torch.Tensor, negative: Optional[torch.Tensor]) ->
 
 
 def _tiles(model, output_hw, options: TileOptions, batch: int, sampler: SamplerPlan, dtype: torch.dtype,
-           batchable: bool) -> TilePlan:
+           batchable: bool, device: torch.device) -> TilePlan:
     return plan_tiling(model.config, output_hw, options, dtype=dtype, variant=model.variant, batch=batch,
-                       guidance=sampler.guided, batch_branches=batchable, state_canvases=sampler.spec.state_canvases)
+                       guidance=sampler.guided, batch_branches=batchable, state_canvases=sampler.spec.state_canvases,
+                       device=device)
 
 
 def plan_decode(
@@ -296,7 +298,7 @@ def plan_decode(
     options = tiling or TileOptions(mode="off")
     dtype = compute_dtype(storage_dtype(model), device)
     tiles = _tiles(model, (height, width), options, batch, sampling, dtype,
-                   _branches_batchable(embedding, negative_embedding))
+                   _branches_batchable(embedding, negative_embedding), device)
     log.info("PiD sampler: %s (%s); tiling: %s", sampling.describe(), sampling.kind_source, tiles.reason)
     colour = _colour_match(color_reference, color_match, (height, width), batch)
     return DecodePlan(latent_format=fmt, latent=z, latent_sigma=latent_sigma.cpu(), sigma=degrade_sigma,

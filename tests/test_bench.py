@@ -4,6 +4,7 @@ import torch
 
 from pid_core.commands import bench, main
 from pid_core.commands.bench import seam_figure
+from pid_core.commands.measuring import parse_sizes
 from pid_core.commands.random_checkpoints import narrow_config, random_model
 from pid_core.tiling import TileOptions
 from pid_core.tiling.geometry import plan_tiles
@@ -67,4 +68,15 @@ def test_bad_sizes_end_in_one_line(capsys):
             main(["bench", "--sizes", sizes])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and len(err.splitlines()) == 1 and "is no output size" in err, err
-    assert bench._sizes("1024, 768x512") == [(1024, 1024), (512, 768)]
+    assert parse_sizes("1024, 768x512") == [(1024, 1024), (512, 768)]
+
+
+def test_bench_reference_skips_without_a_checkout():
+    """The side-by-side benchmark needs a checkout of nv-tlabs/PiD (never part of this repository)."""
+    import pytest
+
+    from pid_core.commands.bench_reference import import_reference_network
+    from pid_core.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match="checkout of nv-tlabs/PiD"):
+        import_reference_network("/nonexistent")

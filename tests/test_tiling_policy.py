@@ -127,3 +127,71 @@ def test_the_teachers_state_is_three_canvases():
                               state_canvases=SAMPLERS[TEACHER].state_canvases)
     assert teacher.memory_bytes - student.memory_bytes == (
         canvas_memory_estimate((4096, 4096), 1, 3) - canvas_memory_estimate((4096, 4096), 1, 2)) == 3 * 4096 * 4096 * 4
+
+
+def _plan(cfg, side, device="cuda", **options):
+    return plan_tiling(cfg, (side, side), TileOptions(**options), dtype=torch.bfloat16, device=device)
+
+
+def test_pixel_blocks_run_whole_when_memory_allows():
+    """Spare memory buys whole pixel blocks (no chunks) on a GPU; a small budget keeps today's chunks and
+    memory; between the two, the largest chunks that fit. The plan's summary says which and why."""
+    from pid_core.tiling.memory import auto_chunk_tokens
+
+    cfg = released_config("v1.5")
+    chunk = auto_chunk_tokens(cfg, torch.bfloat16)
+    today = _plan(cfg, 2048, mode="off", step_cache="off", pixel_chunk_tokens=chunk).memory_bytes
+    whole = _plan(cfg, 2048, mode="off", step_cache="off", pixel_chunk_tokens=None).memory_bytes
+    assert whole > 2 * today  # the unchunked estimate: the per-pixel modulation of every token at once
+    roomy = _plan(cfg, 2048, mode="off", step_cache="off", memory_budget_bytes=whole)
+    assert roomy.pixel_chunk_tokens is None and "pixel blocks whole (they fit the budget)" in roomy.reason
+    small = _plan(cfg, 2048, mode="off", step_cache="off", memory_budget_bytes=today)
+    assert small.pixel_chunk_tokens == chunk and small.memory_bytes == today and "whole they would need" in small.reason
+    budget = (today + whole) // 2
+    mid = _plan(cfg, 2048, mode="off", step_cache="off", memory_budget_bytes=budget)
+    assert chunk < mid.pixel_chunk_tokens < 128 * 128 and mid.memory_bytes <= budget
+    assert _plan(cfg, 2048, mode="off", step_cache="off", memory_budget_bytes=mid.memory_bytes + (64 << 20)
+                 ).pixel_chunk_tokens >= mid.pixel_chunk_tokens
+    # the CPU keeps chunks (measured as fast there); an unknown device keeps today's plan
+    cpu = _plan(cfg, 2048, device="cpu", mode="off", memory_budget_bytes=whole * 2)
+    assert cpu.pixel_chunk_tokens == chunk and "CPU" in cpu.reason
+    assert _plan(cfg, 2048, device=None, mode="off").pixel_chunk_tokens == chunk
+    # given by hand: kept
+    assert _plan(cfg, 2048, mode="off", pixel_chunk_tokens=512, memory_budget_bytes=whole * 2).pixel_chunk_tokens == 512
+    assert _plan(cfg, 2048, mode="off", pixel_chunk_tokens=None, memory_budget_bytes=today).pixel_chunk_tokens is None
+    # tiled: chosen per tile batch, after the tiles (which do not shrink for it)
+    tiled = _plan(cfg, 8192, memory_budget_bytes=40 << 30)
+    assert tiled.tiled and tiled.pixel_chunk_tokens is None and tiled.memory_bytes <= 40 << 30
+    tight = _plan(cfg, 8192, memory_budget_bytes=4 << 30)
+    assert tight.pixel_chunk_tokens is not None and tight.memory_bytes <= 4 << 30
+
+
+def test_step_cache_follows_the_budget():
+    from pid_core.tiling.memory import step_cache_bytes
+
+    cfg = released_config("v1.5")
+    # no budget: the tables and the adapter's tokens (one entry per tile batch), never the heads
+    untiled = _plan(cfg, 2048, device=None, mode="off")
+    assert untiled.step_cache == "tokens" and "adapter tokens" in untiled.reason
+    tiled = _plan(cfg, 8192, device=None)
+    assert tiled.tiled and tiled.step_cache == "tokens"
+    assert tiled.cache_bytes == step_cache_bytes(cfg, tiled.tile_hw, dtype=torch.bfloat16, rows=tiled.forward_rows,
+                                                 keys=tiled.tile_batches, keep="tokens")
+    assert tiled.memory_bytes == tiled.estimate_bytes + tiled.cache_bytes + (
+        tiled.memory_bytes - tiled.estimate_bytes - tiled.cache_bytes)  # counted in the plan's memory
+    bare = _plan(cfg, 8192, device=None, step_cache="off")
+    assert tiled.memory_bytes - bare.memory_bytes == tiled.cache_bytes > 0
+    # a single pass on a GPU with room to spare keeps the heads' outputs; the CPU and tiled plans do not
+    heads = _plan(cfg, 2048, mode="off", memory_budget_bytes=40 << 30)
+    assert heads.step_cache == "heads" and heads.cache_bytes > 8 * untiled.cache_bytes
+    assert _plan(cfg, 2048, device="cpu", mode="off", memory_budget_bytes=40 << 30).step_cache == "tokens"
+    assert _plan(cfg, 8192, memory_budget_bytes=40 << 30).step_cache == "tokens"
+    # a budget today's plan fills: nothing kept, no larger chunks, the memory of today's plan
+    from pid_core.tiling.memory import auto_chunk_tokens
+
+    alone = _plan(cfg, 2048, mode="off", step_cache="off", pixel_chunk_tokens=auto_chunk_tokens(cfg, torch.bfloat16))
+    full = _plan(cfg, 2048, mode="off", memory_budget_bytes=alone.memory_bytes)
+    assert full.step_cache == "off" and full.memory_bytes == alone.memory_bytes
+    assert "nothing kept between steps" in full.reason
+    with pytest.raises(ValueError, match="step_cache"):
+        TileOptions(step_cache="everything")

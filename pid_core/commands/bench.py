@@ -1,7 +1,7 @@
 """Time and memory of PiD decoding, tiled vs untiled, with a full-size random model.
 
     python -m pid_core bench [--sizes 1024,2048] [--modes untiled,tiled] [--tile 1024] [--steps 1]
-                             [--dtype fp32,bf16] [--device cpu,cuda] [--chunk on,off]
+                             [--dtype fp32,bf16] [--device cpu,cuda] [--chunk auto|on|off,...]
                              [--sampler student|teacher] [--cfg 5]
                              [--max-tile-batches N] [--seam-only | --no-seam]
 
@@ -24,6 +24,10 @@ lower the peak: every batch has the same shape, the state and the band are alloc
 batch, and the step still finishes every row and re-noises the whole canvas. Such runs are marked
 "cut" and report the time per tile batch, never a decode time.
 
+--chunk: on runs the pixel blocks in the default chunks, off whole, auto as the tiling policy chooses
+for the device (docs/DESIGN.md §9). --reference DIR runs the reference next to this pack instead
+(bench_reference.py).
+
 Seam figure (`seam_figure` below): a narrow random model (cheap) decodes at --seam-sizes with tiles
 of --seam-tile px over --seam-steps steps; the figure is the mean |diff| of adjacent pixels across tile
 edges over the same across patch edges inside tiles (1.0: no visible seam). The untiled decode of the
@@ -33,7 +37,6 @@ same inputs gives the baseline of that statistic, and the PSNR of tiled vs until
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -44,68 +47,15 @@ from typing import Sequence
 
 import torch
 
+from .measuring import model_config as _config, parse_sizes, peak as _peak, reset_peak as _reset_peak
+from .measuring import process_status as _status, shared_keys
+
 DEFAULT_KEYS = "PiD_res2k_sr4x_official_flux_distill_4step.txt"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _shared_keys() -> str | None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    for root in (os.environ.get("PID_SHARED"), os.path.join(here, "..", "..", "..", "shared")):
-        if root:
-            path = os.path.join(root, "spec", "keys", DEFAULT_KEYS)
-            if os.path.exists(path):
-                return os.path.normpath(path)
-    return None
-
-
-def _config(spec: dict):
-    from ..checkpoint import detect_config
-    from .random_checkpoints import read_key_file, released_config
-
-    if spec.get("narrow"):
-        from .random_checkpoints import narrow_config
-
-        return narrow_config(layout=spec.get("layout", "v1"), latent_channels=spec.get("latent_channels", 16))
-    if spec.get("keys"):
-        shapes = read_key_file(spec["keys"])
-        cfg = detect_config({k: torch.empty(v, device="meta") for k, v in shapes.items()}, spec["keys"])
-        from ..variants import variant_from_filename
-
-        variant = variant_from_filename(spec["keys"])
-        if variant is not None:
-            cfg = cfg.with_(latent_down_factor=variant.latent_down_factor, sr_scale=variant.sr_scale,
-                            latent_unpatchify=variant.unpatchify)
-        return cfg
-    return released_config(spec.get("layout", "v1"), spec.get("latent_channels", 16))
-
-
-def _status() -> dict:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM", "VmRSS", "VmSize")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def _reset_peak(device: torch.device) -> int:
-    """Reset the peak counter; returns the baseline (bytes in use now)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status()["VmRSS"]
-
-
-def _peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device)
-    return _status()["VmHWM"]
+    return shared_keys(DEFAULT_KEYS)
 
 
 def _limit_address_space() -> None:
@@ -190,7 +140,7 @@ def worker(spec: dict) -> dict:
     g = torch.Generator().manual_seed(1)
     text = torch.randn(1, cfg.text_max_tokens, cfg.text_dim, generator=g).to(device)
     latent = torch.randn(1, cfg.latent_channels, H // cfg.scale, W // cfg.scale, generator=g).to(device)
-    chunk = "auto" if spec["chunk"] == "on" else None
+    chunk = _chunk_option(spec, cfg, dtype)
     if spec["mode"] == "tiled":
         options = TileOptions(mode="manual", tile_px=spec["tile"], overlap_px=spec.get("overlap", 0),
                               max_batch_tiles=spec.get("batch_tiles", 1), pixel_chunk_tokens=chunk)
@@ -250,7 +200,16 @@ def worker(spec: dict) -> dict:
         "tiles": len(plan.tiles.tiles), "tile_hw": list(plan.tiles.tile_hw), "batch_tiles": plan.tiles.batch_tiles,
         "forwards": forwards, "cut": bool(getattr(velocity, "cut_short", False)),
         "estimate": plan.tiles.estimate_bytes, "finite": bool(torch.isfinite(out).all()),
+        "chunk_tokens": plan.tiles.pixel_chunk_tokens, "step_cache": plan.tiles.step_cache,
     }
+
+
+def _chunk_option(spec: dict, cfg, dtype):
+    """--chunk: on = the pixel blocks in the default chunks (tiling.memory.auto_chunk_tokens), off = whole,
+    auto = what the tiling policy chooses for the device."""
+    from ..tiling.memory import auto_chunk_tokens
+
+    return {"on": auto_chunk_tokens(cfg, dtype), "off": None, "auto": "auto"}[spec["chunk"]]
 
 
 def _worker_env() -> dict:
@@ -283,21 +242,6 @@ def _gb(x) -> str:
     return "-" if x is None else f"{x / 2**30:.2f}"
 
 
-def _sizes(text: str) -> list[tuple[int, int]]:
-    """--sizes / --seam-sizes: comma-separated N (square) or WxH, as (H, W); a mistake ends in one line."""
-    sizes = []
-    for item in (s.strip().lower() for s in text.split(",") if s.strip()):
-        try:
-            w, h = item.split("x") if "x" in item else (item, item)
-            size = int(h), int(w)
-        except ValueError:
-            size = (0, 0)
-        if min(size) < 64:
-            raise argparse.ArgumentTypeError(f"{item!r} is no output size: give N (a square) or WxH, at least 64 px")
-        sizes.append(size)
-    return sizes
-
-
 def _expected_bytes(spec: dict) -> int:
     """A pessimistic guess of the process's peak, to skip runs this machine cannot hold."""
     from ..tiling.memory import canvas_memory_estimate, tile_memory_estimate
@@ -305,7 +249,7 @@ def _expected_bytes(spec: dict) -> int:
     cfg = _config(spec)
     H, W = spec["size"]
     dtype = DTYPES[spec["dtype"]]
-    chunk = "auto" if spec["chunk"] == "on" else None
+    chunk = _chunk_option(spec, cfg, dtype)
     shape = (min(H, spec["tile"]), min(W, spec["tile"])) if spec["mode"] == "tiled" else (H, W)
     work = tile_memory_estimate(cfg, shape, dtype=dtype, batch=spec.get("batch_tiles", 1), chunk_tokens=chunk)
     weights = (0.02e9 if spec.get("narrow") else 1.40e9) * (2 if dtype == torch.bfloat16 else 4)
@@ -390,6 +334,9 @@ def _format_row(row: dict) -> str:
         note = f"{row['steps']} step(s), {row['forwards']} forward(s), {row['cpu_time']:.1f} cpu-s"
         if row.get("sampler") == "teacher":
             note += f", teacher cfg {row['cfg']:g}"
+    if "step_cache" in row:  # what the plan chose (tiling.policy.spend_spare_memory)
+        chunks = "whole" if row["chunk_tokens"] is None else f"chunks of {row['chunk_tokens']}"
+        note += f"; pixel blocks {chunks}, kept: {row['step_cache']}"
     return head + (f"{tiles:>11} {timing:>14} {_gb(row['peak']):>8} {_gb(row['weights']):>8} "
                    f"{_gb(row['working']):>8} {_gb(row.get('forward')):>8} {_gb(row['estimate']):>6}  {note}")
 
@@ -444,8 +391,8 @@ def seam(args) -> list[dict]:
 def add_parser(sub) -> None:
     parser = sub.add_parser("bench", help="time, memory and seam figures with a full-size random model",
                             description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="1024,2048", type=_sizes,
-                        help="output sizes: N (square) or WxH, comma-separated")
+    parser.add_argument("--sizes", default=None, type=parse_sizes, help="output sizes: N (square) or WxH, "
+                        "comma-separated (default 1024,2048; with --reference 2048,4096)")
     parser.add_argument("--modes", default="untiled,tiled")
     parser.add_argument("--tile", type=int, default=1024, help="tile side in px for the tiled mode")
     parser.add_argument("--overlap", type=int, default=0, help="overlap in px (0: automatic)")
@@ -455,8 +402,15 @@ def add_parser(sub) -> None:
                         help="teacher: the undistilled checkpoints' guided DPM-Solver++ (with --cfg)")
     parser.add_argument("--cfg", type=float, default=5.0, help="guidance scale of the teacher sampler (1: none)")
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or both (comma-separated)")
-    parser.add_argument("--device", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--chunk", default="on", help="pixel-block chunking: on, off or on,off")
+    parser.add_argument("--device", default=None, help="cpu, cuda or both (default: both where there is a GPU; "
+                        "with --reference the GPU, else the CPU)")
+    parser.add_argument("--chunk", default="auto", help="pixel-block chunking: on (the default chunks), off (whole), "
+                        "auto (the tiling policy's choice for the device), or several comma-separated")
+    parser.add_argument("--reference", default=None, metavar="DIR",
+                        help="a checkout of nv-tlabs/PiD: run its network next to this pack on the same weights "
+                        "(bench_reference.py)")
+    parser.add_argument("--compile", default="off,on", help="with --reference: eager (off), compiled (on) or both")
+    parser.add_argument("--runs", type=int, default=3, help="with --reference: timed decodes per mode (the median)")
     parser.add_argument("--max-tile-batches", type=int, default=0,
                         help="run only this many tile batches per step (memory runs on slow machines)")
     parser.add_argument("--keys", default=None, help="key list of the model to build (default: shared flux 2k list, "
@@ -467,7 +421,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--timeout", type=float, default=None, help="seconds per measurement")
     parser.add_argument("--seam-only", action="store_true")
     parser.add_argument("--no-seam", action="store_true")
-    parser.add_argument("--seam-sizes", default="2048,4096", type=_sizes)
+    parser.add_argument("--seam-sizes", default="2048,4096", type=parse_sizes)
     parser.add_argument("--seam-tile", type=int, default=1024)
     parser.add_argument("--seam-steps", type=int, default=4)
     parser.add_argument("--seam-untiled-max", type=int, default=2048,
@@ -486,6 +440,15 @@ def cmd_bench(args) -> int:
             _limit_address_space()
         print(json.dumps(worker(spec)), flush=True)
         return 0
+    if args.reference:
+        from . import bench_reference
+
+        args.sizes = args.sizes or parse_sizes("2048,4096")
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        bench_reference.measure(args)
+        return 0
+    args.sizes = args.sizes or parse_sizes("1024,2048")
+    args.device = args.device or ("cpu,cuda" if torch.cuda.is_available() else "cpu")
     if args.keys is None and args.layout == "v1" and args.latent_channels == 16 and not args.narrow:
         args.keys = _shared_keys()
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, model: "

@@ -72,6 +72,8 @@ def add_parser(sub) -> None:
     d = sub.add_parser("decode", help="decode a latent file to an image (under torchrun: its tiles shared by the ranks)")
     d.add_argument("--latent", required=True, help="latent: .safetensors / ComfyUI .latent / .pt / .npy")
     add_decode_options(d, text_required=True)
-    d.add_argument("--compile", action="store_true", help="torch.compile the network (pays off for many decodes of one size on a GPU)")
+    d.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                   help="torch.compile the network's blocks (compiled once, any size; pays off on a GPU); MODE: a "
+                   "torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     d.add_argument("--out", required=True, help="output image: .png, or .jpg / .webp with Pillow (numbered name_00.png ... when the batch has several images)")
     d.set_defaults(func=cmd_decode)

@@ -120,6 +120,10 @@ def check_decode_arguments(args) -> torch.device:
     check_run_options(args)
     check_latent_format_name(args.latent_format)
     tile_options(args.tile, args.overlap)
+    if getattr(args, "compile", False):
+        from ..compile import compile_mode
+
+        compile_mode(args.compile)
     sniff(args.checkpoint, CHECKPOINT_FILE)
     sniff(args.latent, LATENT_FILE)
     if args.text_embedding is not None:

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import sdpa
+
 
 class RMSNorm(nn.Module):
     """w * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype): rounded to the input dtype *before* the weight."""
@@ -97,7 +99,8 @@ _attention_backend: Optional[AttentionFn] = None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Unmasked attention over [B, heads, N, d]: SDPA, or the backend set with `set_attention_backend`.
+    """Unmasked attention over [B, heads, N, d]: SDPA (its kernel chosen by attention.py), or the
+    backend set with `set_attention_backend`.
 
     q and k leave RoPE in fp32 while v is the matmul dtype; the reference's autocast casts all three
     to bf16 before SDPA, so we cast to v's dtype (the compute dtype) the same way.
@@ -107,7 +110,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     backend = _attention_backend
     if backend is not None:
         return backend(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v)
+    return sdpa(q, k, v)  # SDPA with the fastest exact kernel for the device (attention.py)
 
 
 def set_attention_backend(fn: Optional[AttentionFn]) -> Optional[AttentionFn]:

@@ -50,14 +50,24 @@ def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
+def pixel_sincos_axes(dim: int, height: int, width: int, *, row0: int = 0, col0: int = 0, device=None, dtype=None):
+    """The two halves of the pixel table: (columns [width, dim/2], rows [height, dim/2]), computed in
+    float64 and cast to dtype. The table is separable: `pixel_sincos_table` broadcasts the two."""
+    cols = _sincos_1d(dim // 2, torch.arange(col0, col0 + width, device=device)).to(dtype)
+    rows = _sincos_1d(dim // 2, torch.arange(row0, row0 + height, device=device)).to(dtype)
+    return cols, rows
+
+
+def pixel_sincos_table(cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[height, width, dim] from `pixel_sincos_axes`: dim/2 channels for the column, then dim/2 for the row."""
+    height, width, half = rows.shape[0], cols.shape[0], cols.shape[1]
+    return torch.cat([cols[None, :, :].expand(height, width, half), rows[:, None, :].expand(height, width, half)], dim=-1)
+
+
 def pixel_sincos(dim: int, height: int, width: int, *, row0: int = 0, col0: int = 0, device=None, dtype=None):
     """The fixed pixel table [height, width, dim]: dim/2 channels for the column, then dim/2 for the row.
 
     The reference builds a full [H*W, dim] float64 table; it is separable, so we build one row and one
     column and broadcast (same values, no 8K x 8K float64 table). row0/col0 offset the coordinates.
     """
-    cols = _sincos_1d(dim // 2, torch.arange(col0, col0 + width, device=device))
-    rows = _sincos_1d(dim // 2, torch.arange(row0, row0 + height, device=device))
-    cols = cols.to(dtype)[None, :, :].expand(height, width, dim // 2)
-    rows = rows.to(dtype)[:, None, :].expand(height, width, dim // 2)
-    return torch.cat([cols, rows], dim=-1)
+    return pixel_sincos_table(*pixel_sincos_axes(dim, height, width, row0=row0, col0=col0, device=device, dtype=dtype))

@@ -43,6 +43,8 @@ class TiledVelocity:
     shape (for torch.compile). max_batches (benchmarks only) stops each call after that many batches
     and sets `cut_short`. batch_runner decides where the batches run: `run_here` (default) runs each
     in this process; distributed.TileParallel shares them among torchrun's ranks (docs/DESIGN.md §14).
+    keyed: model_call also takes key=, the positions of the batch's tiles: the same key means the same
+    latent and conditioning at every step (what the network's step cache is keyed by).
 
     `sampling.sample` calls `denoise_in_place`, which never holds a whole-canvas v: tiles run in
     row-major order, their weighted velocities add into a band of rows one tile high (reused as a
@@ -65,6 +67,7 @@ class TiledVelocity:
         pad_batches: bool = False,
         max_batches: Optional[int] = None,
         batch_runner: Optional[BatchRunner] = None,
+        keyed: bool = False,
     ):
         H, W = latent.shape[-2] * scale, latent.shape[-1] * scale
         if max(t.y0 + t.h for t in tiles) != H or max(t.x0 + t.w for t in tiles) != W:
@@ -82,6 +85,7 @@ class TiledVelocity:
         self.pad_batches = pad_batches
         self.max_batches = max_batches
         self.batch_runner = batch_runner or run_here
+        self.keyed = keyed
         self.cut_short = False
         self.forward_calls = 0
         self._weights_on: dict = {}
@@ -129,7 +133,9 @@ class TiledVelocity:
             ts = t.repeat(n).to(device)
             conds = [c.to(device).repeat(n, *([1] * (c.dim() - 1))) for c in self.conditioning]
             self.forward_calls += 1
-            return self.model_call(xs, ts, zs, *conds)[: len(batch) * B].to(x.dtype)
+            # keyed: the batch's tiles name its latent and conditioning, the same at every step (step cache)
+            key = {"key": tuple((tile.y0, tile.x0) for tile in run)} if self.keyed else {}
+            return self.model_call(xs, ts, zs, *conds, **key)[: len(batch) * B].to(x.dtype)
 
         def blank(n_tiles: int) -> torch.Tensor:
             return torch.empty((n_tiles * B, x.shape[1], *self.tile_hw), dtype=x.dtype, device=device)

@@ -81,13 +81,57 @@ def tile_memory_estimate(
     return int(total * ESTIMATE_MARGIN)
 
 
+def largest_chunk_within(config: PidConfig, tile_hw, budget_bytes: int, *, dtype=torch.float32, batch: int = 1) -> Optional[int]:
+    """The most patch tokens per chunk of the pixel blocks whose forward (`tile_memory_estimate`) fits
+    budget_bytes, in steps of 64 tokens; None when even the smallest chunk does not fit."""
+    th, tw = (tile_hw, tile_hw) if isinstance(tile_hw, int) else tile_hw
+    tokens = batch * (th // config.patch_size) * (tw // config.patch_size)
+
+    def fits(chunk):
+        return tile_memory_estimate(config, (th, tw), dtype=dtype, batch=batch, chunk_tokens=chunk) <= budget_bytes
+
+    if not fits(64):
+        return None
+    low, high = 1, max(1, tokens // 64)  # in units of 64 tokens; fits(64 * low) holds
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(64 * mid):
+            low = mid
+        else:
+            high = mid - 1
+    return 64 * low
+
+
+def step_cache_bytes(config: PidConfig, tile_hw, *, dtype=torch.float32, rows: int = 1, keys: int = 1,
+                     keep: str = "tokens", text_tokens: Optional[int] = None) -> int:
+    """Bytes the decode's step-invariant cache (network/prepared.py, docs/DESIGN.md §3.5) holds on the
+    compute device: `keys` entries (one per tile batch, or the whole canvas) of `rows` images of tile_hw
+    (tiles x samples x guidance branches in one forward). The tables (RoPE, sin-cos) are shared by
+    entries of one shape; each entry holds its text embedding (fp32: RMSNorm's weight is), and the
+    adapter's tokens (keep "tokens") or its head outputs (keep "heads") in the compute dtype."""
+    if keep == "off":
+        return 0
+    th, tw = (tile_hw, tile_hw) if isinstance(tile_hw, int) else tile_hw
+    cfg = config
+    a = _act_bytes(dtype)
+    P = cfg.patch_size
+    L = (th // P) * (tw // P)
+    T = text_tokens if text_tokens is not None else cfg.text_max_tokens
+    tables = L * (cfg.head_dim + cfg.pixel_head_dim) * 4 + T * cfg.head_dim * 4 + (th + tw) * cfg.pixel_hidden_size * 4
+    entry = rows * T * cfg.hidden_size * 4
+    if keep == "tokens":
+        entry += rows * L * cfg.adapter_hidden * a
+    elif keep == "heads":
+        entry += rows * L * cfg.hidden_size * a * (cfg.num_lq_outputs + (1 if cfg.pixel_gate else 0))
+    return int((tables + keys * entry) * ESTIMATE_MARGIN)
+
+
 def canvas_memory_estimate(canvas_hw: tuple[int, int], batch: int, canvases: int) -> int:
     """The decode's canvas-size state (`canvases` fp32 images, 12 bytes per pixel each: how many the
     sampler keeps is samplers.SamplerSpec.state_canvases) next to the network, plus the row slices of the
     samplers' updates (bounded)."""
     H, W = canvas_hw
     return canvases * batch * 3 * H * W * 4 + (64 << 20)
-
 
 
 def device_memory_budget(device, *, fraction: float = 0.85) -> Optional[int]:
@@ -103,7 +147,7 @@ def device_memory_budget(device, *, fraction: float = 0.85) -> Optional[int]:
                 for line in f:
                     if line.startswith("MemAvailable:"):
                         return int(int(line.split()[1]) * 1024 * fraction)
-    except (OSError, RuntimeError, ValueError):
+    except (OSError, RuntimeError, ValueError, AssertionError):  # AssertionError: a torch built without CUDA
         return None
     return None
 

@@ -14,9 +14,18 @@ from ..errors import ArgumentError
 from ..network import PidConfig
 from ..variants import MAX_TRAINED_ASPECT, TOO_LARGE, TOO_WIDE
 from .geometry import MIN_TILE_PX, Tile, tile_shape, batch_tiles, default_overlap, plan_tiles
-from .memory import auto_chunk_tokens, canvas_memory_estimate, tile_memory_estimate
+from .memory import (
+    auto_chunk_tokens, canvas_memory_estimate, device_memory_budget, largest_chunk_within, step_cache_bytes,
+    tile_memory_estimate,
+)
 
 DEFAULT_MAX_BATCH_TILES = 4
+# What a decode may keep from one step to the next (network/prepared.py, docs/DESIGN.md §3.5): nothing,
+# the tables, + the adapter's tokens, or its head outputs instead.
+STEP_CACHE = ("off", "tables", "tokens", "heads")
+# On the CPU the pixel blocks always run in chunks: measured faster there than whole blocks (their
+# working set stays in the caches), at a third of the working memory (docs/DESIGN.md §9, README).
+CPU_PIXEL_CHUNKS = True
 
 
 def trained_tile_range(config: PidConfig, variant=None) -> tuple[int, int]:
@@ -54,8 +63,9 @@ class TileOptions:
     overlap_px: int = 0
     memory_budget_bytes: Optional[int] = None
     max_batch_tiles: int = DEFAULT_MAX_BATCH_TILES
-    pixel_chunk_tokens: Optional[int] | str = "auto"  # None: unchunked pixel blocks
+    pixel_chunk_tokens: Optional[int] | str = "auto"  # None: unchunked pixel blocks; "auto": choose_pixel_chunks
     canvas_on_device: Optional[bool] = None
+    step_cache: str = "auto"  # what a decode computes once and reuses at every step: auto or one of STEP_CACHE
 
     def __post_init__(self):
         if self.mode not in ("auto", "off", "manual"):
@@ -66,6 +76,8 @@ class TileOptions:
             raise ArgumentError("Manual tiling needs a tile size in pixels (tile_px > 0).")
         if self.max_batch_tiles < 1:
             raise ArgumentError("max_batch_tiles must be at least 1.")
+        if self.step_cache not in ("auto", *STEP_CACHE):
+            raise ArgumentError(f"step_cache must be auto or one of {', '.join(STEP_CACHE)}, got {self.step_cache!r}.")
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,8 @@ class TilePlan:
     canvas_on_device: bool = True  # the sampler's state on the compute device (False: on the CPU)
     batch: int = 1  # samples decoded together
     branches: int = 1  # network images per sample and tile in one forward: 2 = guidance's two texts batched
+    step_cache: str = "off"  # what the decode keeps from step to step: one of STEP_CACHE
+    cache_bytes: int = 0  # what that holds on the compute device (memory.step_cache_bytes)
 
     @property
     def tiled(self) -> bool:
@@ -105,7 +119,16 @@ class TilePlan:
     def memory_bytes(self) -> int:
         """Working memory of the decode on the compute device: one forward, plus the sampler's state
         when it lives there."""
-        return self.estimate_bytes + (self.state_bytes if self.canvas_on_device else 0)
+        return self.estimate_bytes + (self.state_bytes if self.canvas_on_device else 0) + self.cache_bytes
+
+    @property
+    def forward_rows(self) -> int:
+        """Images in one forward: tiles x samples x guidance branches."""
+        return self.batch_tiles * self.batch * self.branches
+
+    @property
+    def tile_batches(self) -> int:
+        return math.ceil(len(self.tiles) / self.batch_tiles) if self.tiles else 1
 
 
 def choose_tile(
@@ -208,14 +231,25 @@ def plan_tiling(
     guidance: bool = False,
     batch_branches: bool = True,
     state_canvases: int,
+    device=None,
 ) -> TilePlan:
-    """The tiles a decode of `canvas_hw` runs for `options` (None = TileOptions(), i.e. auto).
+    """The tiles a decode of `canvas_hw` runs for `options` (None = TileOptions(), i.e. auto), then
+    what the memory left over buys (`spend_spare_memory`: the step cache, whole pixel blocks).
 
     guidance: every step runs the network on two texts (classifier-free guidance). They share one
     forward of twice the batch when they can (batch_branches: the two texts have one shape) and that
     costs no tile size (branches=2), else run as two forwards. state_canvases: the canvas-size images
-    the sampler keeps (samplers.SamplerSpec.state_canvases)."""
+    the sampler keeps (samplers.SamplerSpec.state_canvases). device: the compute device, when known (the
+    CPU keeps chunked pixel blocks; elsewhere without a budget, the device's free memory bounds what is
+    spent)."""
     options = options or TileOptions()
+    plan = _plan_tiles(config, canvas_hw, options, dtype=dtype, variant=variant, batch=batch, guidance=guidance,
+                       batch_branches=batch_branches, state_canvases=state_canvases)
+    return spend_spare_memory(plan, config, options, dtype=dtype, guidance=guidance, device=device)
+
+
+def _plan_tiles(config, canvas_hw, options: TileOptions, *, dtype, variant, batch, guidance, batch_branches,
+                state_canvases) -> TilePlan:
     H, W = canvas_hw
     align = math.lcm(config.scale, config.patch_size)
     chunk = auto_chunk_tokens(config, dtype) if options.pixel_chunk_tokens == "auto" else options.pixel_chunk_tokens
@@ -270,3 +304,78 @@ def _with_guidance_reason(plan: TilePlan, guidance: bool) -> TilePlan:
         return plan
     how = "in one forward" if plan.branches == 2 else "as two forwards (memory)"
     return replace(plan, reason=f"{plan.reason}; guidance: both texts {how}")
+
+
+def spend_spare_memory(plan: TilePlan, config: PidConfig, options: TileOptions, *, dtype=torch.float32,
+                       guidance: bool = False, device=None) -> TilePlan:
+    """With the tiles chosen (the least memory they run in: today's chunks, nothing kept between steps),
+    spend what the budget leaves, best value per byte first (docs/DESIGN.md §3.5, §9):
+
+    1. the step cache: the tables and the adapter's tokens (2-6% of a forward, ~1% of its memory);
+    2. whole pixel blocks instead of chunks (~5% on a GPU, several times the pixel phase's memory),
+       else the largest chunks that fit; on the CPU (CPU_PIXEL_CHUNKS) or an unknown device, today's chunks;
+    3. the adapter's head outputs instead of its tokens (~1% of a forward, 8-15x the tokens' bytes),
+       single-batch decodes on an accelerator only.
+
+    The budget is options.memory_budget_bytes, else on a GPU the device's free memory now, else none
+    (everything fits). A plan that does not fit its budget gets nothing more, so where the budget is
+    small the working memory stays what the tiles alone need. Explicit options (a pixel_chunk_tokens
+    or step_cache other than "auto") are kept as given."""
+    device_type = torch.device(device).type if device is not None else None
+    spare = options.memory_budget_bytes
+    if spare is None and device_type not in (None, "cpu"):
+        spare = device_memory_budget(device)
+
+    def fits(candidate: TilePlan) -> bool:
+        return spare is None or candidate.memory_bytes <= spare
+
+    rows = plan.batch_tiles * plan.batch * (2 if guidance else 1)  # every branch keeps its own entry
+
+    def keeping(candidate: TilePlan, keep: str) -> TilePlan:
+        return replace(candidate, step_cache=keep, cache_bytes=step_cache_bytes(
+            config, candidate.tile_hw, dtype=dtype, rows=rows, keys=candidate.tile_batches, keep=keep))
+
+    notes = []
+    if options.step_cache == "auto":
+        plan = next((c for c in (keeping(plan, k) for k in ("tokens", "tables")) if fits(c)), keeping(plan, "off"))
+    else:
+        plan = keeping(plan, options.step_cache)
+    if options.pixel_chunk_tokens == "auto":
+        plan, why = _choose_pixel_chunks(plan, config, dtype, spare, fits, device_type)
+        notes.append(why)
+    if options.step_cache == "auto" and plan.step_cache == "tokens" and plan.tile_batches == 1 \
+            and device_type not in (None, "cpu") and spare is not None and fits(keeping(plan, "heads")):
+        plan = keeping(plan, "heads")
+    if plan.step_cache != "off":
+        kept = {"tables": "tables", "tokens": "tables, adapter tokens", "heads": "tables, adapter heads"}[plan.step_cache]
+        notes.append(f"kept between steps: {kept} ({plan.cache_bytes / 2**30:.2f} GiB)")
+    else:
+        notes.append("nothing kept between steps")
+    return replace(plan, reason="; ".join([plan.reason, *notes]))
+
+
+def _choose_pixel_chunks(plan: TilePlan, config: PidConfig, dtype, spare, fits, device_type) -> tuple[TilePlan, str]:
+    """(the plan with its pixel-block chunking, why): whole when that fits, else the largest chunks that
+    fit, never smaller than today's (auto_chunk_tokens); chunks on the CPU."""
+    default = auto_chunk_tokens(config, dtype)
+    rows = plan.forward_rows
+    tokens = rows * (plan.tile_hw[0] // config.patch_size) * (plan.tile_hw[1] // config.patch_size)
+
+    def chunked(chunk) -> TilePlan:
+        return replace(plan, pixel_chunk_tokens=chunk,
+                       estimate_bytes=tile_memory_estimate(config, plan.tile_hw, dtype=dtype, batch=rows,
+                                                           chunk_tokens=chunk))
+
+    if device_type is None:
+        return chunked(default), f"pixel blocks in chunks of {default} tokens (the device was not given)"
+    if device_type == "cpu" and CPU_PIXEL_CHUNKS:
+        return chunked(default), f"pixel blocks in chunks of {default} tokens (CPU: measured faster than whole)"
+    whole = chunked(None)
+    if fits(whole):
+        return whole, "pixel blocks whole" + (" (they fit the budget)" if spare is not None else "")
+    need = whole.memory_bytes / 2**30
+    left = spare - (plan.memory_bytes - plan.estimate_bytes)
+    chunk = largest_chunk_within(config, plan.tile_hw, left, dtype=dtype, batch=rows)
+    chunk = default if chunk is None or chunk < default else min(chunk, tokens)
+    return chunked(chunk), (f"pixel blocks in chunks of {chunk} tokens (whole they would need {need:.2f} GiB, "
+                            f"the budget is {spare / 2**30:.2f} GiB)")

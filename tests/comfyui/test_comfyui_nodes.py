@@ -107,7 +107,8 @@ def test_nodes_registered_with_tooltips(comfyui):
     assert info[TEXT]["output_name"] == ["positive", "negative"]
     # new PiD Decode inputs come after the old ones: saved workflows keep their widget values
     assert info[DECODE]["input_order"]["required"][-3:] == ["cfg", "sampler", "color_match"]
-    assert info[DECODE]["input_order"]["optional"] == ["negative", "color_reference"]
+    # optional: API prompts written before compile still validate
+    assert info[DECODE]["input_order"]["optional"] == ["negative", "color_reference", "compile"]
     for node_id in (DECODE, ENCODE):  # torch's CPU generator keeps a seed's low 32 bits (tests/test_decode.py)
         assert "multiple of 2^32" in info[node_id]["input"]["required"]["seed"][1]["tooltip"], node_id
 
