@@ -26,6 +26,7 @@ from typing import Optional, Union
 import torch
 
 from .errors import ArgumentError
+from .wording import term
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # dynamic=True: one compiled code for every token count (docs/DESIGN.md §3.7).
@@ -43,7 +44,7 @@ def compile_mode(option: CompileOption) -> Optional[str]:
         return "default"
     if isinstance(option, str) and option in MODES:
         return option
-    raise ArgumentError(f"compile must be True, False or a torch.compile mode ({', '.join(MODES)}), got {option!r}.")
+    raise ArgumentError(f"{term.compile_takes} a torch.compile mode ({', '.join(MODES)}), not {option!r}.")
 
 
 def compiled_blocks(model) -> list:

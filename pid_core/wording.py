@@ -38,6 +38,7 @@ TERMS: dict[str, Words] = {
     "tiling": Words("tiling (TileOptions)", "--tile and --overlap", "tiling, tile_size and tile_overlap"),
     "color_reference": Words("color_reference", "--color-reference", "color_reference"),
     "color_match": Words("color_match", "--color-match", "color_match"),
+    "compile_takes": Words("compile= takes True, False or", "--compile takes no value or", "compile takes on, off or"),
     # Settings with their value.
     "tiling_auto": Words("tiling=TileOptions()", "--tile auto", "tiling auto"),
     "manual_tile": Words("tiling=TileOptions(mode='manual', tile_px=1024)", "--tile 1024", "tiling manual, tile_size 1024"),

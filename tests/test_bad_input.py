@@ -366,7 +366,7 @@ def test_a_batch_file_is_never_an_input(inputs, tmp_path, capsys, monkeypatch):
     (["--tile", "1000000000"], "--tile takes off, auto or a tile size from 64"),
     (["--overlap", "1000000000"], "--overlap takes 0"),
     (["--tile", "off", "--overlap", "32"], "--overlap 32 applies to tiles, but --tile is off"),
-    (["--compile", "fastest"], "torch.compile mode"),
+    (["--compile", "fastest"], "--compile takes no value or a torch.compile mode"),
 ])
 def test_bad_options(inputs, out_dir, capsys, monkeypatch, extra, cause):
     refused(capsys, decode_args(inputs, out_dir / "keep.png", *extra), cause, before_loading=True,

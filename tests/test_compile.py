@@ -19,8 +19,9 @@ from small_decode import SMALL, small_inputs, small_plan
 def test_compile_option():
     assert compile_mode(False) is None and compile_mode(None) is None
     assert compile_mode(True) == "default" and compile_mode("reduce-overhead") == "reduce-overhead"
-    with pytest.raises(ArgumentError, match="torch.compile mode"):
+    with pytest.raises(ArgumentError) as error:
         compile_mode("fastest")
+    assert str(error.value).startswith("compile= takes True, False or a torch.compile mode (default, ")
 
 
 def test_blocks_are_wrapped_once_and_switched(monkeypatch):

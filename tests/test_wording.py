@@ -40,6 +40,8 @@ def files(tmp_path_factory):
     make_random_checkpoint(path(FLUX), **dims)
     make_random_checkpoint(path(TEACHER), **dims)
     make_random_checkpoint(path("my_decoder.safetensors"), **dims)  # a name that tells no backbone
+    (root / "released_text").mkdir()  # narrow, but taking Gemma-2-2b-it's text as every released PiD does
+    make_random_checkpoint(path(f"released_text/{FLUX}"), text_dim=2304, text_tokens=300)
     data = open(made[FLUX], "rb").read()
     open(path("truncated.safetensors"), "wb").write(data[: len(data) // 2])
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(4, 4)}, path("flux_dit.safetensors"))
@@ -168,16 +170,19 @@ def test_sixteen_channels_the_checkpoint_cannot_tell_in_three_contexts(files, ca
         decode(load_pid(files["my_decoder.safetensors"]), torch.randn(1, 16, 3, 4),
                text=torch.randn(1, TEXT_TOKENS, TEXT_DIM))
     messages = in_three_contexts(api.value, cli)
-    assert messages[NODE].endswith("Set latent_format to one of: flux, qwenimage, sd3.")
-    assert messages[CLI].endswith("Set --latent-format to one of: flux, qwenimage, sd3.")
+    # a narrow test checkpoint: the message first says it is no released PiD (tests/test_bad_input.py)
+    assert messages[NODE].startswith("my_decoder.safetensors is not a released PiD checkpoint: ")
+    assert "Set latent_format to one of: flux, qwenimage, sd3 (the one" in messages[NODE]
+    assert "Set --latent-format to one of: flux, qwenimage, sd3 (the one" in messages[CLI]
 
 
 # --- text: the wrong width, a missing encoder -------------------------------------------------------
 
 def test_a_text_embedding_of_another_width_in_three_contexts(files, capsys):
-    cli = cli_message(capsys, decode_args(files, text="t5_text.safetensors"))
+    checkpoint = f"released_text/{FLUX}"
+    cli = cli_message(capsys, decode_args(files, checkpoint=checkpoint, text="t5_text.safetensors"))
     with pytest.raises(TextEmbeddingError) as api:
-        decode(load_pid(files[FLUX]), torch.randn(1, 16, 3, 4), text=torch.randn(1, TEXT_TOKENS, 4096))
+        decode(load_pid(files[checkpoint]), torch.randn(1, 16, 3, 4), text=torch.randn(1, TEXT_TOKENS, 4096))
     messages = in_three_contexts(api.value, cli)
     assert all(m.startswith("The text embedding has width 4096") for m in messages.values())
     speaks(messages, api=("pid_core.text.GemmaTextEncoder",), cli=("--prompt and --text-encoder",),

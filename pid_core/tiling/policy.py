@@ -317,13 +317,13 @@ def spend_spare_memory(plan: TilePlan, config: PidConfig, options: TileOptions, 
     3. the adapter's head outputs instead of its tokens (~1% of a forward, 8-15x the tokens' bytes),
        single-batch decodes on an accelerator only.
 
-    The budget is options.memory_budget_bytes, else on a GPU the device's free memory now, else none
-    (everything fits). A plan that does not fit its budget gets nothing more, so where the budget is
+    The budget is options.memory_budget_bytes, else the device's free memory now (RAM on the CPU), else
+    none (the device was not given: everything fits). A plan that does not fit its budget gets nothing more, so where the budget is
     small the working memory stays what the tiles alone need. Explicit options (a pixel_chunk_tokens
     or step_cache other than "auto") are kept as given."""
     device_type = torch.device(device).type if device is not None else None
     spare = options.memory_budget_bytes
-    if spare is None and device_type not in (None, "cpu"):
+    if spare is None and device_type is not None:
         spare = device_memory_budget(device)
 
     def fits(candidate: TilePlan) -> bool:
