@@ -80,3 +80,11 @@ def test_bench_reference_skips_without_a_checkout():
 
     with pytest.raises(ArgumentError, match="checkout of nv-tlabs/PiD"):
         import_reference_network("/nonexistent")
+
+
+def test_bench_command_measures_a_narrow_model(capsys):
+    """The whole command (its memory guard, a worker subprocess per row, the table) at a tiny size."""
+    assert main(["bench", "--narrow", "--layout", "v1.5", "--sizes", "64", "--modes", "untiled", "--chunk", "on,auto",
+                 "--steps", "1", "--device", "cpu", "--no-seam"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("untiled")]
+    assert len(rows) == 2 and not any("error" in row for row in rows), rows

@@ -244,6 +244,7 @@ def _gb(x) -> str:
 
 def _expected_bytes(spec: dict) -> int:
     """A pessimistic guess of the process's peak, to skip runs this machine cannot hold."""
+    from ..samplers import SAMPLERS
     from ..tiling.memory import canvas_memory_estimate, tile_memory_estimate
 
     cfg = _config(spec)
@@ -253,7 +254,8 @@ def _expected_bytes(spec: dict) -> int:
     shape = (min(H, spec["tile"]), min(W, spec["tile"])) if spec["mode"] == "tiled" else (H, W)
     work = tile_memory_estimate(cfg, shape, dtype=dtype, batch=spec.get("batch_tiles", 1), chunk_tokens=chunk)
     weights = (0.02e9 if spec.get("narrow") else 1.40e9) * (2 if dtype == torch.bfloat16 else 4)
-    return int(1.3 * (work + canvas_memory_estimate((H, W))) + weights + (1 << 30))
+    canvases = SAMPLERS[spec.get("sampler", "student")].state_canvases
+    return int(1.3 * (work + canvas_memory_estimate((H, W), 1, canvases)) + weights + (1 << 30))
 
 
 def measure(args) -> list[dict]:

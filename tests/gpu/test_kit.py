@@ -313,3 +313,28 @@ def test_checkpoints_are_made_in_comfyuis_format(tmp_path):
             assert (w - q).norm() / w.norm() < 0.1, (kind, layer)
         assert not torch.equal(model.get_parameter(f"{next(iter(layers))}.weight"),
                                reference.get_parameter(f"{next(iter(layers))}.weight"))
+
+
+# ------------------------------------------------------------------------------------- the speed kit
+
+SPEED = HERE / "speed.sh"
+
+
+def test_speed_kit_needs_its_prepared_reference(tmp_path):
+    env = dict(os.environ, PID_SPEED_KIT=str(tmp_path / "kit"))
+    run = subprocess.run(["bash", str(SPEED), str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert run.returncode == 2 and "run tests/gpu/speed.sh --prepare first" in run.stderr
+    run = subprocess.run(["bash", str(SPEED), "--prepare", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert run.returncode == 2 and "no nv-tlabs/PiD checkout" in run.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("PID_REFERENCE_DIR"), reason="PID_REFERENCE_DIR does not name a checkout of nv-tlabs/PiD")
+def test_speed_kit_dry_run(tmp_path):
+    """--prepare copies the reference's Python package only; the dry run goes through every step on the CPU."""
+    env = dict(os.environ, PID_SPEED_KIT=str(tmp_path / "kit"), PYTHON=sys.executable)
+    subprocess.run(["bash", str(SPEED), "--prepare", os.environ["PID_REFERENCE_DIR"]], check=True, env=env)
+    assert not [p for p in (tmp_path / "kit").rglob("*") if p.is_file() and p.suffix not in (".py", ".txt")]
+    subprocess.run(["bash", str(SPEED), str(tmp_path / "out"), "--dry-run"], check=True, env=env,
+                   capture_output=True, timeout=600)
+    text = (tmp_path / "out" / "speed.txt").read_text()
+    assert text.count(": exit 0 after ") == 6 and "# done in" in text, text[-2000:]
