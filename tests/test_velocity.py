@@ -72,7 +72,8 @@ def test_tiled_decode_runs_every_variant_and_step_count(spec, steps):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_network_matches_eager_on_static_tiles():
-    """torch.compile (dynamic=False) through the tiled path with padded batches: one shape, same values."""
+    """The compiled blocks through the tiled path, batches padded to one shape: the same values as eager
+    (tests/test_compile.py checks the whole canvas)."""
     cfg = narrow_config(**SMALL)
     model = random_model(cfg)
     H, W = 128, 320
