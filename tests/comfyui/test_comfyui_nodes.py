@@ -5,6 +5,8 @@ Skipped unless COMFYUI_PATH and COMFYUI_PY are set (failed instead under PID_REQ
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -46,7 +48,7 @@ def save_image(graph, node_id, source, filename):
 
 def pid_decode_node(latent, *, cond=("cond", 0), pid=("pid", 0), fmt="auto", sigma=-1.0, steps=2, seed=0,
                     tiling="auto", tile_size=2048, tile_overlap=0, negative=None, cfg=-1.0, sampler="auto",
-                    color_reference=None, color_match=1.0):
+                    color_reference=None, color_match=1.0, compile=None):
     node = {"class_type": DECODE, "inputs": {
         "pid_model": list(pid), "latent": list(latent), "conditioning": list(cond), "seed": seed, "steps": steps,
         "latent_format": fmt, "sigma": sigma, "tiling": tiling, "tile_size": tile_size, "tile_overlap": tile_overlap,
@@ -55,6 +57,8 @@ def pid_decode_node(latent, *, cond=("cond", 0), pid=("pid", 0), fmt="auto", sig
         node["inputs"]["negative"] = list(negative)
     if color_reference is not None:
         node["inputs"]["color_reference"] = list(color_reference)
+    if compile is not None:
+        node["inputs"]["compile"] = compile
     return node
 
 
@@ -217,6 +221,24 @@ def test_colour_reference_matches_the_decode_and_reports_it(comfyui, model_files
     del g["s_ref"]
     message = failure_message(comfyui, g, DECODE)
     assert "96x64" in message and "256x256" in message, message
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compile_input_decodes_what_eager_does(comfyui, model_files):
+    """PiD Decode's compile input inside ComfyUI (its model patcher, comfy.ops layers): the blocks run
+    compiled (inductor's CPU code here) and give the eager image."""
+    g = graph_base(model_files, steps=6, stop=4)
+    add_pid_decode(g, model_files, latent=("early", 0), steps=2)
+    g["compiled"] = pid_decode_node(("early", 0), steps=2, compile=True)
+    for name, node in (("eager", "decode"), ("compiled", "compiled")):
+        save_image(g, f"s_{name}", [node, 0], f"{name}.safetensors")
+    comfyui.run(g)
+    eager, compiled = (comfyui.read_tensors(f"{name}.safetensors")[0]["image"] for name in ("eager", "compiled"))
+    assert torch.isfinite(compiled).all()
+    difference = (eager - compiled).abs().max().item()
+    print(f"compiled vs eager: max difference {difference:.3g}")
+    assert difference < 1e-3, difference
 
 
 def test_tiled_decode_in_comfyui(comfyui, model_files):
