@@ -78,8 +78,9 @@ def unet_loader(file_name: str) -> dict:
 
 def pack_graph(pid_file: str, *, seed: int = 0, name: str = "pack", nonce: int = 0, weight_dtype: str = "auto",
                tiling: str = "auto", tile_size: int = 2048, latent_format: str = "flux", sigma: float = 0.0,
-               **input_options) -> dict:
-    """PiD Loader + PiD Decode of the same inputs (4 steps, the released schedule)."""
+               compile: bool | None = None, **input_options) -> dict:
+    """PiD Loader + PiD Decode of the same inputs (4 steps, the released schedule); compile: PiD Decode's
+    optional input (None: left out)."""
     g = inputs(**input_options)
     g.update({
         "pack_model": {"class_type": LOADER, "inputs": {"pid_name": pid_file, "weight_dtype": weight_dtype}},
@@ -88,6 +89,8 @@ def pack_graph(pid_file: str, *, seed: int = 0, name: str = "pack", nonce: int =
             "steps": 4, "latent_format": latent_format, "sigma": sigma, "tiling": tiling, "tile_size": tile_size,
             "tile_overlap": 0, "cfg": -1.0, "sampler": "auto", "color_match": 1.0}},
     })
+    if compile is not None:
+        g[f"{name}_image"]["inputs"]["compile"] = compile
     _measured(g, name, nonce, ["latent", 0], (f"{name}_image", "latent"))
     return g
 

@@ -52,11 +52,11 @@ def finite_not_black(image: torch.Tensor) -> None:
         f"a black or flat image: mean {float(image.mean()):.4f}, std {float(image.std()):.4f}")
 
 
-def decode(kit, server, name, *, kind="bf16", weight_dtype="auto", px=None, nonce=0, tiling="auto"):
+def decode(kit, server, name, *, kind="bf16", weight_dtype="auto", px=None, nonce=0, tiling="auto", compile=None):
     """PiD Loader (kit file `kind`) + PiD Decode at px x px, measured: (PiDTestMeasure JSON, image)."""
     px = px or kit.decode_px
     g = core_pid.pack_graph(kit.file(kind), name=name, nonce=nonce, weight_dtype=weight_dtype, tiling=tiling,
-                            latent_hw=(px // 32, px // 32))
+                            latent_hw=(px // 32, px // 32), compile=compile)
     server.run(g, timeout=WAIT_S)
     return core_pid.read_measurement(server, name)
 
@@ -245,6 +245,23 @@ def test_pid_decode_is_pid_core_decode(kit, cuda_server, reference, record_prope
     record_property("time_ratio", round(node_seconds / seconds, 3))
     assert image.shape == ref_image.shape
     assert figure >= 40.0, f"PSNR {figure:.2f} dB between PiD Decode and pid_core.decode"
+
+
+def test_compile_input_on_the_device(kit, cuda_server, reference, record_property):
+    """PiD Decode's compile input on the default server: the first decode compiles the blocks (its time is
+    the compile's), the second runs the compiled code; both give the eager image within bf16 rounding.
+    The report shows the warm time next to the eager one (the speed figure, not an assertion)."""
+    ref_result, ref_image = reference
+    cold, _ = decode(kit, cuda_server, "compiled_cold", nonce=20, compile=True)
+    warm, image = decode(kit, cuda_server, "compiled", nonce=21, compile=True)
+    figure = image_psnr(image, ref_image)
+    record_property("first_call_seconds", round(cold["seconds"], 3))
+    record_property("seconds", round(warm["seconds"], 3))
+    record_property("eager_seconds", round(ref_result["seconds"], 3))
+    record_property("time_ratio", round(warm["seconds"] / ref_result["seconds"], 3))
+    record_property("psnr_db", db(figure))
+    finite_not_black(image)
+    assert figure >= 40.0, f"PSNR {figure:.2f} dB between the compiled and the eager PiD Decode"
 
 
 # ----------------------------------------------------------------------------------------- memory modes
