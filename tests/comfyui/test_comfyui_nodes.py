@@ -38,6 +38,15 @@ def graph_base(files, *, steps=6, stop=4, sampler="euler", scheduler="simple", d
     }
 
 
+def capture_state(*, steps, stop, seed=3, sampler="euler", scheduler="simple", denoise=1.0, cond="cond"):
+    """PiDTestCaptureState: one full stock run of graph_base's model and latent, its state observed from the
+    model side at step `stop` (what KSampler Early Stop's `stopped` must equal)."""
+    return {"class_type": "PiDTestCaptureState", "inputs": {
+        "model": ["unet", 0], "seed": seed, "steps": steps, "cfg": 1.0, "sampler_name": sampler,
+        "scheduler": scheduler, "positive": [cond, 0], "negative": [cond, 0], "latent_image": ["empty", 0],
+        "denoise": denoise, "capture_step": stop}}
+
+
 def save_latent(graph, node_id, source, filename):
     graph[node_id] = {"class_type": "PiDTestSaveLatent", "inputs": {"latent": source, "filename": filename}}
 
@@ -129,10 +138,7 @@ def test_early_stop_is_the_sampler_state(comfyui, model_files, sampler, schedule
     tag = f"{sampler}_{scheduler}_{steps}_{stop}_{denoise}"
     g = graph_base(model_files, steps=steps, stop=stop, sampler=sampler, scheduler=scheduler, denoise=denoise)
     # reference: one full stock run, state observed from the model side at step `stop`
-    g["capture"] = {"class_type": "PiDTestCaptureState", "inputs": {
-        "model": ["unet", 0], "seed": 3, "steps": steps, "cfg": 1.0, "sampler_name": sampler, "scheduler": scheduler,
-        "positive": ["cond", 0], "negative": ["cond", 0], "latent_image": ["empty", 0], "denoise": denoise,
-        "capture_step": stop}}
+    g["capture"] = capture_state(steps=steps, stop=stop, sampler=sampler, scheduler=scheduler, denoise=denoise)
     save_latent(g, "s_early", ["early", 0], f"early_{tag}.safetensors")
     save_latent(g, "s_finished", ["early", 1], f"finished_{tag}.safetensors")
     save_latent(g, "s_state", ["capture", 0], f"state_{tag}.safetensors")
@@ -170,10 +176,7 @@ def test_early_stop_is_the_sampler_state(comfyui, model_files, sampler, schedule
 def test_auto_stop_step_scales_the_recommendation(comfyui, model_files):
     # tiny model = FLUX.1 [dev] config: recommended 24 of 28 -> round(14 * 24 / 28) = 12 of 14
     g = graph_base(model_files, steps=14, stop=0, finish=False)
-    g["capture"] = {"class_type": "PiDTestCaptureState", "inputs": {
-        "model": ["unet", 0], "seed": 3, "steps": 14, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
-        "positive": ["cond", 0], "negative": ["cond", 0], "latent_image": ["empty", 0], "denoise": 1.0,
-        "capture_step": 12}}
+    g["capture"] = capture_state(steps=14, stop=12)
     save_latent(g, "s_early", ["early", 0], "auto_early.safetensors")
     save_latent(g, "s_state", ["capture", 0], "auto_state.safetensors")
     comfyui.run(g)
@@ -392,10 +395,8 @@ def sdxl_graph(files, *, steps=6, stop=4, sampler="euler", scheduler="normal", s
             "model": ["unet", 0], "seed": seed, "steps": steps, "cfg": 1.0, "sampler_name": sampler,
             "scheduler": scheduler, "positive": ["cond_xl", 0], "negative": ["cond_xl", 0],
             "latent_image": ["empty", 0], "denoise": 1.0, "stop_at_step": stop, "finish": True}},
-        "capture": {"class_type": "PiDTestCaptureState", "inputs": {
-            "model": ["unet", 0], "seed": seed, "steps": steps, "cfg": 1.0, "sampler_name": sampler,
-            "scheduler": scheduler, "positive": ["cond_xl", 0], "negative": ["cond_xl", 0],
-            "latent_image": ["empty", 0], "denoise": 1.0, "capture_step": stop}},
+        "capture": capture_state(steps=steps, stop=stop, seed=seed, sampler=sampler, scheduler=scheduler,
+                                 cond="cond_xl"),
         "stock": {"class_type": "KSamplerAdvanced", "inputs": {
             "model": ["unet", 0], "add_noise": "enable", "noise_seed": seed, "steps": steps, "cfg": 1.0,
             "sampler_name": sampler, "scheduler": scheduler, "positive": ["cond_xl", 0], "negative": ["cond_xl", 0],

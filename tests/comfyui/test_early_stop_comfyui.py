@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .test_comfyui_nodes import graph_base, save_latent
+from .test_comfyui_nodes import capture_state, graph_base, save_latent
 
 SAMPLERS = ["dpmpp_2m", "res_multistep", "euler_ancestral", "dpmpp_2m_sde"]
 
@@ -24,10 +24,7 @@ def test_finished_is_one_uninterrupted_run(comfyui, model_files, sampler):
         "model": ["unet", 0], "add_noise": "enable", "noise_seed": seed, "steps": steps, "cfg": 1.0,
         "sampler_name": sampler, "scheduler": "simple", "positive": ["cond", 0], "negative": ["cond", 0],
         "latent_image": ["empty", 0], "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
-    g["capture"] = {"class_type": "PiDTestCaptureState", "inputs": {
-        "model": ["unet", 0], "seed": seed, "steps": steps, "cfg": 1.0, "sampler_name": sampler, "scheduler": "simple",
-        "positive": ["cond", 0], "negative": ["cond", 0], "latent_image": ["empty", 0], "denoise": 1.0,
-        "capture_step": stop}}
+    g["capture"] = capture_state(steps=steps, stop=stop, seed=seed, sampler=sampler)
     save_latent(g, "s_finished", ["early", 1], f"one_run_finished_{sampler}.safetensors")
     save_latent(g, "s_stopped", ["early", 0], f"one_run_stopped_{sampler}.safetensors")
     save_latent(g, "s_stopped_off", ["early_off", 0], f"one_run_stopped_off_{sampler}.safetensors")

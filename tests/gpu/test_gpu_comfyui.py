@@ -25,7 +25,7 @@ import torch
 
 from comfyui import core_pid
 from comfyui.comfy_harness import MODEL_FILES, EventStream
-from comfyui.test_comfyui_nodes import add_pid_decode, graph_base, save_image, save_latent
+from comfyui.test_comfyui_nodes import add_pid_decode, capture_state, graph_base, save_image, save_latent
 from pid_core.precision import psnr
 
 from .kit import GIB, system_stats
@@ -157,10 +157,7 @@ def test_early_stop_to_pid_decode_on_device(kit, cuda_server, record_property):
     """KSampler Early Stop on the tiny FLUX-style model: the stopped latent is the sampler's own state
     (observed from the model side by PiDTestCaptureState in one full stock run), and PiD Decode takes it."""
     g = graph_base(MODEL_FILES, steps=6, stop=4, finish=True)
-    g["capture"] = {"class_type": "PiDTestCaptureState", "inputs": {
-        "model": ["unet", 0], "seed": 3, "steps": 6, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
-        "positive": ["cond", 0], "negative": ["cond", 0], "latent_image": ["empty", 0], "denoise": 1.0,
-        "capture_step": 4}}
+    g["capture"] = capture_state(steps=6, stop=4)
     save_latent(g, "s_early", ["early", 0], "gpu_early.safetensors")
     save_latent(g, "s_state", ["capture", 0], "gpu_state.safetensors")
     add_pid_decode(g, MODEL_FILES, latent=("early", 0))
