@@ -18,6 +18,7 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io, ui
 
+from ..pid_core.colour import describe_match
 from ..pid_core.decode import run_plan
 from ..pid_core.images import preview_uint8
 from ..pid_core.network.layers import attention_backend, heads_merged_backend
@@ -201,8 +202,8 @@ class PiDDecode(io.ComfyNode):
                 image = run_plan(model, plan, seed=int(seed), callback=step_callback, tile_callback=tile_callback,
                                  after_forward=comfy.model_management.throw_exception_if_processing_interrupted,
                                  on_colour=lambda before, after: colour.append(
-                                     f"Colour against the reference: {before.describe()} before, {after.describe()} "
-                                     f"after matching (strength {plan.colour.strength:g})."),
+                                     f"Colour against the reference: "
+                                     f"{describe_match(before, after, plan.colour.strength)}."),
                                  compile=bool(compile))
         image = image.permute(0, 2, 3, 1).to(device=comfy.model_management.intermediate_device(),
                                              dtype=torch.float32)

@@ -302,6 +302,11 @@ class ColourError(NamedTuple):
         return f"mean CIEDE2000 {de}; channel means off by {lv} levels"
 
 
+def describe_match(before: ColourError, after: ColourError, strength: float) -> str:
+    """A colour match in words: the error before and after it, and its strength."""
+    return f"{before.describe()} before, {after.describe()} after matching (strength {strength:g})"
+
+
 def _common_grid(image_hw, reference_hw) -> tuple[int, int]:
     """Where image and reference are compared: the reference's pixels, or the image's where the reference
     is larger."""

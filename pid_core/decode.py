@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .checks import all_finite, check_seed
-from .colour import colour_error, match_colour
+from .colour import colour_error, describe_match, match_colour
 from .errors import ArgumentError, DecodeError, TextEmbeddingError
 from .latents import NO_META, LatentMeta, Sigma
 from .plan import DecodePlan, plan_decode
@@ -185,8 +185,7 @@ def _match_colour(image: torch.Tensor, match, on_colour) -> torch.Tensor:
     before = colour_error(image, match.reference)
     image = match_colour(image, match.reference, match.strength)
     after = colour_error(image, match.reference)
-    log.info("PiD colour against the reference: %s before, %s after matching (strength %g)", before.describe(),
-             after.describe(), match.strength)
+    log.info("PiD colour against the reference: %s", describe_match(before, after, match.strength))
     if on_colour is not None:
         on_colour(before, after)
     return image
